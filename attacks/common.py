@@ -1,0 +1,62 @@
+"""Small shared pieces of the attack side: ε parsing, Wilson intervals, input checks."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+
+NORMS = ("linf", "l2", "l0")
+
+
+class AttackInputError(ValueError):
+    """Bad attack input (ε, budgets, images); the CLI reports it as one line with exit code 2."""
+
+
+def parse_eps(text: str, norm: str | None = None) -> list[float]:
+    """Parse ``"8/255"``, ``"0.03"`` or comma lists like ``"0,2/255,8/255"`` into floats.
+
+    Raises:
+        AttackInputError: empty, non-numeric, negative, division by zero, or L-inf ε > 1.
+    """
+    out: list[float] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            raise AttackInputError(f"empty value in ε list {text!r}")
+        try:
+            if "/" in part:
+                num, den = part.split("/", 1)
+                value = float(Fraction(num.strip()) / Fraction(den.strip()))
+            else:
+                value = float(part)
+        except ZeroDivisionError:
+            raise AttackInputError(f"ε {part!r} divides by zero") from None
+        except ValueError:
+            raise AttackInputError(f"ε {part!r} is not a number or fraction (e.g. 8/255, 0.03)") from None
+        if not math.isfinite(value) or value < 0:
+            raise AttackInputError(f"ε {part!r} must be a finite non-negative number")
+        if norm == "linf" and value > 1:
+            raise AttackInputError(f"L∞ ε {part!r} exceeds 1, the whole [0,1] pixel range")
+        out.append(value)
+    return out
+
+
+def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % Wilson score interval for a binomial proportion (returns (0, 1) when n = 0)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def check_images(x: torch.Tensor) -> None:
+    """Raise unless ``x`` is a float batch (N, C, H, W) with values in [0, 1]."""
+    if x.dim() != 4 or not x.is_floating_point():
+        raise AttackInputError(f"images must be a float tensor (N, C, H, W), got {tuple(x.shape)} {x.dtype}")
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise AttackInputError("images must lie in [0, 1]; normalisation belongs inside the model")

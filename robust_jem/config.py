@@ -1,0 +1,237 @@
+"""Frozen configuration dataclasses and presets.
+
+A run is fully described by one :class:`TrainConfig` (which nests a :class:`ModelConfig` and an
+:class:`SGLDConfig`). Configs round-trip through plain dicts (``to_dict`` / ``from_dict``) so they
+can live inside checkpoints and ``config.json`` without pickling code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from .errors import UserError
+
+OBJECTIVES = ("jem", "ce", "pgd-at", "gaussian-aug")
+ARCHS = ("small", "wrn")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone description. ``arch="wrn"`` is WRN-depth-width without batch-norm (as in JEM)."""
+
+    arch: str = "small"
+    in_channels: int = 1
+    image_size: int = 28
+    n_classes: int = 10
+    depth: int = 28
+    width: int = 10
+    channels: tuple[int, ...] = (32, 32, 64, 64)
+    hidden: int = 128
+    leak: float = 0.2
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class SGLDConfig:
+    """SGLD sampler settings (JEM, Grathwohl et al. 2020, Sec. 4).
+
+    All quantities live in the model's internal input space [-1, 1], exactly as in the JEM
+    reference code, so the paper's numbers (step size 1, noise 0.01) keep their meaning.
+    """
+
+    steps: int = 20
+    step_size: float = 1.0
+    noise: float = 0.01
+    buffer_size: int = 10000
+    reinit_freq: float = 0.05
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on; presets only fill defaults."""
+
+    objective: str = "jem"
+    dataset: str = "fashion-mnist"
+    preset: str = "quick"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sgld: SGLDConfig = field(default_factory=SGLDConfig)
+    iters: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-4
+    warmup_iters: int = 1000
+    weight_decay: float = 0.0
+    decay_at: tuple[int, ...] = ()
+    decay_rate: float = 0.3
+    data_noise: float = 0.03
+    px_weight: float = 1.0
+    energy_l2: float = 0.0
+    ce_warmup_iters: int = 0
+    ce_warmup_lr: float = 1e-3
+    pgd_eps: float = 0.1
+    pgd_steps: int = 10
+    pgd_step_size: float = 0.02
+    sigma: float = 0.25
+    seed: int = 0
+    save_every_s: float = 60.0
+    log_every: int = 50
+    eval_every: int = 0
+    max_retries: int = 3
+    divergence_gap: float = 1e4
+    bf16: bool = False
+    channels_last: bool = False
+    compile: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable dict (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are an error, missing keys take defaults."""
+        d = dict(d)
+        model = _build(ModelConfig, d.pop("model", {}))
+        sgld = _build(SGLDConfig, d.pop("sgld", {}))
+        return replace(_build(cls, d), model=model, sgld=sgld)
+
+    def validate(self) -> "TrainConfig":
+        """Raise :class:`UserError` on values no run can use; returns self."""
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"unknown objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
+        if self.model.arch not in ARCHS:
+            raise UserError(f"unknown architecture {self.model.arch!r}; choose from {', '.join(ARCHS)}")
+        positive = {"batch size": self.batch_size, "lr": self.lr, "iters": self.iters}
+        for name, value in positive.items():
+            if not value > 0:
+                raise UserError(f"{name} must be positive, got {value}")
+        if self.sgld.steps < 0 or self.sgld.step_size < 0 or self.sgld.noise < 0:
+            raise UserError("SGLD steps, step size and noise must be non-negative")
+        if not 0.0 <= self.sgld.reinit_freq <= 1.0:
+            raise UserError(f"reinit frequency must be in [0, 1], got {self.sgld.reinit_freq}")
+        if self.sgld.buffer_size <= 0:
+            raise UserError(f"buffer size must be positive, got {self.sgld.buffer_size}")
+        if self.objective == "pgd-at" and not (self.pgd_eps > 0 and self.pgd_steps > 0 and self.pgd_step_size > 0):
+            raise UserError("pgd-at needs positive --pgd-eps, --pgd-steps and --pgd-step-size")
+        if self.objective == "gaussian-aug" and not self.sigma > 0:
+            raise UserError(f"--sigma must be positive, got {self.sigma}")
+        if self.save_every_s <= 0:
+            raise UserError(f"--save-every must be positive, got {self.save_every_s}")
+        return self
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _build(cls: type, d: dict[str, Any]) -> Any:
+    names = {f.name: f for f in fields(cls)}
+    unknown = set(d) - set(names)
+    if unknown:
+        raise UserError(f"unknown {cls.__name__} keys: {', '.join(sorted(unknown))}")
+    kwargs = {}
+    for k, v in d.items():
+        if isinstance(v, list):
+            v = tuple(v)
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: (preset, dataset) -> per-objective overrides. They only fill defaults; every field
+# can be overridden from the command line.
+# ---------------------------------------------------------------------------------------------
+
+DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
+    # name: (channels, size, classes)
+    "fashion-mnist": (1, 28, 10),
+    "cifar10": (3, 32, 10),
+    "cifar100": (3, 32, 100),
+    "svhn": (3, 32, 10),
+}
+
+PRESETS = ("quick", "cifar10-paper", "tiny")
+
+# Quick preset: sized for a 2-core CPU (about 12 minutes for the three models together).
+# JEM starts from a short CE warm start, then trains CE + log p(x) with 5 SGLD steps and an L2
+# penalty on the energies (the stabiliser that measured best here, see ENVIRONMENT.md / README).
+_QUICK: dict[str, dict[str, Any]] = {
+    "ce": dict(iters=2400, lr=1e-3, warmup_iters=0, decay_at=(1800,)),
+    "jem": dict(
+        iters=3000, lr=1e-4, warmup_iters=0, ce_warmup_iters=900, ce_warmup_lr=1e-3,
+        energy_l2=0.1, sgld=SGLDConfig(steps=5, buffer_size=10000),
+    ),
+    "pgd-at": dict(iters=1200, lr=1e-3, warmup_iters=0, pgd_eps=0.1, pgd_steps=10, pgd_step_size=0.02, decay_at=(900,)),
+    "gaussian-aug": dict(iters=2400, lr=1e-3, warmup_iters=0, sigma=0.25, decay_at=(1800,)),
+}
+
+# The JEM paper's CIFAR-10 settings (Grathwohl et al. 2020, App. / train_wrn_ebm.py).
+_PAPER: dict[str, dict[str, Any]] = {
+    "jem": dict(
+        iters=150 * 782, lr=1e-4, warmup_iters=1000, batch_size=64, decay_at=(160 * 782, 180 * 782),
+        decay_rate=0.3, data_noise=0.03, sgld=SGLDConfig(steps=20, step_size=1.0, noise=0.01, buffer_size=10000,
+                                                         reinit_freq=0.05),
+    ),
+    "ce": dict(iters=150 * 782, lr=1e-4, warmup_iters=1000, batch_size=64, data_noise=0.03),
+    "pgd-at": dict(iters=100 * 782, lr=1e-4, warmup_iters=1000, batch_size=64, pgd_eps=8 / 255, pgd_steps=7,
+                   pgd_step_size=2 / 255),
+    "gaussian-aug": dict(iters=150 * 782, lr=1e-4, warmup_iters=1000, batch_size=64, sigma=0.25),
+}
+
+# Tiny preset: seconds, for tests and smoke runs.
+_TINY: dict[str, dict[str, Any]] = {
+    obj: dict(iters=20, lr=1e-3, warmup_iters=0, batch_size=16, log_every=5,
+              model=ModelConfig(arch="small", channels=(4, 4, 8, 8), hidden=16),
+              sgld=SGLDConfig(steps=2, buffer_size=64), pgd_steps=2, pgd_step_size=0.05)
+    for obj in OBJECTIVES
+}
+
+
+def preset_config(preset: str, objective: str, dataset: str, **overrides: Any) -> TrainConfig:
+    """Build a validated config for ``preset`` x ``objective`` x ``dataset``, then apply overrides.
+
+    ``overrides`` uses flat names; ``sgld_*`` keys go to :class:`SGLDConfig` and ``model_*`` keys to
+    :class:`ModelConfig` (e.g. ``sgld_steps=10``, ``model_width=2``). ``None`` values are ignored.
+    """
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    if objective not in OBJECTIVES:
+        raise UserError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
+    if dataset not in DATASET_SHAPES:
+        raise UserError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASET_SHAPES)}")
+    c, s, k = DATASET_SHAPES[dataset]
+    table = {"quick": _QUICK, "cifar10-paper": _PAPER, "tiny": _TINY}[preset]
+    base = dict(table[objective])
+    model = base.pop("model", None) or (
+        ModelConfig(arch="wrn", depth=28, width=10) if preset == "cifar10-paper" else ModelConfig()
+    )
+    model = replace(model, in_channels=c, image_size=s, n_classes=k)
+    sgld = base.pop("sgld", SGLDConfig())
+    cfg = TrainConfig(objective=objective, dataset=dataset, preset=preset, model=model, sgld=sgld, **base)
+    return apply_overrides(cfg, **overrides)
+
+
+def apply_overrides(cfg: TrainConfig, **overrides: Any) -> TrainConfig:
+    """Return ``cfg`` with flat overrides applied (``sgld_``/``model_`` prefixes select the nested config)."""
+    top: dict[str, Any] = {}
+    sg: dict[str, Any] = {}
+    mo: dict[str, Any] = {}
+    sgld_names = {f.name for f in fields(SGLDConfig)}
+    model_names = {f.name for f in fields(ModelConfig)}
+    top_names = {f.name for f in fields(TrainConfig)}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key.startswith("sgld_") and key[5:] in sgld_names:
+            sg[key[5:]] = value
+        elif key.startswith("model_") and key[6:] in model_names:
+            mo[key[6:]] = tuple(value) if isinstance(value, list) else value
+        elif key in top_names:
+            top[key] = tuple(value) if isinstance(value, list) else value
+        else:
+            raise UserError(f"unknown setting {key!r}")
+    return replace(cfg, sgld=replace(cfg.sgld, **sg), model=replace(cfg.model, **mo), **top).validate()
