@@ -67,5 +67,5 @@ def device_name(device: torch.device | str) -> str:
 
 def environment(device: torch.device | str) -> dict[str, str]:
     """Versions and device for a result row."""
-    return {"git_sha": git_sha(), "torch_version": torch.__version__, "device": device_name(device),
+    return {"git_sha": git_sha(), "torch_version": str(torch.__version__), "device": device_name(device),
             "python": platform.python_version()}

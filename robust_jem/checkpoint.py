@@ -77,7 +77,7 @@ def save_checkpoint(path: str | os.PathLike, *, cfg: TrainConfig, model: EnergyM
         "metrics": json.dumps(metrics or {}),
         "state": json.dumps(state or {}),
         "git_sha": git_sha(),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "created": now(),
     }
     atomic_write(path, lambda f: torch.save(payload, f))
@@ -95,8 +95,9 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path} refused: it is not a weights-only checkpoint ({first[:120]})") from None
+        lines = [ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln]
+        why = lines[0].split(":", 1)[1].strip().split(".")[0] if lines else type(exc).__name__
+        raise UserError(f"{path} refused: it is not a weights-only checkpoint ({why[:120]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path} is not a readable checkpoint (corrupt or truncated: {first[:120]})") from None

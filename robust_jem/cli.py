@@ -187,6 +187,487 @@ def train(objective: str, dataset: str, preset: str, out: str | None, resume_dir
 
 
 # ------------------------------------------------------------------------------------------------
+# calibration, OOD detection, samples, randomized smoothing (robust_jem.extras / robust_jem.sampling)
+# ------------------------------------------------------------------------------------------------
+_CKPTS = click.option("--checkpoint", "checkpoints", multiple=True, required=True,
+                      type=click.Path(dir_okay=False), help="Checkpoint (repeat for several models).")
+_POS = click.IntRange(min=1)
+
+
+@cli.command()
+@_CKPTS
+@click.option("--sgld-steps", type=INTS, default="0", show_default=True,
+              help="JEM-k refinement steps (comma list); non-JEM checkpoints are evaluated bare.")
+@click.option("--bins", type=_POS, default=15, show_default=True, help="Equal-width confidence bins.")
+@click.option("--n-examples", type=_POS, default=2000, show_default=True, help="First N test images.")
+@click.option("--batch-size", type=_POS, default=250, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the JEM-k chains' noise.")
+@click.option("--out", type=click.Path(file_okay=False), default="results/extras", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--device", default="auto", show_default=True)
+def calibrate(checkpoints: tuple[str, ...], sgld_steps: list[int], bins: int, n_examples: int, batch_size: int,
+              seed: int, out: str, data_dir: str | None, device: str) -> None:
+    """ECE, NLL, Brier score and reliability diagrams (rows of kind "calibration")."""
+    from .extras import run_calibration
+
+    rows = run_calibration(list(checkpoints), out, sgld_steps=sgld_steps, bins=bins, n_examples=n_examples,
+                           batch_size=batch_size, seed=seed, device=resolve_device(device), data_dir=data_dir)
+    for r in rows:
+        click.echo(f"{r['model']}: accuracy {r['accuracy']:.4f}  ECE {r['ece']:.4f}  NLL {r['nll']:.4f}  "
+                   f"Brier {r['brier']:.4f}")
+    click.echo(str(Path(out) / "rows.jsonl"))
+
+
+@cli.command()
+@_CKPTS
+@click.option("--in", "in_set", type=click.Choice(["fashion-mnist", "cifar10", "cifar100", "svhn"]), default=None,
+              help="In-distribution set [the checkpoint's].")
+@click.option("--out-sets", type=ChoiceList(("uniform", "gaussian", "constant", "permuted", "flipped", "heldout",
+                                             "svhn", "cifar10", "cifar100", "fashion-mnist")),
+              default="uniform,gaussian,constant,permuted,flipped,svhn,cifar10,cifar100", show_default=True,
+              help="OOD sets; unavailable ones are skipped with a message.")
+@click.option("--n-examples", type=_POS, default=2000, show_default=True, help="Images per set.")
+@click.option("--tpr", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True)
+@click.option("--batch-size", type=_POS, default=250, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="results/extras", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--device", default="auto", show_default=True)
+def ood(checkpoints: tuple[str, ...], in_set: str | None, out_sets: list[str], n_examples: int, tpr: float,
+        batch_size: int, seed: int, out: str, data_dir: str | None, device: str) -> None:
+    """OOD detection: AUROC / FPR@95%TPR of log p(x), max softmax and gradient norm (rows of kind "ood")."""
+    from .extras import run_ood
+
+    summary = run_ood(list(checkpoints), out, in_set=in_set, out_sets=out_sets, n_examples=n_examples,
+                      batch_size=batch_size, tpr=tpr, seed=seed, device=resolve_device(device), data_dir=data_dir)
+    for label, m in summary["models"].items():
+        for name, metrics in m["table"].items():
+            click.echo(f"{label} vs {name}: " + "  ".join(f"{s} AUROC {v['auroc']:.3f}" for s, v in metrics.items()))
+        for name in m["skipped"]:
+            click.echo(f"{label} vs {name}: skipped")
+    click.echo(str(Path(out) / "rows.jsonl"))
+
+
+@cli.command()
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False))
+@click.option("--class", "classes", type=INTS, default=None, help="Classes for conditional chains [all].")
+@click.option("--steps", type=click.IntRange(min=0), default=100, show_default=True, help="SGLD steps.")
+@click.option("--n", type=_POS, default=10, show_default=True, help="Chains per class.")
+@click.option("--init", type=click.Choice(["uniform", "buffer"]), default="uniform", show_default=True,
+              help="Start fresh chains from U(-1,1) or from replay-buffer entries.")
+@click.option("--step-size", type=click.FloatRange(min=0), default=None, help="[checkpoint's SGLD step size]")
+@click.option("--noise", type=click.FloatRange(min=0), default=None, help="[checkpoint's SGLD noise]")
+@click.option("--n-data", type=_POS, default=500, show_default=True, help="Test images for the data energy.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="results/samples", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--device", default="auto", show_default=True)
+def sample(checkpoint: str, classes: list[int] | None, steps: int, n: int, init: str, step_size: float | None,
+           noise: float | None, n_data: int, seed: int, out: str, data_dir: str | None, device: str) -> None:
+    """Unconditional and class-conditional SGLD samples and the replay buffer, as PNG grids, with energies."""
+    from .sampling import run_sampling
+
+    s = run_sampling(checkpoint, out, classes=classes, n=n, steps=steps, step_size=step_size, noise=noise,
+                     init=init, seed=seed, n_data=n_data, device=resolve_device(device), data_dir=data_dir)
+    click.echo(f"energy: data {s['data']['energy_mean']:.3f}, unconditional samples "
+               f"{s['unconditional']['energy_mean']:.3f}, start {s['start']['energy_mean']:.3f}"
+               + (f", buffer {s['buffer']['energy_mean']:.3f}" if "buffer" in s else ""))
+    for grid in s["grids"].values():
+        click.echo(grid)
+
+
+@cli.command()
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False))
+@click.option("--sigma", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Noise std in [0,1] pixels [the gaussian-aug checkpoint's].")
+@click.option("--n", type=_POS, default=1000, show_default=True, help="Estimation draws per image.")
+@click.option("--n0", type=_POS, default=100, show_default=True, help="Selection draws per image.")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.001,
+              show_default=True)
+@click.option("--n-examples", type=_POS, default=100, show_default=True, help="First N test images.")
+@click.option("--radii", type=EPS, default="0,0.25,0.5,0.75,1", show_default=True, help="L2 radius grid.")
+@click.option("--attack-steps", type=click.IntRange(min=0), default=10, show_default=True,
+              help="EOT L2 PGD steps of the empirical check at each radius (0: none).")
+@click.option("--eot-draws", type=_POS, default=8, show_default=True, help="Noise draws per attack gradient.")
+@click.option("--batch-size", type=_POS, default=1000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="results/extras", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--device", default="auto", show_default=True)
+def certify(checkpoint: str, sigma: float | None, n: int, n0: int, alpha: float, n_examples: int, radii: list[float],
+            attack_steps: int, eot_draws: int, batch_size: int, seed: int, out: str, data_dir: str | None,
+            device: str) -> None:
+    """Randomized smoothing (Cohen et al. 2019): certified L2 accuracy beside empirical robust accuracy."""
+    from .extras import run_certify
+
+    rows = run_certify(checkpoint, out, sigma=sigma, n=n, n0=n0, alpha=alpha, n_examples=n_examples,
+                       radii=radii, attack_steps=attack_steps, forward_draws=eot_draws, batch_size=batch_size,
+                       seed=seed, device=resolve_device(device), data_dir=data_dir)
+    for r in rows:
+        emp = r.get("empirical_robust_accuracy")
+        click.echo(f"radius {r['radius']:g}: certified {r['certified_accuracy']:.3f}"
+                   + (f", empirical {emp:.3f}" if emp is not None else "")
+                   + f"  (abstain {r['abstain_rate']:.3f}, mean radius {r['mean_radius']:.3f})")
+    click.echo(str(Path(out) / "rows.jsonl"))
+
+
+# ------------------------------------------------------------------------------------------------
+# white-box suite: pgd, autoattack, plot (attacks.white / attacks.benchmark / attacks.plots)
+# ------------------------------------------------------------------------------------------------
+def _whitebox_options(fn: Any) -> Any:
+    """Options shared by ``pgd`` and ``autoattack``: models, chain, threat model, examples, output."""
+    options = [
+        click.option("--checkpoint", "checkpoints", multiple=True, required=True, type=click.Path(dir_okay=False),
+                     help="Checkpoint to attack (repeat for several). JEM checkpoints are attacked as JEM-k for "
+                          "each --sgld-steps and --grad-mode; CE / PGD-AT (any non-JEM) checkpoints are attacked "
+                          "once each as the bare classifier (no chain, one copy, no noise), whatever "
+                          "--sgld-steps says."),
+        click.option("--norm", "norms", type=ChoiceList(("linf", "l2")), default="linf", show_default=True,
+                     help="Threat model(s), comma list."),
+        click.option("--eps", type=EPS, required=True,
+                     help="ε in [0,1] pixel units: fractions, decimals, comma lists (8/255,0.1)."),
+        click.option("--sgld-steps", type=INTS, default="0", show_default=True,
+                     help="JEM-k refinement steps, comma list (JEM checkpoints only)."),
+        click.option("--n-chains", type=click.IntRange(min=1), default=5, show_default=True,
+                     help="Noisy copies per input, logits averaged (JEM only)."),
+        click.option("--init-noise", type=click.FloatRange(min=0), default=0.03, show_default=True,
+                     help="Std of the noise added before the chain, in [-1,1] model space (JEM only)."),
+        click.option("--sgld-step-size", type=click.FloatRange(min=0), default=1.0, show_default=True),
+        click.option("--sgld-noise", type=click.FloatRange(min=0), default=0.01, show_default=True),
+        click.option("--grad-mode", "grad_modes", type=ChoiceList(("full", "bpda")), default="full",
+                     show_default=True,
+                     help="Attacker's gradient through the chain: full (backprop every SGLD step) and/or bpda "
+                          "(chain = identity), comma list."),
+        click.option("--restarts", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Random restarts; an example is robust only if it survives all of them."),
+        click.option("--eval-draws", type=click.IntRange(min=1), default=5, show_default=True,
+                     help="Fresh-noise draws for the final verdict (1 for deterministic models)."),
+        click.option("--n-examples", type=click.IntRange(min=1), default=None,
+                     help="Test images to attack [the whole test set]."),
+        click.option("--examples", "example_rule", type=click.Choice(["first", "random"]), default="first",
+                     show_default=True, help="Which N: the first N, or N drawn with --seed."),
+        click.option("--shard", default="0/1", show_default=True,
+                     help="RANK/WORLD: attack positions i with i % WORLD == RANK of the selection."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                     help="Images per attack call [256 bare, fewer for long chains]."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Root of every attack / noise seed."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--out", type=click.Path(file_okay=False), default=None,
+                     help="Run directory [results/COMMAND-CHECKPOINTS-NORMS]; re-running skips finished rows."),
+        click.option("--data-dir", type=click.Path(file_okay=False), default=None),
+        click.option("--no-progress", is_flag=True),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        rank, world = (int(v) for v in str(text).split("/"))
+    except ValueError:
+        raise UserError(f"--shard must be RANK/WORLD (e.g. 0/4), got {text!r}") from None
+    if not (world >= 1 and 0 <= rank < world):
+        raise UserError(f"--shard needs 0 <= RANK < WORLD, got {text!r}")
+    return rank, world
+
+
+def _run_name(command: str, checkpoints: tuple[str, ...], norms: list[str]) -> Path:
+    names = []
+    for c in checkpoints:
+        p = Path(c)
+        names.append(p.parent.name if p.stem in ("final", "last", "best") and p.parent.name else p.stem)
+    return Path("results") / "-".join([command, "+".join(dict.fromkeys(names)), *norms])
+
+
+def _whitebox(command: str, make_factory: Any, *, checkpoints: tuple[str, ...], norms: list[str], eps: list[float],
+              sgld_steps: list[int], n_chains: int, init_noise: float, sgld_step_size: float, sgld_noise: float,
+              grad_modes: list[str], n_examples: int | None, example_rule: str, shard: str,
+              batch_size: int | None, seed: int, device: str, out: str | None, data_dir: str | None,
+              no_progress: bool) -> None:
+    """Load checkpoints -> labelled targets -> one sweep; print one line per row."""
+    from attacks.benchmark import Examples, Target, run_sweep
+    from .checkpoint import load
+    from .data import load_dataset
+    from .refined import refined_variants
+
+    eps = list(dict.fromkeys(eps))
+    for norm in norms:
+        parse_eps(",".join(repr(e) for e in eps), norm)  # L∞ ε > 1 is an error before anything runs
+    shard_rw = _parse_shard(shard)
+    dev = resolve_device(device)
+    models = [(path, load(path, dev)) for path in checkpoints]
+    names = {m.checkpoint_info["dataset"] for _, m in models}  # type: ignore[attr-defined]
+    if len(names) != 1:
+        raise UserError(f"the checkpoints were trained on different data sets ({', '.join(sorted(names))})")
+    ds = load_dataset(names.pop(), "test", data_dir)
+    targets = []
+    for path, m in models:
+        info = m.checkpoint_info  # type: ignore[attr-defined]
+        if tuple(info["input_shape"]) != tuple(ds.shape):
+            raise UserError(f"{path}: input shape {info['input_shape']} does not match {ds.name} {list(ds.shape)}")
+        for label, rc in refined_variants(m, info["objective"], sgld_steps, grad_modes, n_chains=n_chains,
+                                          init_noise=init_noise, step_size=sgld_step_size, noise=sgld_noise,
+                                          seed=seed):
+            targets.append(Target(label, rc, str(path), {"objective": info["objective"], **rc.config()}))
+    out_dir = Path(out) if out else _run_name(command, checkpoints, norms)
+    rows = run_sweep(targets, make_factory(len(ds.classes)), norms, eps, ds.images, ds.labels, out_dir,
+                     dataset=ds.name, examples=Examples(n_examples, example_rule, seed, shard_rw), seed=seed,
+                     batch_size=batch_size, progress=not no_progress)
+    for r in rows:
+        mode = f" {r['grad_mode']}" if r.get("sgld_steps") else ""
+        click.echo(f"{r['model']}{mode} {r['attack']} {r['norm']} eps={r['eps']:.4g}: clean {r['clean_acc']:.3f}  "
+                   f"robust {r['robust_acc']:.3f} [{r['robust_ci_low']:.3f}, {r['robust_ci_high']:.3f}]  "
+                   f"mean over draws {r['robust_acc_mean']:.3f}  n={r['n']}  {r['wall_s']:.1f}s")
+    click.echo(str(out_dir / "rows.jsonl"))
+
+
+@cli.command()
+@_whitebox_options
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="PGD iterations.")
+@click.option("--step-size", type=NUMBER, default=None, help="PGD step α (fractions allowed) [2.5·ε/steps].")
+@click.option("--eot", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Gradient draws of the chain noise averaged per step (EOTPGD / EOTPGDL2 when > 1).")
+def pgd(steps: int, step_size: float | None, eot: int, restarts: int, eval_draws: int, seed: int,
+        **kwargs: Any) -> None:
+    """PGD (torchattacks PGD / PGDL2 / EOTPGD) through the SGLD-refined classifier: one row per
+    (checkpoint, sgld steps, grad mode, norm, ε) in RUN/rows.jsonl."""
+    from attacks.white import pgd_factory
+
+    if step_size is not None and step_size <= 0:
+        raise UserError("--step-size must be positive")
+    factory = pgd_factory(steps=steps, step_size=step_size, restarts=restarts, eot=eot, eval_draws=eval_draws,
+                          seed=seed)
+    _whitebox("pgd", lambda n_classes: factory, seed=seed, **kwargs)
+
+
+@cli.command()
+@_whitebox_options
+@click.option("--attack", "attack_names", type=ChoiceList(("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")),
+              default=None, help="Components, comma list [the --version's].")
+@click.option("--version", type=click.Choice(["auto", "rand", "standard"]), default="auto", show_default=True,
+              help="rand: APGD-CE + APGD-DLR with EOT; standard: APGD-CE, APGD-T, FAB-T, Square; auto: rand for "
+                   "randomized models, standard for deterministic ones.")
+@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True, help="APGD / FAB iterations.")
+@click.option("--eot", type=click.IntRange(min=1), default=None, help="EOT draws per gradient [20; 1 if deterministic].")
+@click.option("--n-queries", type=click.IntRange(min=1), default=5000, show_default=True, help="Square queries.")
+def autoattack(attack_names: list[str] | None, version: str, steps: int, eot: int | None, n_queries: int,
+               restarts: int, eval_draws: int, seed: int, **kwargs: Any) -> None:
+    """AutoAttack from torchattacks components (rand version with EOT for refined classifiers), per-sample
+    worst case over components and restarts under a fresh-noise verdict; the same rows as pgd."""
+    from attacks.white import autoattack_factory
+
+    def make(n_classes: int) -> Any:
+        return autoattack_factory(attacks=attack_names, version=version, steps=steps, eot=eot, restarts=restarts,
+                                  eval_draws=eval_draws, seed=seed, n_queries=n_queries, n_classes=n_classes)
+
+    make(10)  # validate before loading anything
+    _whitebox("autoattack", make, seed=seed, **kwargs)
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="PNG to write (a .md table goes beside it) [FIRST_RUN/robust_acc_vs_eps.png].")
+def plot(runs: tuple[str, ...], out: str | None) -> None:
+    """Robust accuracy vs ε from the rows of one or more runs (white-box and black-box curves)."""
+    from attacks.plots import plot_rows
+    from attacks.records import ROWS, read_rows
+
+    rows = []
+    for run in runs:
+        path = Path(run)
+        if not (path / ROWS).is_file() and not path.is_file():
+            raise UserError(f"{run}: no {ROWS} found")
+        rows.extend(read_rows(path))
+    if not rows:
+        raise UserError(f"no rows in {', '.join(runs)}")
+    target = Path(out) if out else (Path(runs[0]) if Path(runs[0]).is_dir() else Path(runs[0]).parent) \
+        / "robust_acc_vs_eps.png"
+    try:
+        png, md = plot_rows(rows, target)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    click.echo(str(png))
+    click.echo(str(md))
+
+
+# ------------------------------------------------------------------------------------------------
+# black-box (foolbox Boundary / Pointwise) and distal adversarials (attacks.black / attacks.distal)
+# ------------------------------------------------------------------------------------------------
+def _chain_options(fn: Any) -> Any:
+    """Options shared by ``blackbox`` and ``distal``: models and the JEM-k chain."""
+    options = [
+        click.option("--checkpoint", "checkpoints", multiple=True, required=True, type=click.Path(dir_okay=False),
+                     help="Checkpoint (repeat for several). JEM checkpoints are attacked as JEM-k for each "
+                          "--sgld-steps; CE / PGD-AT (any non-JEM) once each as the bare classifier."),
+        click.option("--sgld-steps", type=INTS, default="0", show_default=True,
+                     help="JEM-k refinement steps, comma list (JEM checkpoints only)."),
+        click.option("--n-chains", type=click.IntRange(min=1), default=5, show_default=True,
+                     help="Noisy copies per input, logits averaged (JEM only)."),
+        click.option("--init-noise", type=click.FloatRange(min=0), default=0.03, show_default=True,
+                     help="Std of the noise added before the chain, in [-1,1] model space (JEM only)."),
+        click.option("--sgld-step-size", type=click.FloatRange(min=0), default=1.0, show_default=True),
+        click.option("--sgld-noise", type=click.FloatRange(min=0), default=0.01, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--data-dir", type=click.Path(file_okay=False), default=None),
+        click.option("--no-progress", is_flag=True),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _subjects(checkpoints: tuple[str, ...], sgld_steps: list[int], grad_modes: list[str], *, n_chains: int,
+              init_noise: float, sgld_step_size: float, sgld_noise: float, seed: int, dev: Any,
+              data_dir: str | None) -> tuple[Any, list[dict[str, Any]]]:
+    """Load every checkpoint (all before anything runs) -> test set and labelled models with row fields."""
+    from attacks.records import provenance_fields
+    from .checkpoint import load
+    from .data import load_dataset
+    from .refined import refined_variants
+
+    models = [(path, load(path, dev)) for path in checkpoints]
+    names = {m.checkpoint_info["dataset"] for _, m in models}  # type: ignore[attr-defined]
+    if len(names) != 1:
+        raise UserError(f"the checkpoints were trained on different data sets ({', '.join(sorted(names))})")
+    ds = load_dataset(names.pop(), "test", data_dir)
+    out = []
+    for path, m in models:
+        info = m.checkpoint_info  # type: ignore[attr-defined]
+        if tuple(info["input_shape"]) != tuple(ds.shape):
+            raise UserError(f"{path}: input shape {info['input_shape']} does not match {ds.name} {list(ds.shape)}")
+        prov = provenance_fields(path, dev)
+        for label, rc in refined_variants(m, info["objective"], sgld_steps, grad_modes, n_chains=n_chains,
+                                          init_noise=init_noise, step_size=sgld_step_size, noise=sgld_noise,
+                                          seed=seed):
+            ident = {"model": label, "objective": info["objective"], "checkpoint_sha256": prov["checkpoint_sha256"],
+                     "dataset": ds.name, **rc.config(), "deterministic": rc.deterministic}
+            out.append({"label": label, "bare": m, "model": rc, "identity": ident,
+                        "extra": {**prov, "checkpoint_step": info.get("step")}})
+    return ds, out
+
+
+@cli.command()
+@click.option("--attack", type=click.Choice(["boundary", "pointwise"]), required=True,
+              help="foolbox BoundaryAttack (L2) or PointwiseAttack (L0 and L2).")
+@_chain_options
+@click.option("--n-examples", type=click.IntRange(min=1), default=100, show_default=True, help="First N test images.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Examples attacked together (foolbox batches natively).")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="boundary: BoundaryAttack steps [100]; pointwise: most oracle calls after the init [150].")
+@click.option("--init-steps", type=click.IntRange(min=1), default=None,
+              help="boundary: blended-noise line-search steps [50]; pointwise: salt-and-pepper steps [30].")
+@click.option("--init-directions", type=click.IntRange(min=1), default=10, show_default=True,
+              help="boundary: uniform-noise directions tried by the initialisation.")
+@click.option("--source-step", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True,
+              help="boundary: initial step towards the clean image (relative to the distance).")
+@click.option("--spherical-step", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True,
+              help="boundary: initial orthogonal step (relative to the distance).")
+@click.option("--eval-draws", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Fresh-noise forward passes re-scoring each adversarial (1 for deterministic models).")
+@click.option("--eps-grid", type=EPS, default=None, help="L2 ε grid of the accuracy curve [0, 0.1, ..., 6].")
+@click.option("--l0-grid", type=INTS, default=None, help="L0 grid (changed pixel values) [0,1,2,...,800].")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run directory [results/blackbox-CHECKPOINTS-ATTACK]; re-running skips finished rows.")
+def blackbox(attack: str, checkpoints: tuple[str, ...], sgld_steps: list[int], n_chains: int, init_noise: float,
+             sgld_step_size: float, sgld_noise: float, seed: int, device: str, data_dir: str | None,
+             no_progress: bool, n_examples: int, batch_size: int, steps: int | None, init_steps: int | None,
+             init_directions: int, source_step: float, spherical_step: float, eval_draws: int,
+             eps_grid: list[float] | None, l0_grid: list[int] | None, out: str | None) -> None:
+    """Decision-based attacks (foolbox Boundary / Pointwise) on a fixed-noise view of each model; every
+    adversarial re-scored with fresh noise. One row per (model, norm) with the whole accuracy-vs-ε curve,
+    per-example distances in RUN/distances-KEY.json."""
+    from attacks.black import BlackboxConfig, run_blackbox
+
+    defaults = {"boundary": (100, 50), "pointwise": (150, 30)}[attack]
+    cfg = BlackboxConfig(attack, steps=steps or defaults[0], init_steps=init_steps or defaults[1],
+                         init_directions=init_directions, batch_size=batch_size, eval_draws=eval_draws, seed=seed,
+                         source_step=source_step, spherical_step=spherical_step).validate()
+    dev = resolve_device(device)
+    ds, subjects = _subjects(checkpoints, sgld_steps, ["full"], n_chains=n_chains, init_noise=init_noise,
+                             sgld_step_size=sgld_step_size, sgld_noise=sgld_noise, seed=seed, dev=dev,
+                             data_dir=data_dir)
+    n = min(n_examples, len(ds))
+    x, y = ds.batch(slice(0, n))
+    out_dir = Path(out) if out else _run_name("blackbox", checkpoints, [attack])
+    grids = {k: v for k, v in (("l2", eps_grid), ("l0", l0_grid)) if v}
+    for s in subjects:
+        ident = {k: v for k, v in s["identity"].items() if k != "grad_mode"}  # no gradients used
+        ident["examples"] = f"test[0:{n}]"
+        rows = run_blackbox(s["model"], x.to(dev), y.to(dev), cfg, out_dir=out_dir, identity=ident,
+                            extra=s["extra"], eps_grids=grids, indices=range(n), progress=not no_progress)
+        for r in rows:
+            med, med_fixed = r["distance_summary"]["median"], r["distance_summary_fixed_noise"]["median"]
+            fmt = lambda v: "inf" if v is None else f"{v:.4g}"  # noqa: E731
+            click.echo(f"{r['model']} {attack} {r['norm']}: clean {r['clean_acc']:.3f}  median distance "
+                       f"{fmt(med)} (fixed noise {fmt(med_fixed)})  adversarials {r['n_adversarial_fresh_noise']}"
+                       f"/{r['n']} fresh, {r['n_adversarial_fixed_noise']}/{r['n']} fixed  "
+                       f"{r['queries_per_example']:.0f} queries/example  {r['wall_s']:.1f}s")
+        if not rows:
+            click.echo(f"{s['label']} {attack}: already done")
+    click.echo(str(out_dir / "rows.jsonl"))
+
+
+@cli.command()
+@_chain_options
+@click.option("--grad-mode", "grad_modes", type=ChoiceList(("full", "bpda")), default="full", show_default=True,
+              help="Gradient through the chain: full (backprop every SGLD step) and/or bpda, comma list.")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Gradient steps per image.")
+@click.option("--step-size", type=NUMBER, default=0.02, show_default=True,
+              help="Signed-gradient step in [0,1] pixels (Adam: learning rate).")
+@click.option("--method", type=click.Choice(["sign", "adam"]), default="sign", show_default=True)
+@click.option("--seeds", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Starting images per (class, start kind).")
+@click.option("--starts", type=ChoiceList(("uniform", "mean")), default="uniform,mean", show_default=True,
+              help="uniform noise and/or the training-set mean ± uniform noise.")
+@click.option("--mean-noise", type=click.FloatRange(min=0), default=0.1, show_default=True,
+              help="Half-width of the uniform noise around the mean image.")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.9,
+              show_default=True, help="Confidence threshold for the 'fraction above' statistics.")
+@click.option("--n-real", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Real test images for the reference log-density.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run directory [results/distal-CHECKPOINTS]; re-running skips finished rows.")
+def distal(checkpoints: tuple[str, ...], sgld_steps: list[int], n_chains: int, init_noise: float,
+           sgld_step_size: float, sgld_noise: float, seed: int, device: str, data_dir: str | None, no_progress: bool,
+           grad_modes: list[str], steps: int, step_size: float, method: str, seeds: int, starts: list[str],
+           mean_noise: float, threshold: float, n_real: int, out: str | None) -> None:
+    """Distal adversarials: optimise noise towards every class through each model; confidence, fraction
+    above --threshold and log-density (rows of kind "distal") and a PNG grid per model (rows = classes)."""
+    from attacks.distal import DistalConfig, run_distal
+    from .data import load_dataset
+    from .train import save_grid
+
+    cfg = DistalConfig(steps=steps, step_size=step_size, seeds=seeds, starts=tuple(dict.fromkeys(starts)),
+                       mean_noise=mean_noise, threshold=threshold, method=method, seed=seed).validate()
+    dev = resolve_device(device)
+    ds, subjects = _subjects(checkpoints, sgld_steps, grad_modes, n_chains=n_chains, init_noise=init_noise,
+                             sgld_step_size=sgld_step_size, sgld_noise=sgld_noise, seed=seed, dev=dev,
+                             data_dir=data_dir)
+    mean_image = load_dataset(ds.name, "train", data_dir).x.mean(0).to(dev)
+    real = ds.batch(slice(0, min(n_real, len(ds))))[0].to(dev)
+    out_dir = Path(out) if out else _run_name("distal", checkpoints, [])
+    for s in subjects:
+        ident = {**s["identity"], "density_model": "bare network (logsumexp of its logits)"}
+        rows = run_distal(s["model"], n_classes=len(ds.classes), mean_image=mean_image, real_images=real, cfg=cfg,
+                          out_dir=out_dir, identity=ident, extra=s["extra"], density=s["bare"],
+                          save_grid=lambda imgs, path, nrow: save_grid(imgs, path, nrow=nrow),
+                          progress=not no_progress)
+        for r in rows:
+            mode = f" {r['grad_mode']}" if r.get("sgld_steps") else ""
+            click.echo(f"{r['model']}{mode} {r['start']}: confidence {r['conf_start']:.3f} -> {r['conf_result']:.3f}"
+                       f"  target >= {threshold:g}: {r['frac_target_above_threshold']:.3f}  log-density "
+                       f"{r['log_density_start']:.2f} -> {r['log_density_result']:.2f} (real "
+                       f"{r['log_density_real']:.2f})  {r['wall_s']:.1f}s")
+        if not rows:
+            click.echo(f"{s['label']} distal: already done")
+    click.echo(str(out_dir / "rows.jsonl"))
+
+
+# ------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------
 def _one_line(message: str) -> str:

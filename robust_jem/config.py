@@ -27,7 +27,7 @@ class ModelConfig:
     n_classes: int = 10
     depth: int = 28
     width: int = 10
-    channels: tuple[int, ...] = (32, 32, 64, 64)
+    channels: tuple[int, ...] = (16, 32, 32, 64)
     hidden: int = 128
     leak: float = 0.2
     dropout: float = 0.0
@@ -67,7 +67,7 @@ class TrainConfig:
     data_noise: float = 0.03
     px_weight: float = 1.0
     energy_l2: float = 0.0
-    ce_warmup_iters: int = 0
+    ce_warmup_iters: int = 0  # CE-only steps before the objective's own loss (any objective)
     ce_warmup_lr: float = 1e-3
     pgd_eps: float = 0.1
     pgd_steps: int = 10
@@ -157,16 +157,17 @@ DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
 PRESETS = ("quick", "cifar10-paper", "tiny")
 
 # Quick preset: sized for a 2-core CPU (about 12 minutes for the three models together).
-# JEM starts from a short CE warm start, then trains CE + log p(x) with 5 SGLD steps and an L2
-# penalty on the energies (the stabiliser that measured best here, see ENVIRONMENT.md / README).
+# JEM and PGD-AT start from a short CE warm start (``ce_warmup_iters``); JEM then trains CE + log p(x)
+# with 5 SGLD steps and an L2 penalty on the energies (the stabiliser that measured best here).
 _QUICK: dict[str, dict[str, Any]] = {
-    "ce": dict(iters=2400, lr=1e-3, warmup_iters=0, decay_at=(1800,)),
+    "ce": dict(iters=2000, lr=1e-3, warmup_iters=0, decay_at=(1500,)),
     "jem": dict(
-        iters=3000, lr=1e-4, warmup_iters=0, ce_warmup_iters=900, ce_warmup_lr=1e-3,
+        iters=1600, lr=1e-4, warmup_iters=0, ce_warmup_iters=800, ce_warmup_lr=1e-3,
         energy_l2=0.1, sgld=SGLDConfig(steps=5, buffer_size=10000),
     ),
-    "pgd-at": dict(iters=1200, lr=1e-3, warmup_iters=0, pgd_eps=0.1, pgd_steps=10, pgd_step_size=0.02, decay_at=(900,)),
-    "gaussian-aug": dict(iters=2400, lr=1e-3, warmup_iters=0, sigma=0.25, decay_at=(1800,)),
+    "pgd-at": dict(iters=1000, lr=1e-3, warmup_iters=0, ce_warmup_iters=500, ce_warmup_lr=1e-3, decay_at=(800,),
+                   pgd_eps=0.1, pgd_steps=10, pgd_step_size=0.02),
+    "gaussian-aug": dict(iters=2000, lr=1e-3, warmup_iters=0, sigma=0.25, decay_at=(1500,)),
 }
 
 # The JEM paper's CIFAR-10 settings (Grathwohl et al. 2020, App. / train_wrn_ebm.py).

@@ -85,10 +85,11 @@ def _find_idx(directory: Path, stem: str) -> Path | None:
 
 
 def fashion_mnist_dirs(data_dir: str | os.PathLike | None) -> list[Path]:
-    """Directories searched for Fashion-MNIST, in order."""
+    """Directories searched for Fashion-MNIST, in order: ``data_dir`` alone when given, else
+    ``$ROBUST_JEM_DATA`` and the Debian package's folder."""
+    if data_dir is not None:  # an explicit directory is authoritative
+        return [Path(data_dir)]
     dirs = []
-    if data_dir is not None:
-        dirs.append(Path(data_dir))
     env = os.environ.get("ROBUST_JEM_DATA")
     if env:
         dirs.append(Path(env))
@@ -110,13 +111,17 @@ def _load_fashion_mnist(split: str, data_dir: str | os.PathLike | None, download
                 "fashion-mnist", split, torch.from_numpy(images.copy()).unsqueeze(1),
                 torch.from_numpy(labels.astype(np.int64)), FASHION_CLASSES,
             )
-    if download and data_dir is not None:
+    if download:
         try:
             tv = _torchvision()
         except UserError:
             tv = None
         if tv is not None:
-            ds = tv.datasets.FashionMNIST(str(data_dir), train=split == "train", download=True)
+            root = str(data_dir or Path.home() / ".cache" / "robust-jem")
+            try:
+                ds = tv.datasets.FashionMNIST(root, train=split == "train", download=True)
+            except (RuntimeError, OSError) as exc:
+                raise UserError(f"Fashion-MNIST download into {root} failed ({exc})") from None
             return ImageDataset("fashion-mnist", split, ds.data.unsqueeze(1).clone(), ds.targets.long().clone(),
                                 FASHION_CLASSES)
     searched = ", ".join(str(d) for d in fashion_mnist_dirs(data_dir))
@@ -152,20 +157,21 @@ def _load_torchvision(name: str, split: str, data_dir: str | os.PathLike | None,
             ds = tv.datasets.SVHN(root, split="train" if train else "test", download=download)
             images, labels, classes = ds.data.transpose(0, 2, 3, 1), ds.labels, [str(i) for i in range(10)]
     except RuntimeError as exc:
-        raise UserError(f"{name} not found under {root} ({exc}); pass --download or --data-dir") from None
+        raise UserError(f"{name} could not be loaded from or downloaded into {root} ({exc}); "
+                        "pass --data-dir") from None
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
     return ImageDataset(name, split, x, torch.as_tensor(np.asarray(labels), dtype=torch.int64), tuple(classes))
 
 
 def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | None = None,
-                 download: bool = False) -> ImageDataset:
+                 download: bool = True) -> ImageDataset:
     """Load a data set split as an :class:`ImageDataset` (images in [0,1] via ``.x``/``.batch``).
 
     Args:
         name: one of ``fashion-mnist``, ``cifar10``, ``cifar100``, ``svhn``.
         split: ``train`` or ``test``.
         data_dir: where the files are (or go, with ``download``).
-        download: allow a torchvision download.
+        download: allow a torchvision download when the files are missing (needs torchvision + network).
     """
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")

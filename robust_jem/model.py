@@ -40,8 +40,9 @@ class EnergyModel(nn.Module):
         return self.net(z)
 
     def energy_z(self, z: torch.Tensor) -> torch.Tensor:
-        """E(z) = -logsumexp(logits), shape (N,), in fp32."""
-        return -torch.logsumexp(self.net(z).float(), dim=1)
+        """E(z) = -logsumexp(logits), shape (N,), in fp32 (or the input's precision when higher)."""
+        logits = self.net(z)
+        return -torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(to_internal(x))

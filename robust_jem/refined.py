@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .model import EnergyModel, to_internal
-from .sgld import sgld
+from .sgld import NoiseFn, sgld
 
 GRAD_MODES = ("full", "bpda")
 
@@ -77,24 +77,67 @@ class RefinedClassifier(nn.Module):
         return {"sgld_steps": self.sgld_steps, "n_chains": self.n_chains, "init_noise": self.init_noise,
                 "sgld_step_size": self.step_size, "sgld_noise": self.noise, "grad_mode": self.grad_mode}
 
-    def refine(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def refine(self, z: torch.Tensor, generator: torch.Generator | None = None,
+               noise_fn: NoiseFn | None = None) -> torch.Tensor:
         """Noise + SGLD chain on internal-space inputs already repeated over chains."""
-        g = generator or self.generator(z.device)
+        g = None if noise_fn is not None else (generator or self.generator(z.device))
         if self.init_noise > 0:
-            z = z + self.init_noise * torch.randn(z.shape, generator=g, device=z.device, dtype=z.dtype)
+            eps = noise_fn(z) if noise_fn is not None else torch.randn(z.shape, generator=g, device=z.device,
+                                                                       dtype=z.dtype)
+            z = z + self.init_noise * eps
         if self.sgld_steps == 0:
             return z
         if self.grad_mode == "full":
             return sgld(self.model.energy_z, z, self.sgld_steps, self.step_size, self.noise, generator=g,
-                        differentiable=True)
-        z_end = sgld(self.model.energy_z, z.detach(), self.sgld_steps, self.step_size, self.noise, generator=g)
+                        differentiable=True, noise_fn=noise_fn)
+        z_end = sgld(self.model.energy_z, z.detach(), self.sgld_steps, self.step_size, self.noise, generator=g,
+                     noise_fn=noise_fn)
         return z + (z_end - z).detach()  # BPDA: forward = chain, backward = identity
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                noise_fn: NoiseFn | None = None) -> torch.Tensor:
+        """Logits averaged over chains.
+
+        ``noise_fn`` (optional) replaces the generator as the source of every Gaussian draw: it is called
+        with the chain states, shape (n_chains * N, ...) with copy-major rows (row r is a copy of example
+        r % N), and returns standard normal noise of that shape. Fixed-noise views for decision-based
+        attacks use it to make the noise a function of each input.
+        """
         n = x.shape[0]
         z = to_internal(x)
         if self.n_chains > 1:
             z = z.repeat(self.n_chains, *([1] * (z.dim() - 1)))
-        z = self.refine(z, generator)
+        z = self.refine(z, generator, noise_fn)
         logits = self.model.logits_z(z)
         return logits.view(self.n_chains, n, -1).mean(0)
+
+
+# ------------------------------------------------------------------------------------------------
+# labelled variants of a checkpoint for the attack suites
+# ------------------------------------------------------------------------------------------------
+BASELINE_LABELS = {"ce": "CE", "pgd-at": "PGD-AT", "gaussian-aug": "Gauss-aug"}
+
+
+def model_label(objective: str, sgld_steps: int) -> str:
+    """``JEM-k`` for JEM checkpoints, ``CE`` / ``PGD-AT`` / ``Gauss-aug`` for the baselines."""
+    return f"JEM-{sgld_steps}" if objective == "jem" else BASELINE_LABELS.get(objective, objective)
+
+
+def refined_variants(model: EnergyModel, objective: str, sgld_steps: list[int], grad_modes: list[str], *,
+                     n_chains: int = 5, init_noise: float = 0.03, step_size: float = 1.0, noise: float = 0.01,
+                     seed: int = 0) -> list[tuple[str, RefinedClassifier]]:
+    """The classifiers to attack for one checkpoint, labelled.
+
+    A JEM checkpoint gives one ``RefinedClassifier`` per (sgld_steps, grad_mode) (k = 0 once: the chain is
+    empty, so both modes coincide). Any other objective is a baseline, attacked as the bare classifier
+    (``sgld_steps=0, n_chains=1, init_noise=0``) once, whatever ``sgld_steps`` says.
+    """
+    if objective != "jem":
+        return [(model_label(objective, 0), RefinedClassifier(model, 0, n_chains=1, init_noise=0.0, seed=seed))]
+    out = []
+    for k in dict.fromkeys(sgld_steps):
+        for mode in (["full"] if k == 0 else list(dict.fromkeys(grad_modes))):
+            out.append((model_label("jem", k), RefinedClassifier(model, k, n_chains=n_chains, init_noise=init_noise,
+                                                                 step_size=step_size, noise=noise, grad_mode=mode,
+                                                                 seed=seed)))
+    return out

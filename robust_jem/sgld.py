@@ -12,10 +12,12 @@ from typing import Callable
 import torch
 
 EnergyFn = Callable[[torch.Tensor], torch.Tensor]
+NoiseFn = Callable[[torch.Tensor], torch.Tensor]  # standard normal noise shaped like its argument
 
 
 def sgld(energy: EnergyFn, z: torch.Tensor, steps: int, step_size: float, noise: float, *,
-         generator: torch.Generator | None = None, differentiable: bool = False) -> torch.Tensor:
+         generator: torch.Generator | None = None, differentiable: bool = False,
+         noise_fn: NoiseFn | None = None) -> torch.Tensor:
     """Run ``steps`` SGLD steps ``z <- z - step_size * dE/dz + noise * N(0, I)``.
 
     This is the JEM sampler (Grathwohl et al. 2020, Eq. 11, with the step size and noise decoupled as
@@ -28,6 +30,8 @@ def sgld(energy: EnergyFn, z: torch.Tensor, steps: int, step_size: float, noise:
         generator: source of the Gaussian noise (on ``z``'s device).
         differentiable: if True and ``z`` requires grad, the returned tensor is a differentiable function
             of ``z`` (the chain is unrolled with ``create_graph=True``); otherwise chains are detached.
+        noise_fn: optional source of the standard normal noise (called with the current state, returns
+            noise of its shape); overrides ``generator`` (used by fixed-noise views for decision attacks).
 
     Returns:
         The final state of the chains, same shape as ``z``.
@@ -40,7 +44,9 @@ def sgld(energy: EnergyFn, z: torch.Tensor, steps: int, step_size: float, noise:
             (grad,) = torch.autograd.grad(energy(z).sum(), z, create_graph=keep_graph)
         z = z - step_size * grad
         if noise > 0:
-            z = z + noise * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            eps = (noise_fn(z) if noise_fn is not None
+                   else torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype))
+            z = z + noise * eps
     return z if keep_graph else z.detach()
 
 
@@ -48,7 +54,8 @@ class ReplayBuffer:
     """Persistent SGLD chains (JEM's replay buffer) on the model's device.
 
     ``sample`` draws ``n`` chains, re-initialising each with probability ``reinit_freq`` from U(-1, 1);
-    ``update`` writes the advanced chains back. Indexing uses device tensors only (no host round trip).
+    ``update`` writes the advanced chains back. Indices are drawn without replacement, on the device
+    (no host round trip).
     """
 
     def __init__(self, size: int, shape: tuple[int, ...], reinit_freq: float = 0.05, *,
@@ -70,7 +77,11 @@ class ReplayBuffer:
 
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Starting points for ``n`` chains and the buffer indices they came from."""
-        idx = torch.randint(0, self.size, (n,), generator=self.generator, device=self.device)
+        if n > self.size:
+            raise ValueError(f"cannot draw {n} chains from a buffer of {self.size}")
+        # Without replacement: no chain is advanced twice in one step, and the write-back in
+        # ``update`` has no duplicate indices (whose winner would be nondeterministic).
+        idx = torch.randperm(self.size, generator=self.generator, device=self.device)[:n]
         keep = torch.rand(n, generator=self.generator, device=self.device) >= self.reinit_freq
         mask = keep.view(n, *([1] * len(self.shape)))
         return torch.where(mask, self.buffer[idx], self.uniform(n)), idx

@@ -73,8 +73,6 @@ def ce_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tenso
 
 def jem_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """JEM: CE + log p(x) by PCD (Grathwohl et al. 2020, Eq. 8), optional L2 penalty on energies."""
-    if ctx.phase == "ce-warmup":
-        return ce_loss(ctx, x, y)
     cfg, model, buf = ctx.cfg, ctx.model, ctx.buffer
     assert buf is not None
     z = to_internal(x)
@@ -341,7 +339,7 @@ class Trainer:
                 group["lr"] = lr
             ctx = Context(cfg, self.model, self.gen, self.buffer, self.autocast,
                           phase="ce-warmup" if self.step < cfg.ce_warmup_iters else "main")
-            loss, terms = loss_fn(ctx, x, y)
+            loss, terms = (ce_loss if ctx.phase == "ce-warmup" else loss_fn)(ctx, x, y)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()

@@ -1,0 +1,296 @@
+"""Foundation: data, SGLD, replay buffer, checkpoints, resume, CLI errors (issue 3)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_MODEL, assert_usage_error, tiny_cfg
+from robust_jem import EnergyModel, ReplayBuffer, load, load_dataset, sgld
+from robust_jem.checkpoint import read_checkpoint, save_checkpoint
+from robust_jem.config import TrainConfig, preset_config
+from robust_jem.errors import UserError
+from robust_jem.train import BatchOrder, diverged, lr_at, train
+
+
+# --- data ------------------------------------------------------------------------------------------
+def test_fashion_mnist_shapes_and_range(fashion_available):
+    for split, n in (("train", 60000), ("test", 10000)):
+        ds = load_dataset("fashion-mnist", split)
+        assert len(ds) == n and ds.shape == (1, 28, 28) and len(ds.classes) == 10
+        x, y = ds.batch(slice(0, 256))
+        assert x.dtype == torch.float32 and x.shape == (256, 1, 28, 28)
+        assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0 and float(x.max()) > 0.9
+        assert y.dtype == torch.int64 and set(y.tolist()) <= set(range(10))
+        assert sorted(torch.bincount(ds.labels).tolist()) == [n // 10] * 10
+
+
+def test_missing_data_is_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset("fashion-mnist", "test", tmp_path)
+
+
+def test_truncated_idx_file_is_rejected(tmp_path):
+    import gzip
+    src = Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
+    data = gzip.decompress(src.read_bytes())
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (tmp_path / name).write_bytes(data[:100])
+    with pytest.raises(UserError):
+        load_dataset("fashion-mnist", "test", tmp_path)
+
+
+# --- SGLD and the buffer ------------------------------------------------------------------------
+def test_sgld_lowers_energy_of_quadratic():
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(256, 3, generator=g) * 3
+    energy = lambda z: 0.5 * (z ** 2).sum(1)  # noqa: E731
+    z = sgld(energy, z0, steps=20, step_size=0.1, noise=0.01, generator=g)
+    assert energy(z).mean() < 0.1 * energy(z0).mean()
+
+
+def test_sgld_lowers_energy_of_model():
+    torch.manual_seed(0)
+    model = EnergyModel(TINY_MODEL)
+    g = torch.Generator().manual_seed(1)
+    z0 = torch.rand(64, 1, 28, 28, generator=g) * 2 - 1
+    z = sgld(model.energy_z, z0, steps=10, step_size=0.5, noise=0.0, generator=g)
+    assert model.energy_z(z).mean() < model.energy_z(z0).mean()
+    assert not z.requires_grad
+
+
+def test_sgld_same_generator_same_chain():
+    model = EnergyModel(TINY_MODEL)
+    z0 = torch.zeros(4, 1, 28, 28)
+    a = sgld(model.energy_z, z0, 3, 1.0, 0.01, generator=torch.Generator().manual_seed(5))
+    b = sgld(model.energy_z, z0, 3, 1.0, 0.01, generator=torch.Generator().manual_seed(5))
+    c = sgld(model.energy_z, z0, 3, 1.0, 0.01, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_buffer_reinit_fraction():
+    g = torch.Generator().manual_seed(0)
+    buf = ReplayBuffer(1000, (1, 2, 2), reinit_freq=0.3, generator=g)
+    buf.buffer.fill_(5.0)  # outside U(-1,1): anything in [-1,1] was re-initialised
+    draws = [buf.sample(1000) for _ in range(20)]
+    z = torch.cat([d[0] for d in draws])
+    fresh = (z.abs() <= 1).flatten(1).all(1).float().mean().item()
+    assert abs(fresh - 0.3) < 0.02
+    idx = draws[0][1]
+    assert sorted(idx.tolist()) == list(range(1000))  # without replacement
+    buf.update(idx[:3], torch.zeros(3, 1, 2, 2))
+    assert buf.buffer[idx[:3]].abs().sum() == 0
+
+
+def test_buffer_initial_uniform():
+    buf = ReplayBuffer(500, (1, 4, 4), generator=torch.Generator().manual_seed(0))
+    assert -1 <= buf.buffer.min() < -0.9 and 0.9 < buf.buffer.max() <= 1
+
+
+# --- config, schedule, divergence guard ----------------------------------------------------------
+def test_config_roundtrip_and_presets():
+    for preset in ("quick", "cifar10-paper", "tiny"):
+        for obj in ("jem", "ce", "pgd-at"):
+            cfg = preset_config(preset, obj, "fashion-mnist" if preset != "cifar10-paper" else "cifar10")
+            assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    paper = preset_config("cifar10-paper", "jem", "cifar10")
+    assert (paper.lr, paper.warmup_iters, paper.batch_size) == (1e-4, 1000, 64)
+    assert (paper.sgld.steps, paper.sgld.step_size, paper.sgld.noise) == (20, 1.0, 0.01)
+    assert (paper.sgld.buffer_size, paper.sgld.reinit_freq, paper.data_noise) == (10000, 0.05, 0.03)
+    assert paper.model.arch == "wrn" and (paper.model.depth, paper.model.width) == (28, 10)
+    fm = preset_config("quick", "pgd-at", "fashion-mnist")
+    assert (fm.pgd_eps, fm.pgd_steps, fm.pgd_step_size) == (0.1, 10, 0.02)
+    cf = preset_config("cifar10-paper", "pgd-at", "cifar10")
+    assert (cf.pgd_eps, cf.pgd_steps, cf.pgd_step_size) == (8 / 255, 7, 2 / 255)
+
+
+def test_lr_schedule():
+    cfg = preset_config("cifar10-paper", "jem", "cifar10")
+    assert lr_at(cfg, 0) == pytest.approx(1e-7)
+    assert lr_at(cfg, 999) == pytest.approx(1e-4)
+    assert lr_at(cfg, cfg.decay_at[0]) == pytest.approx(3e-5)
+    quick = preset_config("quick", "jem", "fashion-mnist")
+    assert lr_at(quick, 0) == quick.ce_warmup_lr and lr_at(quick, quick.ce_warmup_iters) == quick.lr
+
+
+def test_divergence_guard_flags():
+    cfg = tiny_cfg()
+    ok = {"loss": 1.0, "acc": 0.8, "pred_top": 0.12, "e_data": -3.0, "e_sample": 1.0}
+    assert diverged(ok, 0.8, cfg) is None
+    assert "non-finite" in diverged(dict(ok, loss=float("nan")), 0.8, cfg)
+    assert "gap" in diverged(dict(ok, e_sample=1e5), 0.8, cfg)
+    assert "collapse" in diverged(dict(ok, acc=0.1, pred_top=1.0), 0.8, cfg)
+    assert diverged(dict(ok, acc=0.1, pred_top=1.0), 0.1, cfg) is None  # not learned yet is not collapse
+
+
+def test_batch_order_deterministic_and_covers_epoch():
+    order = BatchOrder(100, 10, seed=3)
+    epoch = torch.cat([order.indices(t) for t in range(10)])
+    assert sorted(epoch.tolist()) == list(range(100))
+    assert torch.equal(BatchOrder(100, 10, 3).indices(13), order.indices(13))
+
+
+# --- training, checkpoints, resume --------------------------------------------------------------
+def test_tiny_run_outputs(tiny_run):
+    for name in ("final.pt", "last.pt", "metrics.jsonl", "samples.png", "config.json"):
+        assert (tiny_run / name).exists(), name
+    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["event"] == "final" and 0 <= rows[-1]["test_acc"] <= 1
+    logged = [r for r in rows if "loss" in r]
+    assert all({"e_data", "e_sample", "ce", "px", "it_per_s"} <= set(r) for r in logged)
+    ckpt = read_checkpoint(tiny_run / "final.pt")
+    assert ckpt["objective"] == "jem" and ckpt["input_shape"] == [1, 28, 28] and len(ckpt["classes"]) == 10
+    assert ckpt["buffer"].shape == (64, 1, 28, 28) and ckpt["step"] == 20 and ckpt["git_sha"]
+    assert ckpt["optimizer"]["state"] and "gen" in ckpt["rng"]
+
+
+def test_checkpoint_roundtrip(tiny_run):
+    model = load(tiny_run / "final.pt")
+    assert not model.training
+    x = load_dataset("fashion-mnist", "test").batch(slice(0, 8))[0]
+    again = load(tiny_run / "final.pt")
+    assert torch.equal(model(x), again(x)) and model(x).shape == (8, 10)
+    assert model.checkpoint_info["objective"] == "jem"
+
+
+def _weights(path):
+    return read_checkpoint(path)["model"]
+
+
+def test_resume_is_equivalent(tmp_path, fashion_available):
+    cfg = tiny_cfg("jem", iters=20, log_every=5)
+    train(cfg, tmp_path / "full", progress=False)
+    train(cfg, tmp_path / "split", progress=False, stop_at=10)
+    assert read_checkpoint(tmp_path / "split" / "last.pt")["step"] == 10
+    train(None, tmp_path / "split", resume=True, progress=False)
+    a, b = read_checkpoint(tmp_path / "full" / "final.pt"), read_checkpoint(tmp_path / "split" / "final.pt")
+    assert a["step"] == b["step"] == 20
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.equal(a["buffer"], b["buffer"])
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [json.loads(line)["step"] for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_kill9_then_resume(tmp_path, fashion_available):
+    """A real kill -9 mid-run: last.pt stays readable and the resumed run ends like an uninterrupted one."""
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "robust_jem", "train", "--preset", "tiny", "--objective", "ce", "--iters", "400",
+            "--log-every", "5", "--save-every", "0.05", "--out", str(out), "--no-progress", "--device", "cpu"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if (out / "last.pt").exists() and read_checkpoint(out / "last.pt")["step"] >= 30:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = read_checkpoint(out / "last.pt")["step"]
+    assert 0 < step < 400
+    subprocess.run(args[:3] + ["train", "--resume", str(out), "--no-progress", "--device", "cpu"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ref = tmp_path / "ref"
+    train(tiny_cfg("ce", iters=400, log_every=5), ref, progress=False)
+    a, b = _weights(out / "final.pt"), _weights(ref / "final.pt")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == list(range(5, 401, 5))  # each logged step exactly once
+
+
+def test_divergence_rolls_back_then_gives_up(tmp_path, fashion_available):
+    from robust_jem.train import TrainingDiverged
+
+    cfg = tiny_cfg("jem", iters=20, log_every=5, lr=1e6, max_retries=2, divergence_gap=1e-3)
+    with pytest.raises(TrainingDiverged, match="after 2 retries"):
+        train(cfg, tmp_path / "div", progress=False)
+    events = [json.loads(line) for line in (tmp_path / "div" / "metrics.jsonl").read_text().splitlines()]
+    rollbacks = [e for e in events if e.get("event") == "rollback"]
+    assert [r["retry"] for r in rollbacks] == [1, 2] and rollbacks[1]["lr_scale"] == 0.25
+
+
+@pytest.mark.parametrize("objective", ["ce", "pgd-at", "gaussian-aug"])
+def test_other_objectives_train(tmp_path, objective, fashion_available):
+    path = train(tiny_cfg(objective), tmp_path / objective, progress=False)
+    ckpt = read_checkpoint(path)
+    assert ckpt["objective"] == objective and ckpt["buffer"] is None
+    assert torch.isfinite(load(path)(torch.rand(2, 1, 28, 28))).all()
+
+
+# --- bad input: one line, exit 2, nothing written -------------------------------------------------
+@pytest.mark.parametrize("args", [
+    ["--dataset", "mnist"], ["--objective", "gan"], ["--preset", "huge"], ["--batch-size", "0"], ["--lr", "-1"],
+    ["--lr", "0"], ["--pgd-eps", "abc"], ["--device", "tpu"],
+])
+def test_train_bad_arguments(run_cli, tmp_path, args):
+    out = tmp_path / "out"
+    res = run_cli("train", "--preset", "tiny", "--out", out, *args)
+    assert_usage_error(res)
+    assert not out.exists()
+
+
+def test_train_missing_data(run_cli, tmp_path):
+    out = tmp_path / "out"
+    res = run_cli("train", "--preset", "tiny", "--out", out, "--data-dir", tmp_path / "nodata")
+    assert_usage_error(res)
+    assert "dataset-fashion-mnist" in res.err and not out.exists()
+
+
+def test_train_out_not_writable(run_cli, fashion_available):
+    res = run_cli("train", "--preset", "tiny", "--out", "/dev/null/run")
+    assert_usage_error(res)
+
+
+def _bad_checkpoints(tmp_path: Path, good: Path) -> dict[str, Path]:
+    files = {}
+    data = good.read_bytes()
+    files["truncated"] = tmp_path / "truncated.pt"
+    files["truncated"].write_bytes(data[: len(data) // 2])
+    files["garbage"] = tmp_path / "garbage.pt"
+    files["garbage"].write_bytes(b"not a checkpoint at all")
+    files["foreign"] = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, files["foreign"])
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    files["evil"] = tmp_path / "evil.pt"
+    with open(files["evil"], "wb") as f:
+        pickle.dump({"format": "robust-jem-checkpoint", "x": Evil()}, f)
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["model"] = EnergyModel(TINY_MODEL.__class__(channels=(2, 2, 2, 2), hidden=4)).state_dict()
+    files["other-arch"] = tmp_path / "other-arch.pt"
+    torch.save(ckpt, files["other-arch"])
+    return files
+
+
+def test_bad_checkpoints_are_refused(tmp_path, tiny_run, capfd):
+    for name, path in _bad_checkpoints(tmp_path, tiny_run / "final.pt").items():
+        with pytest.raises(UserError):
+            load(path)
+        assert "pwned" not in capfd.readouterr().out, name
+
+
+def test_resume_from_bad_checkpoint_cli(run_cli, tmp_path, tiny_run):
+    for name, path in _bad_checkpoints(tmp_path, tiny_run / "final.pt").items():
+        run = tmp_path / f"run-{name}"
+        run.mkdir()
+        (run / "last.pt").write_bytes(path.read_bytes())
+        res = run_cli("train", "--resume", run)
+        assert_usage_error(res)
+        assert "pwned" not in res.out
+        assert sorted(p.name for p in run.iterdir()) == ["last.pt"], name
+
+
+def test_resume_missing(run_cli, tmp_path):
+    assert_usage_error(run_cli("train", "--resume", tmp_path / "nothing"))

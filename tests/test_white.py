@@ -1,0 +1,295 @@
+"""White-box suite (issue 4): RefinedClassifier gradients, PGD/APGD wrappers, the sweep, plots, CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY_MODEL, assert_usage_error
+from attacks.benchmark import Examples, Target, run_sweep
+from attacks.plots import plot_rows
+from attacks.records import read_rows
+from attacks.white import APGD, PGD, WorstOf, autoattack_factory, delta_norm, pgd_factory, seeded
+from robust_jem import EnergyModel, RefinedClassifier, load_dataset
+from robust_jem.model import to_internal
+from robust_jem.sgld import sgld
+
+
+# --- fixtures -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data(fashion_available):
+    ds = load_dataset("fashion-mnist", "test")
+    return ds
+
+
+@pytest.fixture(scope="module")
+def net(fashion_available) -> EnergyModel:
+    """A tiny CE-trained classifier (seeded; about a second)."""
+    torch.manual_seed(0)
+    train = load_dataset("fashion-mnist", "train")
+    model = EnergyModel(TINY_MODEL)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        idx = torch.randint(0, len(train), (64,), generator=g)
+        x, y = train.batch(idx)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def batch(data):
+    x, y = data.batch(slice(0, 48))
+    return x, y
+
+
+def bare(net):
+    return RefinedClassifier(net, 0, n_chains=1, init_noise=0.0)
+
+
+def jem1(net, mode="full"):
+    return RefinedClassifier(net, 1, n_chains=2, init_noise=0.03, grad_mode=mode)
+
+
+# --- RefinedClassifier ------------------------------------------------------------------------------
+def test_full_gradient_matches_finite_differences(net):
+    """Noise fixed by reseeding an explicit generator identically; float64 central differences."""
+    model = copy.deepcopy(net).double()
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 0.8 + 0.1
+    w = torch.randn(2, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+
+    def f(rc, xx):
+        return (rc(xx, generator=torch.Generator().manual_seed(7)) * w).sum()
+
+    coords = torch.randperm(x.numel(), generator=torch.Generator().manual_seed(5))[:6].tolist()
+    h = 1e-6
+    fd = []
+    rc_full = RefinedClassifier(model, 2, n_chains=2, grad_mode="full")
+    for i in coords:
+        e = torch.zeros(x.numel(), dtype=x.dtype)
+        e[i] = h
+        e = e.view_as(x)
+        fd.append(float(f(rc_full, x + e) - f(rc_full, x - e)) / (2 * h))
+    fd_t = torch.tensor(fd, dtype=torch.float64)
+    grads = {}
+    for mode in ("full", "bpda"):
+        xr = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(f(RefinedClassifier(model, 2, n_chains=2, grad_mode=mode), xr), xr)
+        grads[mode] = g.view(-1)[coords]
+    err_full = float((grads["full"] - fd_t).abs().max())
+    err_bpda = float((grads["bpda"] - fd_t).abs().max())
+    scale = float(fd_t.abs().max())
+    assert err_full <= 1e-6 * scale + 1e-10, (err_full, scale)
+    assert err_bpda > 20 * err_full  # the chain's Jacobian matters here, so the check has teeth
+
+
+def test_bpda_gradient_is_the_logit_gradient_at_the_chain_end(net):
+    model = copy.deepcopy(net).double()
+    x = torch.rand(3, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    w = torch.randn(3, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    rc = RefinedClassifier(model, 3, n_chains=2, grad_mode="bpda")
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad((rc(xr, generator=torch.Generator().manual_seed(9)) * w).sum(), xr)
+    # by hand: same noise, chain end as a leaf, d logits / d z_end, chained through z = 2x - 1
+    gen = torch.Generator().manual_seed(9)
+    z = to_internal(x).repeat(2, 1, 1, 1)
+    z = z + 0.03 * torch.randn(z.shape, generator=gen, dtype=z.dtype)
+    z_end = sgld(model.energy_z, z, 3, 1.0, 0.01, generator=gen).requires_grad_(True)
+    out = (model.logits_z(z_end).view(2, 3, -1).mean(0) * w).sum()
+    (gz,) = torch.autograd.grad(out, z_end)
+    expected = 2.0 * gz.view(2, 3, 1, 28, 28).sum(0)
+    torch.testing.assert_close(g, expected, rtol=1e-10, atol=1e-12)
+
+
+# --- attacks ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_eps_zero_gives_clean_accuracy(net, batch, norm):
+    x, y = batch
+    for model in (bare(net), jem1(net)):
+        res = PGD(model, norm=norm, eps=0.0, steps=3, restarts=2, eval_draws=3)(x, y)
+        assert torch.equal(res.robust, res.clean_correct)
+        assert torch.equal(res.robust_frac, res.clean_frac)
+        assert torch.equal(res.x_adv, x)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.05), ("l2", 0.8)])
+def test_perturbations_stay_in_the_ball_and_in_range(net, batch, norm, eps, caplog):
+    x, y = batch
+    attacks = [PGD(bare(net), norm=norm, eps=eps, steps=3),
+               PGD(jem1(net), norm=norm, eps=eps, steps=2, eot=2, eval_draws=2),
+               APGD(jem1(net), norm=norm, eps=eps, steps=3, loss="dlr", eot=2, eval_draws=2)]
+    assert [a.name for a in attacks][:2] == (["PGD", "EOTPGD"] if norm == "linf" else ["PGDL2", "EOTPGDL2"])
+    with caplog.at_level(logging.WARNING, logger="attacks.white"):
+        for atk in attacks:
+            with seeded(atk.model, 0, x.device):
+                raw = atk._perturb(x, y, 0)  # the library's own output, before any safety projection
+            for x_adv in (raw, *atk.candidates(x, y)):
+                assert float(delta_norm(x_adv - x, norm).max()) <= eps + 1e-6
+                assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+            res = atk(x, y)
+            assert res.in_bounds and float(res.delta_norm.max()) <= eps + 1e-6
+    assert "outside the threat model" not in caplog.text
+
+
+def test_robust_never_exceeds_clean_and_undefended_net_falls(net, batch):
+    x, y = batch
+    clean = bare(net)(x).argmax(1) == y
+    assert clean.float().mean() > 0.5  # the fixture learned something
+    for model in (bare(net), jem1(net)):
+        res = PGD(model, norm="linf", eps=0.03, steps=5, eval_draws=3)(x, y)
+        assert bool((res.robust <= res.clean_correct).all())
+        assert bool((res.robust_frac <= res.clean_frac).all())
+    big = PGD(bare(net), norm="linf", eps=0.5, steps=10)(x, y)
+    assert float(big.robust.float().mean()) <= 0.03
+
+
+def test_more_restarts_never_raise_robust_accuracy(net, batch):
+    x, y = batch
+    model = jem1(net)
+    one = PGD(model, norm="linf", eps=0.02, steps=3, restarts=1, eval_draws=3)(x, y)
+    three = PGD(model, norm="linf", eps=0.02, steps=3, restarts=3, eval_draws=3)(x, y)
+    assert bool((three.robust <= one.robust).all())
+    assert bool((three.robust_frac <= one.robust_frac).all())
+    assert torch.equal(three.adv[0], one.adv[0])  # restart 0 is the same run in both
+
+
+def test_worst_of_and_autoattack_rand(net, batch):
+    x, y = batch
+    model = jem1(net)
+    make = autoattack_factory(steps=3, eot=2, eval_draws=2)
+    atk = make(model, "linf", 0.03)
+    assert isinstance(atk, WorstOf) and atk.name == "APGD-CE+APGD-DLR"
+    res = atk(x, y)
+    assert res.adv.shape[0] == 2 and bool((res.robust <= res.clean_correct).all())
+    assert autoattack_factory(version="auto")(bare(net), "linf", 0.03).name == "APGD-CE+APGD-T+FAB-T+Square"
+
+
+def test_deterministic_model_uses_one_draw_and_no_eot(net):
+    atk = PGD(bare(net), norm="linf", eps=0.1, eot=4, eval_draws=5)
+    assert atk.name == "PGD" and atk.eot_used == 1 and atk.eval_draws_used == 1
+    p = atk.params()
+    assert p["eot"] == 4 and p["eval_draws"] == 5 and p["step_size"] == pytest.approx(2.5 * 0.1 / 10)
+    assert "step_size=0.025" in repr(atk)
+
+
+# --- sweep --------------------------------------------------------------------------------------------
+def _targets(net):
+    return [Target("CE", bare(net)), Target("JEM-1", jem1(net), info={"objective": "jem", **jem1(net).config()})]
+
+
+def test_sweep_rows_same_seed_same_numbers_and_resume(net, data, tmp_path):
+    factory = pgd_factory(steps=2, eval_draws=2, seed=3)
+    ex = Examples(n=24)
+    common = dict(dataset="fashion-mnist", examples=ex, seed=3, batch_size=16, progress=False)
+    rows_a = run_sweep(_targets(net), factory, ["linf"], [0.0, 0.05], data.images, data.labels, tmp_path / "a",
+                       **common)
+    rows_b = run_sweep(_targets(net), factory, ["linf"], [0.0, 0.05], data.images, data.labels, tmp_path / "b",
+                       **common)
+    assert len(rows_a) == 4
+    for ra, rb in zip(rows_a, rows_b):
+        for k in ("key", "clean_acc", "robust_acc", "robust_acc_mean", "correct", "example_indices"):
+            assert ra[k] == rb[k]
+    for r in rows_a:
+        assert r["kind"] == "whitebox" and r["n"] == 24 and r["robust_acc"] <= r["clean_acc"]
+        assert r["robust_ci_low"] <= r["robust_acc"] <= r["robust_ci_high"]
+        assert len(r["correct"]) == 24 and r["example_indices"] == list(range(24))
+        if r["eps"] == 0:
+            assert r["robust_acc"] == r["clean_acc"]
+    assert {r["eval_draws_used"] for r in rows_a} == {1, 2}
+    assert (tmp_path / "a" / "rows.csv").is_file()
+
+    # resume: finished rows are skipped (the attack is not even called), new ε are appended
+    calls = []
+
+    def counting(model, norm, eps):
+        atk = factory(model, norm, eps)
+        real = atk.candidates
+
+        def candidates(*a, **k):
+            calls.append(eps)
+            yield from real(*a, **k)
+
+        atk.candidates = candidates
+        return atk
+
+    rows = run_sweep(_targets(net), counting, ["linf"], [0.0, 0.05, 0.1], data.images, data.labels, tmp_path / "a",
+                     **common)
+    assert len(rows) == 6 and len(read_rows(tmp_path / "a")) == 6
+    assert set(calls) == {0.1}
+    # a torn last line (kill -9 mid-append) loses only that row
+    path = tmp_path / "a" / "rows.jsonl"
+    path.write_bytes(path.read_bytes()[:-40])
+    assert len(read_rows(path)) == 5
+    run_sweep(_targets(net), factory, ["linf"], [0.0, 0.05, 0.1], data.images, data.labels, tmp_path / "a",
+              **common)
+    assert len(read_rows(path)) == 6
+
+
+def test_shards_partition_the_selection():
+    full = Examples(n=10).indices(100)
+    parts = [Examples(n=10, shard=(r, 3)).indices(100) for r in range(3)]
+    assert sorted(sum(parts, [])) == full
+    rnd = Examples(n=10, rule="random", seed=1)
+    assert rnd.indices(100) == rnd.indices(100) and rnd.indices(100) != full
+
+
+def test_plot_rows_with_blackbox_overlay(net, data, tmp_path):
+    rows = run_sweep([Target("CE", bare(net))], pgd_factory(steps=1), ["linf", "l2"], [0.0, 0.1], data.images,
+                     data.labels, tmp_path, dataset="fashion-mnist", examples=Examples(n=8), progress=False)
+    rows.append({"kind": "blackbox", "model": "CE", "attack": "Boundary", "norm": "l2",
+                 "acc_curve": [{"eps": 0.0, "acc": 0.9, "ci_low": 0.6, "ci_high": 0.98},
+                               {"eps": 1.0, "acc": 0.4, "ci_low": 0.2, "ci_high": 0.6}]})
+    png, md = plot_rows(rows, tmp_path / "plot.png")
+    assert png.stat().st_size > 1000
+    text = md.read_text()
+    assert "CE PGD" in text and "CE Boundary" in text and "L2" in text and "L∞" in text
+
+
+# --- CLI ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args", [
+    ["--eps", "-0.1"], ["--eps", "abc"], ["--eps", "8/0"], ["--eps", "2"], ["--eps", "0.1", "--steps", "0"],
+    ["--eps", "0.1", "--n-examples", "0"], ["--eps", "0.1", "--shard", "3/2"], ["--eps", "0.1", "--norm", "l7"],
+    ["--eps", "0.1", "--n-examples", "20000"],
+])
+def test_cli_bad_input_is_one_line_exit_2(run_cli, tiny_run, tmp_path, args):
+    out = tmp_path / "run"
+    res = run_cli("pgd", "--checkpoint", tiny_run / "final.pt", "--out", out, "--no-progress", *args)
+    assert_usage_error(res)
+    assert not out.exists()
+
+
+def test_cli_missing_checkpoint(run_cli, tmp_path):
+    res = run_cli("pgd", "--checkpoint", tmp_path / "nope.pt", "--eps", "8/255", "--out", tmp_path / "r")
+    assert_usage_error(res)
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_pgd_rows_resume_and_plot(run_cli, tiny_run, tmp_path):
+    out = tmp_path / "run"
+    args = ["pgd", "--checkpoint", tiny_run / "final.pt", "--eps", "0,8/255", "--steps", "2", "--sgld-steps", "0,1",
+            "--grad-mode", "full,bpda", "--n-chains", "2", "--eval-draws", "2", "--n-examples", "6", "--out", out,
+            "--no-progress"]
+    res = run_cli(*args)
+    assert res.code == 0, res.err
+    rows = read_rows(out)
+    assert len(rows) == 6  # JEM-0 once + JEM-1 x {full, bpda}, times 2 ε
+    assert {(r["model"], r["grad_mode"]) for r in rows} == {("JEM-0", "full"), ("JEM-1", "full"), ("JEM-1", "bpda")}
+    r = rows[1]
+    assert r["eps"] == pytest.approx(8 / 255) and r["checkpoint_sha256"] and r["objective"] == "jem"
+    assert r["attack"] == "PGD" and r["step_size"] == pytest.approx(2.5 * (8 / 255) / 2)
+    assert (out / "rows.csv").is_file()
+    res = run_cli(*args)
+    assert res.code == 0 and len(read_rows(out)) == 6
+    res = run_cli("plot", out, "--out", tmp_path / "p.png")
+    assert res.code == 0, res.err
+    assert (tmp_path / "p.png").is_file() and (tmp_path / "p.md").is_file()
+    assert_usage_error(run_cli("plot", tmp_path / "nothing"))
