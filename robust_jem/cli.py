@@ -155,6 +155,8 @@ def data_check(dataset: str, data_dir: str | None) -> None:
 @click.option("--sgld-noise", type=float, default=None)
 @click.option("--buffer-size", "sgld_buffer_size", type=int, default=None)
 @click.option("--reinit-freq", "sgld_reinit_freq", type=float, default=None)
+@click.option("--sgld-clamp/--no-sgld-clamp", "sgld_clamp", default=None,
+              help="Keep training chains in the data domain [-1,1] (quick preset: on; reference: off).")
 @click.option("--pgd-eps", type=NUMBER, default=None, help="PGD-AT L∞ ε (fractions allowed).")
 @click.option("--pgd-steps", type=int, default=None)
 @click.option("--pgd-step-size", type=NUMBER, default=None)
@@ -171,19 +173,44 @@ def data_check(dataset: str, data_dir: str | None) -> None:
 @click.option("--no-progress", is_flag=True)
 def train(objective: str, dataset: str, preset: str, out: str | None, resume_dir: str | None, data_dir: str | None,
           device: str, no_progress: bool, compile_: bool | None, **overrides: Any) -> None:
-    """Train a JEM, plain CE, PGD-AT or Gaussian-augmented classifier."""
+    """Train a JEM, plain CE, PGD-AT or Gaussian-augmented classifier.
+
+    Under torchrun (`torchrun --nproc-per-node N -m robust_jem train ...`) this is DDP training: --batch-size
+    is the global batch (each rank trains on batch/N), the replay buffer is sharded over ranks, rank 0 writes.
+    """
     from .config import preset_config
+    from .distributed import launch
     from .train import train as run_train
 
     dev = resolve_device(device)
-    if resume_dir:
-        path = run_train(None, resume_dir, device=dev, resume=True, data_dir=data_dir,  # type: ignore[arg-type]
-                         progress=not no_progress)
-    else:
-        cfg = preset_config(preset, objective, dataset, compile=compile_, **overrides)
-        out_dir = Path(out or f"runs/{preset}-{objective}")
-        path = run_train(cfg, out_dir, device=dev, data_dir=data_dir, progress=not no_progress)
-    click.echo(str(path))
+    cfg = None if resume_dir else preset_config(preset, objective, dataset, compile=compile_, **overrides)
+    with launch(dev) as (dist, dev):
+        if cfg is None:
+            path = run_train(None, resume_dir, device=dev, resume=True, data_dir=data_dir,  # type: ignore[arg-type]
+                             progress=not no_progress, dist=dist)
+        else:
+            out_dir = Path(out or f"runs/{preset}-{objective}")
+            path = run_train(cfg, out_dir, device=dev, data_dir=data_dir, progress=not no_progress, dist=dist)
+    if dist.is_main:
+        click.echo(str(path))
+
+
+@cli.command()
+@click.option("--preset", type=click.Choice(["quick", "cifar10-paper", "tiny"]), default="quick", show_default=True)
+@click.option("--dataset", type=click.Choice(["fashion-mnist", "cifar10", "cifar100", "svhn"]), default=None,
+              help="Default: fashion-mnist (quick), cifar10 (cifar10-paper).")
+@click.option("--name", default=None, help="Results folder name [PRESET-DATASET].")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--no-progress", is_flag=True)
+def study(preset: str, dataset: str | None, name: str | None, data_dir: str | None, device: str,
+          no_progress: bool) -> None:
+    """The whole study (what ./run_all.sh runs): train or reuse, attack, report."""
+    from .study import run_study
+
+    run_dir = run_study(preset, dataset, name, device=resolve_device(device), data_dir=data_dir,
+                        progress=not no_progress)
+    click.echo(str(run_dir))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,8 +313,10 @@ def sample(checkpoint: str, classes: list[int] | None, steps: int, n: int, init:
               show_default=True)
 @click.option("--n-examples", type=_POS, default=100, show_default=True, help="First N test images.")
 @click.option("--radii", type=EPS, default="0,0.25,0.5,0.75,1", show_default=True, help="L2 radius grid.")
+@click.option("--attack-radii", type=EPS, default="0.25,0.5", show_default=True,
+              help="Radii (L2 ε) of the empirical EOT-PGD check; each costs N draws per image.")
 @click.option("--attack-steps", type=click.IntRange(min=0), default=10, show_default=True,
-              help="EOT L2 PGD steps of the empirical check at each radius (0: none).")
+              help="EOT L2 PGD steps of the empirical check (0: no attack).")
 @click.option("--eot-draws", type=_POS, default=8, show_default=True, help="Noise draws per attack gradient.")
 @click.option("--batch-size", type=_POS, default=1000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -295,13 +324,13 @@ def sample(checkpoint: str, classes: list[int] | None, steps: int, n: int, init:
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)
 @click.option("--device", default="auto", show_default=True)
 def certify(checkpoint: str, sigma: float | None, n: int, n0: int, alpha: float, n_examples: int, radii: list[float],
-            attack_steps: int, eot_draws: int, batch_size: int, seed: int, out: str, data_dir: str | None,
+            attack_radii: list[float], attack_steps: int, eot_draws: int, batch_size: int, seed: int, out: str, data_dir: str | None,
             device: str) -> None:
     """Randomized smoothing (Cohen et al. 2019): certified L2 accuracy beside empirical robust accuracy."""
     from .extras import run_certify
 
     rows = run_certify(checkpoint, out, sigma=sigma, n=n, n0=n0, alpha=alpha, n_examples=n_examples,
-                       radii=radii, attack_steps=attack_steps, forward_draws=eot_draws, batch_size=batch_size,
+                       radii=radii, attack_radii=attack_radii, attack_steps=attack_steps, forward_draws=eot_draws, batch_size=batch_size,
                        seed=seed, device=resolve_device(device), data_dir=data_dir)
     for r in rows:
         emp = r.get("empirical_robust_accuracy")
@@ -396,7 +425,7 @@ def _whitebox(command: str, make_factory: Any, *, checkpoints: tuple[str, ...], 
         parse_eps(",".join(repr(e) for e in eps), norm)  # L∞ ε > 1 is an error before anything runs
     shard_rw = _parse_shard(shard)
     dev = resolve_device(device)
-    models = [(path, load(path, dev)) for path in checkpoints]
+    models = [(path, load(path, dev).requires_grad_(False)) for path in checkpoints]  # input gradients only
     names = {m.checkpoint_info["dataset"] for _, m in models}  # type: ignore[attr-defined]
     if len(names) != 1:
         raise UserError(f"the checkpoints were trained on different data sets ({', '.join(sorted(names))})")
@@ -557,16 +586,18 @@ def _subjects(checkpoints: tuple[str, ...], sgld_steps: list[int], grad_modes: l
 @click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True,
               help="Examples attacked together (foolbox batches natively).")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="boundary: BoundaryAttack steps [100]; pointwise: most oracle calls after the init [150].")
+              help="boundary: BoundaryAttack steps [12]; pointwise: most oracle calls after the init [12]. The "
+                   "defaults fit the CPU bar (5 models, 100 images, 10 min); serious runs need 100s-1000s.")
 @click.option("--init-steps", type=click.IntRange(min=1), default=None,
-              help="boundary: blended-noise line-search steps [50]; pointwise: salt-and-pepper steps [30].")
+              help="boundary: blended-noise line-search steps [8]; pointwise: salt-and-pepper steps [12].")
 @click.option("--init-directions", type=click.IntRange(min=1), default=10, show_default=True,
               help="boundary: uniform-noise directions tried by the initialisation.")
-@click.option("--source-step", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True,
-              help="boundary: initial step towards the clean image (relative to the distance).")
-@click.option("--spherical-step", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True,
-              help="boundary: initial orthogonal step (relative to the distance).")
-@click.option("--eval-draws", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--source-step", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+              help="boundary: initial step towards the clean image, relative to the distance (foolbox: 0.01, "
+                   "made for 5k-25k steps; its adaptation starts only after ~1000 steps).")
+@click.option("--spherical-step", type=click.FloatRange(min=0, min_open=True), default=0.3, show_default=True,
+              help="boundary: initial orthogonal step, relative to the distance (foolbox: 0.01).")
+@click.option("--eval-draws", type=click.IntRange(min=1), default=3, show_default=True,
               help="Fresh-noise forward passes re-scoring each adversarial (1 for deterministic models).")
 @click.option("--eps-grid", type=EPS, default=None, help="L2 ε grid of the accuracy curve [0, 0.1, ..., 6].")
 @click.option("--l0-grid", type=INTS, default=None, help="L0 grid (changed pixel values) [0,1,2,...,800].")
@@ -582,7 +613,7 @@ def blackbox(attack: str, checkpoints: tuple[str, ...], sgld_steps: list[int], n
     per-example distances in RUN/distances-KEY.json."""
     from attacks.black import BlackboxConfig, run_blackbox
 
-    defaults = {"boundary": (100, 50), "pointwise": (150, 30)}[attack]
+    defaults = {"boundary": (12, 8), "pointwise": (12, 12)}[attack]
     cfg = BlackboxConfig(attack, steps=steps or defaults[0], init_steps=init_steps or defaults[1],
                          init_directions=init_directions, batch_size=batch_size, eval_draws=eval_draws, seed=seed,
                          source_step=source_step, spherical_step=spherical_step).validate()
@@ -615,11 +646,11 @@ def blackbox(attack: str, checkpoints: tuple[str, ...], sgld_steps: list[int], n
 @_chain_options
 @click.option("--grad-mode", "grad_modes", type=ChoiceList(("full", "bpda")), default="full", show_default=True,
               help="Gradient through the chain: full (backprop every SGLD step) and/or bpda, comma list.")
-@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Gradient steps per image.")
-@click.option("--step-size", type=NUMBER, default=0.02, show_default=True,
+@click.option("--steps", type=click.IntRange(min=1), default=15, show_default=True, help="Gradient steps per image.")
+@click.option("--step-size", type=NUMBER, default=0.03, show_default=True,
               help="Signed-gradient step in [0,1] pixels (Adam: learning rate).")
 @click.option("--method", type=click.Choice(["sign", "adam"]), default="sign", show_default=True)
-@click.option("--seeds", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
               help="Starting images per (class, start kind).")
 @click.option("--starts", type=ChoiceList(("uniform", "mean")), default="uniform,mean", show_default=True,
               help="uniform noise and/or the training-set mean ± uniform noise.")

@@ -46,6 +46,7 @@ class SGLDConfig:
     noise: float = 0.01
     buffer_size: int = 10000
     reinit_freq: float = 0.05
+    clamp: bool = False  # keep training chains in [-1, 1] (the reference does not)
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ _QUICK: dict[str, dict[str, Any]] = {
     "ce": dict(iters=2000, lr=1e-3, warmup_iters=0, decay_at=(1500,)),
     "jem": dict(
         iters=1600, lr=1e-4, warmup_iters=0, ce_warmup_iters=800, ce_warmup_lr=1e-3,
-        energy_l2=0.1, sgld=SGLDConfig(steps=5, buffer_size=10000),
+        energy_l2=0.1, sgld=SGLDConfig(steps=5, buffer_size=10000, clamp=True),
     ),
     "pgd-at": dict(iters=1000, lr=1e-3, warmup_iters=0, ce_warmup_iters=500, ce_warmup_lr=1e-3, decay_at=(800,),
                    pgd_eps=0.1, pgd_steps=10, pgd_step_size=0.02),

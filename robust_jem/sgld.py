@@ -17,7 +17,7 @@ NoiseFn = Callable[[torch.Tensor], torch.Tensor]  # standard normal noise shaped
 
 def sgld(energy: EnergyFn, z: torch.Tensor, steps: int, step_size: float, noise: float, *,
          generator: torch.Generator | None = None, differentiable: bool = False,
-         noise_fn: NoiseFn | None = None) -> torch.Tensor:
+         noise_fn: NoiseFn | None = None, bounds: tuple[float, float] | None = None) -> torch.Tensor:
     """Run ``steps`` SGLD steps ``z <- z - step_size * dE/dz + noise * N(0, I)``.
 
     This is the JEM sampler (Grathwohl et al. 2020, Eq. 11, with the step size and noise decoupled as
@@ -32,6 +32,8 @@ def sgld(energy: EnergyFn, z: torch.Tensor, steps: int, step_size: float, noise:
             of ``z`` (the chain is unrolled with ``create_graph=True``); otherwise chains are detached.
         noise_fn: optional source of the standard normal noise (called with the current state, returns
             noise of its shape); overrides ``generator`` (used by fixed-noise views for decision attacks).
+        bounds: clamp the chains to ``[lo, hi]`` after every step (a projected sampler that keeps training
+            samples in the data domain; None = unconstrained, as in the JEM reference).
 
     Returns:
         The final state of the chains, same shape as ``z``.
@@ -47,6 +49,8 @@ def sgld(energy: EnergyFn, z: torch.Tensor, steps: int, step_size: float, noise:
             eps = (noise_fn(z) if noise_fn is not None
                    else torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype))
             z = z + noise * eps
+        if bounds is not None:
+            z = z.clamp(*bounds)
     return z if keep_graph else z.detach()
 
 

@@ -3,7 +3,8 @@
 The loop is shared; each objective contributes one loss function ``loss(ctx, x, y) -> (loss, terms)``.
 Resumable (``last.pt`` at log boundaries, at least every ``save_every_s`` seconds), with a divergence
 guard that rolls back to the last good checkpoint and retries with a lower learning rate and a new
-sampler seed a bounded number of times.
+sampler seed a bounded number of times. Under ``torchrun`` the same loop runs as DDP (see
+:mod:`robust_jem.distributed` for the batch, buffer and checkpoint conventions).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_write, model_from_checkpoint, read_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import ImageDataset, load_dataset
+from .distributed import RANK_SEED_STRIDE, SINGLE, DistContext, shard, shard_size
 from .errors import UserError
 from .model import EnergyModel, to_internal, to_pixels
 from .sgld import ReplayBuffer, sgld
@@ -35,9 +37,18 @@ class TrainingDiverged(RuntimeError):
     """JEM training diverged more often than ``max_retries`` allows."""
 
 
+Net = Callable[[torch.Tensor], torch.Tensor]
+
+
 @dataclass
 class Context:
-    """What a loss function may use besides the batch."""
+    """What a loss function may use besides the batch.
+
+    ``net`` is the backbone used for the training forward pass (internal [-1,1] space -> logits): the
+    model's own ``net``, or its ``torch.compile``d and/or DDP-wrapped form. ``sample_net`` is the one for
+    inner loops that only need input gradients (SGLD, PGD): compiled when enabled, never DDP-wrapped.
+    Train/eval mode is switched on ``model``, which owns the parameters of both.
+    """
 
     cfg: TrainConfig
     model: EnergyModel
@@ -45,6 +56,27 @@ class Context:
     buffer: ReplayBuffer | None
     autocast: Callable[[], Any]
     phase: str = "main"
+    net: Net | None = None
+    sample_net: Net | None = None
+
+    def __post_init__(self) -> None:
+        if self.net is None:
+            self.net = self.model.net
+        if self.sample_net is None:
+            self.sample_net = self.model.net
+
+    def logits_z(self, z: torch.Tensor) -> torch.Tensor:
+        """Training forward: logits of internal-space inputs."""
+        return self.net(z)  # type: ignore[misc]
+
+    def sample_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Inner-loop forward: logits of [0,1] images."""
+        return self.sample_net(to_internal(x))  # type: ignore[misc]
+
+    def sample_energy_z(self, z: torch.Tensor) -> torch.Tensor:
+        """Inner-loop energy ``-logsumexp(logits)``, as :meth:`EnergyModel.energy_z` computes it."""
+        logits = self.sample_net(z)  # type: ignore[misc]
+        return -torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)
 
 
 LossFn = Callable[[Context, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
@@ -56,9 +88,11 @@ def _randn_like(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def _ce_terms(ctx: Context, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     ce = F.cross_entropy(logits.float(), y)
-    return ce, {"ce": ce.detach(), "acc": (logits.argmax(1) == y).float().mean(),
-                "pred_top": torch.bincount(logits.argmax(1), minlength=ctx.cfg.model.n_classes).max().float()
-                / y.numel()}
+    pred = logits.argmax(1)
+    # class counts by scatter_add (torch.bincount syncs with the host on CUDA to size its output)
+    counts = torch.zeros(ctx.cfg.model.n_classes, device=pred.device).scatter_add_(
+        0, pred, torch.ones_like(pred, dtype=torch.float32))
+    return ce, {"ce": ce.detach(), "acc": (pred == y).float().mean(), "pred_top": counts.max() / y.numel()}
 
 
 def ce_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -67,7 +101,7 @@ def ce_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tenso
     if ctx.cfg.data_noise > 0:
         z = z + ctx.cfg.data_noise * _randn_like(z, ctx.generator)
     with ctx.autocast():
-        logits = ctx.model.logits_z(z)
+        logits = ctx.logits_z(z)
     return _ce_terms(ctx, logits, y)
 
 
@@ -79,14 +113,17 @@ def jem_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tens
     if cfg.data_noise > 0:
         z = z + cfg.data_noise * _randn_like(z, ctx.generator)
     z0, idx = buf.sample(x.shape[0])
+    if cfg.channels_last and z0.dim() == 4:
+        z0 = z0.contiguous(memory_format=torch.channels_last)
     was_training = model.training
     model.eval()
     with ctx.autocast():
-        zq = sgld(model.energy_z, z0, cfg.sgld.steps, cfg.sgld.step_size, cfg.sgld.noise, generator=ctx.generator)
+        zq = sgld(ctx.sample_energy_z, z0, cfg.sgld.steps, cfg.sgld.step_size, cfg.sgld.noise,
+                  generator=ctx.generator, bounds=(-1.0, 1.0) if cfg.sgld.clamp else None)
     model.train(was_training)
     buf.update(idx, zq)
     with ctx.autocast():
-        logits = model.logits_z(torch.cat([z, zq]))
+        logits = ctx.logits_z(torch.cat([z, zq]))
     logits = logits.float()
     n = x.shape[0]
     e_data = -torch.logsumexp(logits[:n], 1)
@@ -100,9 +137,11 @@ def jem_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tens
     return loss, terms
 
 
-def pgd_linf(model: EnergyModel, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, step_size: float,
-             generator: torch.Generator, autocast: Callable[[], Any]) -> torch.Tensor:
+def pgd_linf(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, eps: float,
+             steps: int, step_size: float, generator: torch.Generator, autocast: Callable[[], Any]) -> torch.Tensor:
     """Madry et al. (2018) L-inf PGD with random start, for the inner maximisation of PGD-AT only.
+
+    ``model`` maps [0,1] images to logits.
 
     (The attack suite uses torchattacks; this copy exists so training draws its random start from the
     run's own generator and stays resumable bit for bit.)
@@ -124,10 +163,11 @@ def pgd_at_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.T
     cfg, model = ctx.cfg, ctx.model
     was_training = model.training
     model.eval()
-    x_adv = pgd_linf(model, x, y, cfg.pgd_eps, cfg.pgd_steps, cfg.pgd_step_size, ctx.generator, ctx.autocast)
+    x_adv = pgd_linf(ctx.sample_logits, x, y, cfg.pgd_eps, cfg.pgd_steps, cfg.pgd_step_size, ctx.generator,
+                     ctx.autocast)
     model.train(was_training)
     with ctx.autocast():
-        logits = model(x_adv)
+        logits = ctx.logits_z(to_internal(x_adv))
     return _ce_terms(ctx, logits, y)
 
 
@@ -135,7 +175,7 @@ def gaussian_aug_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[t
     """Gaussian data augmentation with std ``sigma`` in pixel space (Cohen et al. 2019; Salman et al. 2019)."""
     x_noisy = x + ctx.cfg.sigma * _randn_like(x, ctx.generator)
     with ctx.autocast():
-        logits = ctx.model(x_noisy)
+        logits = ctx.logits_z(to_internal(x_noisy))
     return _ce_terms(ctx, logits, y)
 
 
@@ -217,10 +257,12 @@ class _Window:
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
         self.count += 1
 
-    def read(self) -> dict[str, float]:
+    def read(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+        """Window means (``reduce`` combines the stacked sums across ranks first, e.g. an all-reduce mean)."""
         if not self.count:
             return {}
-        vals = torch.stack(list(self.sums.values())).cpu().tolist()
+        vals = torch.stack(list(self.sums.values()))
+        vals = (reduce(vals) if reduce is not None else vals).cpu().tolist()
         out = {k: v / self.count for k, v in zip(self.sums, vals)}
         self.sums, self.count = {}, 0
         return out
@@ -240,17 +282,34 @@ def diverged(row: dict[str, float], best_acc: float, cfg: TrainConfig) -> str | 
 
 
 class Trainer:
-    """State of one run: model, optimiser, sampler, generator, step; knows how to save and restore."""
+    """State of one run: model, optimiser, sampler, generator, step; knows how to save and restore.
 
-    def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, data_dir: str | None = None) -> None:
-        self.cfg, self.out, self.device = cfg, out, device
-        self.train_data = load_dataset(cfg.dataset, "train", data_dir)
-        self.test_data = load_dataset(cfg.dataset, "test", data_dir)
+    Args:
+        cfg, out, device, data_dir: as for :func:`train`.
+        dist: this process's place in a ``torchrun`` job (:data:`robust_jem.distributed.SINGLE` when alone).
+        data: (train, test) data sets to use instead of loading ``cfg.dataset`` (benchmarks, tests).
+    """
+
+    def __init__(self, cfg: TrainConfig, out: Path, device: torch.device, data_dir: str | None = None, *,
+                 dist: DistContext = SINGLE, data: tuple[ImageDataset, ImageDataset] | None = None) -> None:
+        self.cfg, self.out, self.device, self.dist = cfg, out, device, dist
+        if data is None:
+            self.train_data = load_dataset(cfg.dataset, "train", data_dir)
+            self.test_data = load_dataset(cfg.dataset, "test", data_dir)
+        else:
+            self.train_data, self.test_data = data
         c, h, w = self.train_data.shape
         m = cfg.model
         if (c, h) != (m.in_channels, m.image_size) or len(self.train_data.classes) != m.n_classes:
             raise UserError(f"data set {cfg.dataset} is {c}x{h}x{w} with {len(self.train_data.classes)} classes, "
                             f"the model expects {m.in_channels}x{m.image_size} with {m.n_classes}")
+        if cfg.batch_size % dist.world:
+            raise UserError(f"batch size {cfg.batch_size} is not divisible by the {dist.world} ranks "
+                            f"(each rank trains on batch_size / world examples)")
+        if cfg.objective == "jem" and shard_size(cfg.sgld.buffer_size, dist.world - 1, dist.world) \
+                < cfg.batch_size // dist.world:
+            raise UserError(f"replay buffer of {cfg.sgld.buffer_size} split over {dist.world} ranks is smaller "
+                            f"than the per-rank batch {cfg.batch_size // dist.world}")
         self.order = BatchOrder(len(self.train_data), cfg.batch_size, cfg.seed)
         self.step = 0
         self.lr_scale = 1.0
@@ -278,25 +337,77 @@ class Trainer:
         fused = self.device.type == "cuda"
         self.opt = torch.optim.Adam(self.model.parameters(), lr=lr_at(cfg, 0), weight_decay=cfg.weight_decay,
                                     **({"fused": True} if fused else {}))
-        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919 * seed_offset)
+        self.gen = torch.Generator(device=self.device).manual_seed(self.gen_seed(seed_offset))
         self.buffer = None
         if cfg.objective == "jem":
-            self.buffer = ReplayBuffer(cfg.sgld.buffer_size, self.train_data.shape, cfg.sgld.reinit_freq,
-                                       device=self.device, generator=self.gen)
-        self.compiled = torch.compile(self.model) if cfg.compile else None
+            self.buffer = ReplayBuffer(shard_size(cfg.sgld.buffer_size, self.dist.rank, self.dist.world),
+                                       self.train_data.shape, cfg.sgld.reinit_freq, device=self.device,
+                                       generator=self.gen)
+        # The loss functions call these instead of the model's methods. Compiling/wrapping the backbone
+        # leaves ``self.model`` (and so checkpoint state_dict keys) untouched.
+        net: torch.nn.Module = self.model.net
+        self.sample_net = torch.compile(net) if cfg.compile else net
+        self.train_net = self.sample_net
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ddp = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                      broadcast_buffers=False)
+            self.train_net = torch.compile(ddp) if cfg.compile else ddp
+
+    def gen_seed(self, seed_offset: int) -> int:
+        """Seed of this rank's generator for retry ``seed_offset`` (rank 0: the single-process seed)."""
+        return self.cfg.seed + 7919 * seed_offset + RANK_SEED_STRIDE * self.dist.rank
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
 
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's part of the deterministic batch of ``step``, on the device."""
+        idx = self.order.indices(step)
+        if self.dist.enabled:
+            idx = idx[self.dist.rank::self.dist.world]
+        x, y = self.train_data.batch(idx)
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], Context]:
+        """One optimiser step at ``self.step`` (the step counter is advanced by the caller); no host sync."""
+        cfg = self.cfg
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(cfg, self.step, self.lr_scale)
+        ctx = Context(cfg, self.model, self.gen, self.buffer, self.autocast,
+                      phase="ce-warmup" if self.step < cfg.ce_warmup_iters else "main",
+                      net=self.train_net, sample_net=self.sample_net)
+        loss, terms = (ce_loss if ctx.phase == "ce-warmup" else LOSSES[cfg.objective])(ctx, x, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss, terms, ctx
+
     # --- persistence -----------------------------------------------------------------------------
     def save(self, name: str, metrics: dict[str, Any] | None = None) -> Path:
+        """Write ``out/name``. Distributed: a collective (buffer shards and generator states gathered in
+        rank order), written by rank 0 only."""
         path = self.out / name
-        save_checkpoint(
-            path, cfg=self.cfg, model=self.model, step=self.step, classes=self.train_data.classes,
-            optimizer=self.opt.state_dict(), buffer=None if self.buffer is None else self.buffer.buffer,
-            rng={"gen": self.gen.get_state()}, metrics=metrics,
-            state={"lr_scale": self.lr_scale, "retries": self.retries, "best_acc": self.best_acc},
-        )
+        d = self.dist
+        buffer = None if self.buffer is None else d.gather_rows(self.buffer.buffer)
+        rng: dict[str, Any] = {"gen": self.gen.get_state()}
+        states = d.gather_objects(self.gen.get_state()) if d.enabled else None
+        if d.is_main:
+            if states is not None:
+                rng["gen_ranks"] = states
+            state = {"lr_scale": self.lr_scale, "retries": self.retries, "best_acc": self.best_acc}
+            if d.enabled:
+                state["world"] = d.world
+            save_checkpoint(
+                path, cfg=self.cfg, model=self.model, step=self.step, classes=self.train_data.classes,
+                optimizer=self.opt.state_dict(), buffer=buffer, rng=rng, metrics=metrics, state=state,
+            )
+        d.barrier()
         return path
 
     def restore(self, path: Path) -> None:
@@ -306,10 +417,24 @@ class Trainer:
         self.model.load_state_dict(model_from_checkpoint(ckpt, path).state_dict())
         if ckpt.get("optimizer"):
             self.opt.load_state_dict(ckpt["optimizer"])
+        d = self.dist
         if self.buffer is not None and ckpt.get("buffer") is not None:
-            self.buffer.load_state_dict({"buffer": ckpt["buffer"]})
-        if "gen" in ckpt.get("rng", {}):
-            self.gen.set_state(ckpt["rng"]["gen"])
+            buf = ckpt["buffer"]
+            if d.enabled:  # this rank's shard of the full buffer, whatever world size wrote it
+                buf = shard(buf, d.rank, d.world).clone()
+                if buf.shape[0] < self.cfg.batch_size // d.world:
+                    raise UserError(f"{path}: replay buffer of {ckpt['buffer'].shape[0]} is too small for "
+                                    f"{d.world} ranks")
+            self.buffer.load_state_dict({"buffer": buf})
+        rng = ckpt.get("rng", {})
+        ranks = rng.get("gen_ranks")
+        if ranks is not None and len(ranks) == d.world:
+            self.gen.set_state(ranks[d.rank])
+        elif d.is_main and "gen" in rng:
+            self.gen.set_state(rng["gen"])
+        else:  # another world size wrote it: a fresh, deterministic stream for this rank
+            self.gen.manual_seed(self.gen_seed(0) + 7 * int(ckpt["step"]))
+            log.info("rank %d: sampler generator reseeded (checkpoint written by another world size)", d.rank)
         self.step = int(ckpt["step"])
         st = ckpt["state"]
         self.lr_scale, self.retries = st.get("lr_scale", 1.0), st.get("retries", 0)
@@ -317,50 +442,43 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------
     def run(self, stop_at: int | None = None, progress: bool = True) -> dict[str, Any]:
-        cfg = self.cfg
-        loss_fn = LOSSES[cfg.objective]
+        cfg, d = self.cfg, self.dist
         metrics_path = self.out / "metrics.jsonl"
         end = cfg.iters if stop_at is None else min(stop_at, cfg.iters)
         window = _Window()
         last_save = time.monotonic()
         t_window = time.monotonic()
         steps_window = 0
-        bar = tqdm(total=cfg.iters, initial=self.step, desc=f"train {cfg.objective}", disable=not progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=cfg.iters, initial=self.step, desc=f"train {cfg.objective}",
+                   disable=not progress or not d.is_main, dynamic_ncols=True)
         while self.step < end:
-            idx = self.order.indices(self.step)
-            x, y = self.train_data.batch(idx)
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x, y = self.batch(self.step)
             lr = lr_at(cfg, self.step, self.lr_scale)
-            for group in self.opt.param_groups:
-                group["lr"] = lr
-            ctx = Context(cfg, self.model, self.gen, self.buffer, self.autocast,
-                          phase="ce-warmup" if self.step < cfg.ce_warmup_iters else "main")
-            loss, terms = (ce_loss if ctx.phase == "ce-warmup" else loss_fn)(ctx, x, y)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+            loss, terms, ctx = self.train_step(x, y)
             window.add(terms, loss)
             self.step += 1
             steps_window += 1
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == end:
-                row = window.read()
+                row = window.read(reduce=d.all_reduce_mean)  # the one host sync per log window
                 elapsed = time.monotonic() - t_window
                 row.update(step=self.step, lr=lr, it_per_s=steps_window / max(elapsed, 1e-9), phase=ctx.phase)
                 t_window, steps_window = time.monotonic(), 0
                 why = diverged(row, self.best_acc, cfg)
+                save_due = time.monotonic() - last_save >= cfg.save_every_s or self.step == end
+                if d.enabled:  # every rank takes the same roll-back and save decisions
+                    any_diverged, save_due = d.any([why is not None, save_due], self.device)
+                    if any_diverged and why is None:
+                        why = "divergence detected on another rank"
                 if why:
                     self.recover(why, metrics_path)
                     window = _Window()
                     continue
                 self.best_acc = max(self.best_acc, row.get("acc", 0.0))
-                _append_jsonl(metrics_path, row)
+                if d.is_main:
+                    _append_jsonl(metrics_path, row)
                 bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "acc", "e_data", "e_sample") if k in row})
-                if time.monotonic() - last_save >= cfg.save_every_s or self.step == end:
+                if save_due:
                     self.save("last.pt")
                     last_save = time.monotonic()
         bar.close()
@@ -381,10 +499,11 @@ class Trainer:
         else:
             self.step = 0
         self.retries, self.lr_scale = retries, scale
-        self.gen.manual_seed(self.cfg.seed + 7919 * retries)
-        truncate_metrics(metrics_path, self.step)
-        _append_jsonl(metrics_path, {"step": self.step, "event": "rollback", "reason": why, "retry": retries,
-                                     "lr_scale": scale})
+        self.gen.manual_seed(self.gen_seed(retries))
+        if self.dist.is_main:
+            truncate_metrics(metrics_path, self.step)
+            _append_jsonl(metrics_path, {"step": self.step, "event": "rollback", "reason": why, "retry": retries,
+                                         "lr_scale": scale})
 
 
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
@@ -420,7 +539,8 @@ def check_out_dir(out: Path) -> None:
 
 
 def train(cfg: TrainConfig | None, out: str | os.PathLike, *, device: torch.device | str = "cpu", resume: bool = False,
-          data_dir: str | None = None, stop_at: int | None = None, progress: bool = True) -> Path:
+          data_dir: str | None = None, stop_at: int | None = None, progress: bool = True,
+          dist: DistContext = SINGLE) -> Path:
     """Train ``cfg`` into ``out`` and return the path of ``final.pt``.
 
     Args:
@@ -430,6 +550,8 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike, *, device: torch.devi
         resume: continue from ``out/last.pt`` (its config wins).
         data_dir: where the data set files are.
         stop_at: stop (after saving last.pt) at this step; for tests and staged runs.
+        dist: the ``torchrun`` job this process belongs to (:func:`robust_jem.distributed.launch`); DDP
+            when its world size is above 1, with only rank 0 writing files.
     """
     out = Path(out)
     device = torch.device(device)
@@ -439,28 +561,33 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike, *, device: torch.devi
             raise UserError(f"nothing to resume: {last} does not exist")
         cfg = read_checkpoint(last)["config"]
     cfg.validate()
-    trainer = Trainer(cfg, out, device, data_dir)  # loads data: fails before anything is written
+    trainer = Trainer(cfg, out, device, data_dir, dist=dist)  # loads data: fails before anything is written
     check_out_dir(out)
     if resume:
         trainer.restore(out / "last.pt")
-        truncate_metrics(out / "metrics.jsonl", trainer.step)
+        if dist.is_main:
+            truncate_metrics(out / "metrics.jsonl", trainer.step)
         log.info("resumed %s at step %d", out, trainer.step)
-    else:
+    elif dist.is_main:
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    atomic_write(out / "config.json", lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
+    if dist.is_main:
+        atomic_write(out / "config.json", lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
     trainer.run(stop_at=stop_at, progress=progress)
     if trainer.step < cfg.iters:
         return out / "last.pt"
-    acc = evaluate(trainer.model, trainer.test_data, device)
-    final_metrics = {"test_acc": acc, "step": trainer.step, "retries": trainer.retries}
-    if trainer.buffer is not None:
-        with torch.no_grad():
-            model = trainer.model.eval()
-            x, _ = trainer.test_data.batch(slice(0, 500))
-            final_metrics["test_energy"] = float(model.energy(x.to(device)).mean())
-            final_metrics["buffer_energy"] = float(model.energy_z(trainer.buffer.buffer[:500]).mean())
-        save_grid(to_pixels(trainer.buffer.buffer[:100]), out / "samples.png")
-    _append_jsonl(out / "metrics.jsonl", {"step": trainer.step, "event": "final", **final_metrics})
+    final_metrics: dict[str, Any] = {}
+    if dist.is_main:  # the other ranks wait in save()'s gather
+        acc = evaluate(trainer.model, trainer.test_data, device)
+        final_metrics = {"test_acc": acc, "step": trainer.step, "retries": trainer.retries}
+        if trainer.buffer is not None:  # rank 0's shard: the first chains of the full buffer
+            with torch.no_grad():
+                model = trainer.model.eval()
+                x, _ = trainer.test_data.batch(slice(0, 500))
+                final_metrics["test_energy"] = float(model.energy(x.to(device)).mean())
+                final_metrics["buffer_energy"] = float(model.energy_z(trainer.buffer.buffer[:500]).mean())
+            save_grid(to_pixels(trainer.buffer.buffer[:100]), out / "samples.png")
+        _append_jsonl(out / "metrics.jsonl", {"step": trainer.step, "event": "final", **final_metrics})
     trainer.save("final.pt", metrics=final_metrics)
-    log.info("%s: test accuracy %.4f -> %s", cfg.objective, acc, out / "final.pt")
+    if dist.is_main:
+        log.info("%s: test accuracy %.4f -> %s", cfg.objective, final_metrics["test_acc"], out / "final.pt")
     return out / "final.pt"
