@@ -8,8 +8,8 @@ over everything run against it. Each flag names the rows (by ``key``) that raise
 
 Flags:
  1. ``large_eps_not_broken``: robust accuracy at the sweep's largest ε is above 1 %.
- 2. ``blackbox_beats_whitebox``: a black-box attack leaves fewer examples correct than the white-box attack
-    at the same norm and ε, beyond the white-box CI.
+ 2. ``blackbox_beats_whitebox``: on the examples both attacked, a black-box attack leaves fewer correct than
+    the white-box attack at the same norm and ε, beyond the white-box CI.
  3. ``more_steps_help_model``: more PGD steps or restarts raise robust accuracy beyond the weaker row's CI.
  4. ``bpda_full_disagree``: BPDA and full gradients disagree beyond their CIs (the stronger one is named;
     the headline takes the per-example minimum anyway).
@@ -88,26 +88,37 @@ def check_large_eps(rows: list[dict[str, Any]]) -> list[Flag]:
     return flags
 
 
-def blackbox_points(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """The (ε, accuracy, CI) points of a black-box row's curve (fresh-noise verdict when present)."""
-    return list(row.get("acc_curve") or [])
+def _black_robust(d: dict[str, Any], eps: float) -> dict[int, bool]:
+    """Per-example black-box verdict at ε from a side file (fresh-noise distances)."""
+    clean_ok = d.get("clean_correct_fresh_frac") or [1.0] * len(d["indices"])
+    return {i: ok >= 1.0 and (dist is None or dist > eps)
+            for i, dist, ok in zip(d["indices"], d["distance_fresh_noise"], clean_ok)}
 
 
-def check_blackbox(rows: list[dict[str, Any]]) -> list[Flag]:
-    """Flag 2: black-box accuracy below the white-box CI at the same subject, norm and ε."""
+def check_blackbox(rows: list[dict[str, Any]], side: dict[str, dict[str, Any]] | None = None) -> list[Flag]:
+    """Flag 2: on the examples both attacked, a black-box attack leaves fewer correct than the white-box
+    attack at the same subject, norm and ε > 0, beyond the white-box 95 % CI on those examples."""
+    side = side or {}
     white = _white(rows)
     flags = []
-    for b in (r for r in rows if r.get("kind") == "blackbox"):
-        for point in blackbox_points(b):
-            for w in white:
-                if subject(w) != subject(b) or w["norm"] != b["norm"] or not _same_eps(w["eps"], point["eps"]):
-                    continue
-                if point["acc"] < w["robust_ci_low"]:
-                    flags.append(Flag("blackbox_beats_whitebox", subject(b),
-                                      f"{b.get('attack')} reaches {point['acc']:.1%} at {b['norm']} "
-                                      f"ε={point['eps']:.4g}, below white-box {w.get('attack')} ({w.get('grad_mode')}) "
-                                      f"{w['robust_acc']:.1%} [{w['robust_ci_low']:.1%}, {w['robust_ci_high']:.1%}]",
-                                      [b.get("key", ""), w.get("key", "")]))
+    for b in (r for r in rows if r.get("kind") == "blackbox" and r.get("key") in side):
+        for w in white:
+            if subject(w) != subject(b) or w["norm"] != b["norm"] or w["eps"] <= 0 or "correct" not in w:
+                continue
+            black = _black_robust(side[b["key"]], w["eps"])
+            common = [(c, black[i]) for i, c in zip(w["example_indices"], w["correct"]) if i in black]
+            if not common:
+                continue
+            n = len(common)
+            k_white = sum(bool(c) for c, _ in common)
+            k_black = sum(v for _, v in common)
+            lo, hi = wilson(k_white, n)
+            if k_black / n < lo:
+                flags.append(Flag("blackbox_beats_whitebox", subject(b),
+                                  f"{b.get('attack')} leaves {k_black / n:.1%} at {b['norm']} ε={w['eps']:.4g}, below "
+                                  f"white-box {w.get('attack')} ({w.get('grad_mode')}) {k_white / n:.1%} "
+                                  f"[{lo:.1%}, {hi:.1%}] on the same {n} examples",
+                                  [b.get("key", ""), w.get("key", "")]))
     return flags
 
 
@@ -187,27 +198,28 @@ def check_eps0(rows: list[dict[str, Any]]) -> list[Flag]:
 CHECKS = (check_large_eps, check_blackbox, check_more_steps, check_bpda_full, check_eot, check_eps0)
 
 
-def run_checks(rows: list[dict[str, Any]]) -> list[Flag]:
-    """Every check over ``rows``; a list of raised flags (empty when the evaluation looks honest)."""
+def run_checks(rows: list[dict[str, Any]], side: dict[str, dict[str, Any]] | None = None) -> list[Flag]:
+    """Every check over ``rows`` (``side``: black-box side files by row key); the raised flags."""
     flags: list[Flag] = []
     for check in CHECKS:
-        flags.extend(check(rows))
+        flags.extend(check(rows, side) if check is check_blackbox else check(rows))
     return flags
 
 
-def worst_case(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def worst_case(rows: list[dict[str, Any]], side: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Headline robust accuracy: per (subject, norm, ε) the per-example worst case over every attack.
 
-    White-box rows contribute their per-example ``correct`` vectors; black-box rows contribute examples
-    whose adversarial distance is ≤ ε (``distances`` in the row or per-example ``correct_at`` lists are
-    not needed: a black-box row with ``example_indices`` and ``distances`` is used when present). Only
+    White-box rows contribute their per-example ``correct`` vectors. Black-box rows contribute through
+    their side files (``side``: row key -> the ``distances-KEY.json`` content): an example is robust at ε
+    when it is classified correctly under fresh noise and no adversarial was found within ε. Only
     examples attacked by every contributing row are counted.
     """
+    side = side or {}
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in _white(rows):
         if "correct" in r and "example_indices" in r:
             groups[(subject(r), r["model"], r["norm"], round(float(r["eps"]), 12))].append(r)
-    black = [r for r in rows if r.get("kind") == "blackbox" and r.get("example_indices") and r.get("distances")]
+    black = [r for r in rows if r.get("kind") == "blackbox" and r.get("key") in side]
     out = []
     for (subj, label, norm, eps), rs in sorted(groups.items()):
         verdict: dict[int, bool] = {}
@@ -218,21 +230,19 @@ def worst_case(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for i, c in zip(r["example_indices"], r["correct"]):
                 verdict[i] = verdict.get(i, True) and bool(c)
                 counts[i] += 1
-        sources = len(rs)
         for b in black:
             if subject(b) != subj or b["norm"] != norm:
                 continue
-            contributors.append(b.get("key", ""))
-            sources += 1
-            for i, d in zip(b["example_indices"], b["distances"]):
-                ok = d is None or d > eps
-                verdict[i] = verdict.get(i, True) and ok
+            contributors.append(b["key"])
+            for i, robust in _black_robust(side[b["key"]], eps).items():
+                verdict[i] = verdict.get(i, True) and robust
                 counts[i] += 1
+        sources = len(contributors)
         common = [i for i in verdict if counts[i] == sources]
         k = sum(verdict[i] for i in common)
         n = len(common)
         lo, hi = wilson(k, n)
         out.append({"subject": subj, "model": label, "norm": norm, "eps": eps, "n": n,
                     "robust_acc": k / n if n else float("nan"), "ci_low": lo, "ci_high": hi,
-                    "attacks": len(contributors), "rows": contributors})
+                    "attacks": sources, "rows": contributors})
     return out

@@ -253,7 +253,7 @@ def calibrate(checkpoints: tuple[str, ...], sgld_steps: list[int], bins: int, n_
                                              "svhn", "cifar10", "cifar100", "fashion-mnist")),
               default="uniform,gaussian,constant,permuted,flipped,svhn,cifar10,cifar100", show_default=True,
               help="OOD sets; unavailable ones are skipped with a message.")
-@click.option("--n-examples", type=_POS, default=2000, show_default=True, help="Images per set.")
+@click.option("--n-examples", type=_POS, default=1000, show_default=True, help="Images per set.")
 @click.option("--tpr", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True)
 @click.option("--batch-size", type=_POS, default=250, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -311,9 +311,9 @@ def sample(checkpoint: str, classes: list[int] | None, steps: int, n: int, init:
 @click.option("--n0", type=_POS, default=100, show_default=True, help="Selection draws per image.")
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.001,
               show_default=True)
-@click.option("--n-examples", type=_POS, default=100, show_default=True, help="First N test images.")
+@click.option("--n-examples", type=_POS, default=50, show_default=True, help="First N test images.")
 @click.option("--radii", type=EPS, default="0,0.25,0.5,0.75,1", show_default=True, help="L2 radius grid.")
-@click.option("--attack-radii", type=EPS, default="0.25,0.5", show_default=True,
+@click.option("--attack-radii", type=EPS, default="0.5", show_default=True,
               help="Radii (L2 ε) of the empirical EOT-PGD check; each costs N draws per image.")
 @click.option("--attack-steps", type=click.IntRange(min=0), default=10, show_default=True,
               help="EOT L2 PGD steps of the empirical check (0: no attack).")

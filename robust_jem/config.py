@@ -168,7 +168,7 @@ _QUICK: dict[str, dict[str, Any]] = {
     ),
     "pgd-at": dict(iters=1000, lr=1e-3, warmup_iters=0, ce_warmup_iters=500, ce_warmup_lr=1e-3, decay_at=(800,),
                    pgd_eps=0.1, pgd_steps=10, pgd_step_size=0.02),
-    "gaussian-aug": dict(iters=2000, lr=1e-3, warmup_iters=0, sigma=0.25, decay_at=(1500,)),
+    "gaussian-aug": dict(iters=1000, lr=1e-3, warmup_iters=0, sigma=0.25, decay_at=(750,)),
 }
 
 # The JEM paper's CIFAR-10 settings (Grathwohl et al. 2020, App. / train_wrn_ebm.py).

@@ -9,9 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write, read_checkpoint
 from .config import TrainConfig, preset_config
@@ -20,7 +23,7 @@ from .train import train
 
 log = logging.getLogger(__name__)
 
-STUDY_OBJECTIVES = ("ce", "pgd-at", "jem")
+STUDY_OBJECTIVES = ("ce", "pgd-at", "jem", "gaussian-aug")
 _CODE_FILES = ("config.py", "data.py", "model.py", "nets.py", "sgld.py", "train.py", "checkpoint.py")
 
 
@@ -62,27 +65,161 @@ def train_or_reuse(cfg: TrainConfig, out: Path, device: torch.device, data_dir: 
     return train(cfg, out, device=device, data_dir=data_dir, progress=progress)
 
 
-def train_models(preset: str, dataset: str, runs_dir: Path, device: torch.device, data_dir: str | None = None,
-                 progress: bool = True) -> dict[str, Path]:
-    """Train or reuse the study's models (CE, PGD-AT, JEM); returns objective -> final.pt."""
-    out: dict[str, Path] = {}
-    for objective in STUDY_OBJECTIVES:
-        cfg = preset_config(preset, objective, dataset)
-        out[objective] = train_or_reuse(cfg, runs_dir / f"{preset}-{dataset}" / objective, device, data_dir, progress)
-    return out
+@dataclass(frozen=True)
+class Stage:
+    """One command of the study: a name, the CLI arguments (``--out RUN`` is appended), and a group."""
+
+    name: str
+    args: tuple[str, ...]
+    group: str
+
+
+def _fmt(values) -> str:
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """Sizes of the study; ``quick`` fits a 2-core CPU, ``cifar10-paper`` is for a GPU."""
+
+    linf_eps: tuple[float, ...]
+    l2_eps: tuple[float, ...]
+    linf_mid: float
+    l2_mid: float
+    n_bare: int
+    n_jem: int
+    n_jem10: int
+    n_autoattack: int
+    n_blackbox: int
+    aa_eot: int
+    eval_draws: int
+    blackbox_steps: int
+    certify_n: int
+    certify_examples: int
+    extras_examples: int
+
+
+PLANS = {
+    "quick": StudyPlan(linf_eps=(0.0, 0.05, 0.1, 0.2, 0.5), l2_eps=(0.0, 1.0, 2.0, 6.0), linf_mid=0.1, l2_mid=2.0,
+                       n_bare=500, n_jem=200, n_jem10=50, n_autoattack=100, n_blackbox=100, aa_eot=4,
+                       eval_draws=3, blackbox_steps=12, certify_n=200, certify_examples=50, extras_examples=1000),
+    "tiny": StudyPlan(linf_eps=(0.0, 0.1, 0.5), l2_eps=(0.0, 2.0), linf_mid=0.1, l2_mid=2.0, n_bare=20, n_jem=10,
+                      n_jem10=4, n_autoattack=8, n_blackbox=6, aa_eot=2, eval_draws=2, blackbox_steps=2, certify_n=20,
+                      certify_examples=5, extras_examples=50),
+    "cifar10-paper": StudyPlan(linf_eps=(0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255, 0.5),
+                               l2_eps=(0.0, 0.25, 0.5, 1.0, 2.0, 10.0), linf_mid=8 / 255, l2_mid=0.5, n_bare=10000,
+                               n_jem=1000, n_jem10=1000, n_autoattack=1000, n_blackbox=500, aa_eot=20,
+                               eval_draws=5, blackbox_steps=1000, certify_n=10000, certify_examples=500,
+                               extras_examples=10000),
+}
+
+
+def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
+    """The study's commands, in order (every one resumable by itself)."""
+    ce, at, jem, ga = (str(ckpt[k]) for k in ("ce", "pgd-at", "jem", "gaussian-aug"))
+    base = ("--checkpoint", ce, "--checkpoint", at)
+    common = ("--eval-draws", str(plan.eval_draws), "--no-progress")
+    st: list[Stage] = []
+    for norm, grid, mid in (("linf", plan.linf_eps, plan.linf_mid), ("l2", plan.l2_eps, plan.l2_mid)):
+        eps = _fmt(grid)
+        st += [
+            Stage(f"pgd-{norm}-baselines", ("pgd", *base, "--norm", norm, "--eps", eps, "--n-examples",
+                                            str(plan.n_bare), *common), "whitebox"),
+            Stage(f"pgd-{norm}-jem0-1", ("pgd", "--checkpoint", jem, "--sgld-steps", "0,1", "--grad-mode", "full,bpda",
+                                         "--norm", norm, "--eps", eps, "--n-examples", str(plan.n_jem), *common),
+                  "whitebox"),
+            Stage(f"pgd-{norm}-jem10", ("pgd", "--checkpoint", jem, "--sgld-steps", "10", "--grad-mode", "full,bpda",
+                                        "--norm", norm, "--eps", _fmt((mid, grid[-1])), "--n-examples",
+                                        str(plan.n_jem10), *common), "whitebox"),
+        ]
+    # Carlini et al. spot checks: 4x steps, 2x EOT, at the middle L-inf budget.
+    mid = _fmt((plan.linf_mid,))
+    st += [
+        Stage("pgd-linf-steps-x4", ("pgd", *base, "--norm", "linf", "--eps", mid, "--steps", "40", "--n-examples",
+                                    str(plan.n_bare), *common), "checks"),
+        Stage("pgd-linf-steps-x4-jem", ("pgd", "--checkpoint", jem, "--sgld-steps", "0,1", "--grad-mode", "full",
+                                        "--norm", "linf", "--eps", mid, "--steps", "40", "--n-examples",
+                                        str(plan.n_jem), *common), "checks"),
+        Stage("pgd-linf-eot-x2-jem", ("pgd", "--checkpoint", jem, "--sgld-steps", "1", "--grad-mode", "full",
+                                      "--norm", "linf", "--eps", mid, "--eot", "2", "--n-examples", str(plan.n_jem),
+                                      *common), "checks"),
+    ]
+    for norm, e in (("linf", plan.linf_mid), ("l2", plan.l2_mid)):
+        st.append(Stage(f"autoattack-{norm}", ("autoattack", *base, "--checkpoint", jem, "--sgld-steps", "0,1",
+                                               "--version", "rand", "--eot", str(plan.aa_eot), "--norm", norm,
+                                               "--eps", _fmt((e,)), "--n-examples", str(plan.n_autoattack),
+                                               *common), "autoattack"))
+    for attack in ("boundary", "pointwise"):
+        st.append(Stage(f"blackbox-{attack}", ("blackbox", "--attack", attack, *base, "--checkpoint", jem,
+                                               "--sgld-steps", "0,1,10", "--n-examples", str(plan.n_blackbox),
+                                               "--steps", str(plan.blackbox_steps), "--no-progress"), "blackbox"))
+    st += [
+        Stage("distal", ("distal", *base, "--checkpoint", jem, "--sgld-steps", "0,1", "--no-progress"), "distal"),
+        Stage("calibrate", ("calibrate", *base, "--checkpoint", jem, "--sgld-steps", "0,1", "--n-examples",
+                            str(plan.extras_examples)), "extras"),
+        Stage("ood", ("ood", *base, "--checkpoint", jem, "--n-examples", str(plan.extras_examples)), "extras"),
+        Stage("sample", ("sample", "--checkpoint", jem, "--n", "4"), "extras"),
+        Stage("certify", ("certify", "--checkpoint", ga, "--n", str(plan.certify_n), "--n-examples",
+                          str(plan.certify_examples)), "extras"),
+    ]
+    return st
+
+
+def run_stage(stage: Stage, run_dir: Path, device: torch.device, data_dir: str | None = None) -> None:
+    """Run one CLI command in-process with ``--out`` pointing into the run directory."""
+    from .cli import cli
+
+    out = run_dir / "samples" if stage.name == "sample" else run_dir
+    argv = [*stage.args, "--device", str(device), "--out", str(out)]
+    if data_dir:
+        argv += ["--data-dir", data_dir]
+    cli.main(args=argv, prog_name="robust-jem", standalone_mode=False)
 
 
 def run_study(preset: str = "quick", dataset: str | None = None, name: str | None = None,
               device: torch.device | str = "cpu", data_dir: str | None = None, results_dir: Path = Path("results"),
-              runs_dir: Path = Path("runs"), progress: bool = True) -> Path:
-    """Run the study for ``preset`` and return its results directory."""
+              runs_dir: Path = Path("runs"), progress: bool = True, only: tuple[str, ...] = ()) -> Path:
+    """Run the study for ``preset`` and return its results directory.
+
+    Stages already recorded as done in ``RUN/stages.jsonl`` with the same arguments are skipped; a stage
+    interrupted midway is re-run, and its command skips the rows it had finished.
+    """
+    from attacks.records import append_row, read_rows
+    from attacks.report import write_report
+
+    if preset not in PLANS:
+        raise UserError(f"unknown preset {preset!r}; choose from {', '.join(PLANS)}")
     dataset = dataset or ("cifar10" if preset == "cifar10-paper" else "fashion-mnist")
-    if preset not in ("quick", "cifar10-paper", "tiny"):
-        raise UserError(f"unknown preset {preset!r}")
     device = torch.device(device)
     run_dir = results_dir / (name or f"{preset}-{dataset}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    models = train_models(preset, dataset, runs_dir, device, data_dir, progress)
-    for objective, path in models.items():
-        log.info("%s: %s", objective, path)
+    t0 = time.perf_counter()
+    stage_log = run_dir / "stages.jsonl"
+    done = {(r["stage"], tuple(r["args"])) for r in read_rows(stage_log) if r.get("status") == "done"}
+    models = {}
+    for objective in STUDY_OBJECTIVES:
+        t = time.perf_counter()
+        cfg = preset_config(preset, objective, dataset)
+        models[objective] = train_or_reuse(cfg, runs_dir / f"{preset}-{dataset}" / objective, device, data_dir,
+                                           progress)
+        append_row(stage_log, {"stage": f"train-{objective}", "args": ["train", "--preset", preset, "--objective",
+                                                                        objective, "--dataset", dataset],
+                               "status": "done", "wall_s": round(time.perf_counter() - t, 2),
+                               "checkpoint": str(models[objective])})
+    stages = study_stages(PLANS[preset], models)
+    for stage in tqdm(stages, desc="study", unit="stage", disable=not progress):
+        if only and stage.group not in only:
+            continue
+        if (stage.name, stage.args) in done:
+            log.info("stage %s already done", stage.name)
+            continue
+        log.info("stage %s: robust-jem %s", stage.name, " ".join(stage.args))
+        t = time.perf_counter()
+        run_stage(stage, run_dir, device, data_dir)
+        append_row(stage_log, {"stage": stage.name, "args": list(stage.args), "status": "done",
+                               "wall_s": round(time.perf_counter() - t, 2)})
+    plan = PLANS[preset]
+    write_report(run_dir, preset=preset, dataset=dataset, device=str(device),
+                 checkpoints={k: str(v) for k, v in models.items()}, mids={"linf": plan.linf_mid, "l2": plan.l2_mid})
+    log.info("study finished in %.0f s: %s", time.perf_counter() - t0, run_dir / "report.md")
     return run_dir

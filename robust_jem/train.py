@@ -351,8 +351,7 @@ class Trainer:
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            ddp = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                      broadcast_buffers=False)
+            ddp = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             self.train_net = torch.compile(ddp) if cfg.compile else ddp
 
     def gen_seed(self, seed_offset: int) -> int:

@@ -1,0 +1,516 @@
+"""White-box attacks on any module mapping [0,1] images to logits, randomized or not.
+
+An attack is configured once (model, norm, ε, budget) and called on ``(x, y)``. The gradient steps come
+from **torchattacks** (PGD, PGDL2, EOTPGD, APGD, APGD-T, FAB, Square); this module adds what a stochastic
+defense such as JEM's SGLD-refined classifier needs for an honest number (Athalye et al. 2018; Carlini
+et al. 2019; Croce & Hein 2020, "rand" version of AutoAttack):
+
+* ``restarts`` runs under explicit seeds (``torch.random.fork_rng`` + ``manual_seed`` around the library's
+  use of the global RNG; a model with ``reseed(seed)`` also gets its own noise stream reseeded);
+* EOT: ``eot`` gradient draws of the model's noise per step (torchattacks' EOTPGD / APGD ``eot_iter``;
+  :class:`EOTPGDL2` is the L2 counterpart torchattacks lacks);
+* a final verdict with **fresh** noise: every candidate (the clean input, each restart, each sub-attack)
+  is re-scored in ``eval_draws`` draws whose seeds differ from the attack's; an example is robust only if
+  it is classified correctly in every draw of every candidate (per-sample worst case). The mean over draws
+  (worst candidate per example) is reported beside it.
+
+A model is treated as randomized unless it has ``deterministic == True`` (as
+``robust_jem.RefinedClassifier`` with no noise does); a deterministic model needs one eval draw and no EOT,
+and the attack records what it actually did (``eot_used``, ``eval_draws_used``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torchattacks
+from torch import nn
+
+from .common import AttackInputError
+
+log = logging.getLogger(__name__)
+
+WHITE_NORMS = ("linf", "l2")
+_TA_NORM = {"linf": "Linf", "l2": "L2"}
+ATTACK_NAMES = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
+AA_VERSIONS = {"rand": ("apgd-ce", "apgd-dlr"), "standard": ("apgd-ce", "apgd-t", "fab-t", "square")}
+TOL = 1e-6  # slack allowed on ‖δ‖ ≤ ε before a candidate is re-projected (and a warning logged)
+
+
+# ------------------------------------------------------------------------------------------------
+# seeds and the randomized-model protocol
+# ------------------------------------------------------------------------------------------------
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any JSON-able parts (stable across runs and platforms)."""
+    digest = hashlib.sha256(json.dumps(parts, default=str).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def is_deterministic(model: nn.Module) -> bool:
+    """True only if the model says so (``model.deterministic``); unknown modules count as randomized."""
+    return bool(getattr(model, "deterministic", False))
+
+
+@contextlib.contextmanager
+def seeded(model: nn.Module, seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block with the global RNG (CPU and the CUDA devices) forked and seeded, and the model's own
+    noise stream (``model.reseed``) restarted from ``seed``. The caller's global RNG state is untouched."""
+    devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        for d in devices:
+            torch.cuda.default_generators[d].manual_seed(seed)
+        reseed = getattr(model, "reseed", None)
+        if callable(reseed):
+            reseed(seed)
+        yield
+
+
+def delta_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-example ‖δ‖ (``linf`` or ``l2``), shape (N,)."""
+    flat = delta.flatten(1)
+    return flat.abs().amax(1) if norm == "linf" else flat.norm(p=2, dim=1)
+
+
+def project(x: torch.Tensor, x_adv: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """Project ``x_adv`` onto the ε-ball around ``x`` and into [0,1]."""
+    delta = x_adv - x
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        n = delta_norm(delta, "l2").clamp_min(1e-12)
+        delta = delta * (eps / n).clamp(max=1.0).view(-1, *([1] * (x.dim() - 1)))
+    return (x + delta).clamp(0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# the L2 EOT variant torchattacks lacks
+# ------------------------------------------------------------------------------------------------
+class EOTPGDL2(torchattacks.PGDL2):
+    """PGDL2 with the gradient averaged over ``eot_iter`` forward draws (EOT, Athalye et al. 2018).
+
+    torchattacks 3.5.1 has EOT for L∞ only (:class:`torchattacks.EOTPGD`); this is PGDL2's step with
+    EOTPGD's gradient estimate, nothing else changed.
+    """
+
+    def __init__(self, model: nn.Module, eps: float = 1.0, alpha: float = 0.2, steps: int = 10,
+                 eot_iter: int = 2, random_start: bool = True, eps_for_division: float = 1e-10) -> None:
+        super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start,
+                         eps_for_division=eps_for_division)
+        self.attack = "EOTPGDL2"
+        self.eot_iter = eot_iter
+        self.supported_mode = ["default"]
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        images = images.clone().detach().to(self.device)
+        labels = labels.clone().detach().to(self.device)
+        loss = nn.CrossEntropyLoss()
+        n = len(images)
+        view = (-1,) + (1,) * (images.dim() - 1)
+        adv = images.clone().detach()
+        if self.random_start:
+            delta = torch.empty_like(adv).normal_()
+            norms = delta.flatten(1).norm(p=2, dim=1).view(view)
+            r = torch.zeros_like(norms).uniform_(0, 1)
+            adv = torch.clamp(adv + delta * r / norms * self.eps, 0, 1).detach()
+        for _ in range(self.steps):
+            adv.requires_grad = True
+            grad = torch.zeros_like(adv)
+            for _ in range(self.eot_iter):
+                cost = loss(self.get_logits(adv), labels)
+                grad += torch.autograd.grad(cost, adv)[0]
+            grad = grad / (grad.view(n, -1).norm(p=2, dim=1) + self.eps_for_division).view(view)
+            adv = adv.detach() + self.alpha * grad
+            delta = adv - images
+            factor = torch.clamp(self.eps / delta.view(n, -1).norm(p=2, dim=1), max=1.0)
+            adv = torch.clamp(images + delta * factor.view(view), 0, 1).detach()
+        return adv
+
+
+# ------------------------------------------------------------------------------------------------
+# results
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class AttackResult:
+    """Per-example outcome of one attack call on a batch.
+
+    Attributes:
+        clean: (M, N) bool, correct on the clean input in eval draw m.
+        adv: (C, M, N) bool, correct on candidate c (restart / sub-attack) in eval draw m.
+        x_adv: (N, ...) the worst candidate per example (the clean input if nothing did worse).
+        delta_norm: (N,) largest ‖δ‖ over all candidates, in the attack's norm.
+        in_bounds: every candidate lay in [0,1].
+    """
+
+    clean: torch.Tensor
+    adv: torch.Tensor
+    x_adv: torch.Tensor
+    delta_norm: torch.Tensor
+    in_bounds: bool
+
+    @property
+    def clean_correct(self) -> torch.Tensor:
+        """(N,) bool: correct in every eval draw of the clean input."""
+        return self.clean.all(0)
+
+    @property
+    def clean_frac(self) -> torch.Tensor:
+        """(N,) float: fraction of eval draws correct on the clean input."""
+        return self.clean.float().mean(0)
+
+    @property
+    def robust(self) -> torch.Tensor:
+        """(N,) bool: correct in every draw of the clean input and of every candidate."""
+        return self.clean_correct & self.adv.all(1).all(0)
+
+    @property
+    def robust_frac(self) -> torch.Tensor:
+        """(N,) float: fraction of draws correct for the worst candidate (clean input included)."""
+        worst = self.adv.float().mean(1).amin(0) if self.adv.shape[0] else self.clean_frac
+        return torch.minimum(self.clean_frac, worst)
+
+
+# ------------------------------------------------------------------------------------------------
+# attacks
+# ------------------------------------------------------------------------------------------------
+class WhiteBoxAttack:
+    """Base class: restarts under explicit seeds, the fresh-noise verdict, the per-sample worst case.
+
+    Subclasses build a torchattacks object (``_build``) once; ``_perturb`` runs it for one restart.
+
+    Args:
+        model: [0,1] images -> logits (maybe randomized, see module docstring).
+        norm: ``linf`` or ``l2``.
+        eps: radius of the threat model (ε = 0 returns the clean inputs without running anything).
+        restarts: independent runs; the worst per example counts.
+        eval_draws: fresh-noise draws for the verdict (1 is used for a deterministic model).
+        seed: root of every seed the attack and the verdict use.
+    """
+
+    name = "attack"
+
+    def __init__(self, model: nn.Module, *, norm: str, eps: float, restarts: int = 1, eval_draws: int = 5,
+                 seed: int = 0) -> None:
+        if norm not in WHITE_NORMS:
+            raise AttackInputError(f"unknown norm {norm!r}; white-box attacks support {', '.join(WHITE_NORMS)}")
+        eps = float(eps)
+        if not eps >= 0 or eps != eps or eps == float("inf"):
+            raise AttackInputError(f"ε must be a finite non-negative number, got {eps}")
+        if norm == "linf" and eps > 1:
+            raise AttackInputError(f"L∞ ε {eps:g} exceeds 1, the whole [0,1] pixel range")
+        _positive(restarts=restarts, eval_draws=eval_draws)
+        self.model, self.norm, self.eps = model, norm, eps
+        self.restarts, self.eval_draws, self.seed = int(restarts), int(eval_draws), int(seed)
+        self.deterministic = is_deterministic(model)
+        self.eval_draws_used = 1 if self.deterministic else self.eval_draws
+
+    # -- configuration --------------------------------------------------------------------------
+    def params(self) -> dict[str, Any]:
+        """Every hyper-parameter (goes into result rows)."""
+        return {"norm": self.norm, "eps": self.eps, "restarts": self.restarts, "eval_draws": self.eval_draws,
+                "eval_draws_used": self.eval_draws_used, "seed": self.seed}
+
+    def __repr__(self) -> str:
+        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"
+
+    # -- generation -----------------------------------------------------------------------------
+    def _perturb(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def candidates(self, x: torch.Tensor, y: torch.Tensor, stream: int = 0) -> Iterator[torch.Tensor]:
+        """Adversarial batches, one per restart (nothing when ε = 0). ``stream`` separates batches' seeds."""
+        if self.eps == 0:
+            return
+        for r in range(self.restarts):
+            seed = derive_seed(self.seed, "attack", self.name, r, stream)
+            with seeded(self.model, seed, x.device):
+                x_adv = self._perturb(x, y, seed).detach()
+            yield self._checked(x, x_adv)
+
+    def _checked(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+        over = float((delta_norm(x_adv - x, self.norm) - self.eps).max())
+        if over > TOL or float(x_adv.min()) < 0 or float(x_adv.max()) > 1:
+            log.warning("%r returned points outside the threat model (‖δ‖ - ε up to %.2e); projected", self, over)
+            x_adv = project(x, x_adv, self.norm, self.eps)
+        return x_adv
+
+    # -- verdict --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def verdict(self, x: torch.Tensor, y: torch.Tensor, stream: int = 0) -> torch.Tensor:
+        """(M, N) bool correctness under the eval draws. Their seeds depend only on (seed, draw, stream),
+        never on the attack, so the clean input and every candidate see the same fresh noise."""
+        out = []
+        for m in range(self.eval_draws_used):
+            with seeded(self.model, derive_seed(self.seed, "eval", m, stream), x.device):
+                out.append(self.model(x).argmax(1) == y)
+        return torch.stack(out)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, stream: int = 0) -> AttackResult:
+        """Attack a batch: (N, C, H, W) images in [0,1], (N,) labels -> :class:`AttackResult`."""
+        if x.dim() != 4 or not x.is_floating_point():
+            raise AttackInputError(f"images must be a float tensor (N, C, H, W), got {tuple(x.shape)} {x.dtype}")
+        if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
+            raise AttackInputError("images must lie in [0, 1]; normalisation belongs inside the model")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            clean = self.verdict(x, y, stream)
+            worst_frac = clean.float().mean(0)
+            x_worst = x.clone()
+            dnorm = torch.zeros(x.shape[0], device=x.device)
+            advs = []
+            in_bounds = True
+            for x_adv in self.candidates(x, y, stream):
+                ok = self.verdict(x_adv, y, stream)
+                advs.append(ok)
+                frac = ok.float().mean(0)
+                worse = frac < worst_frac
+                x_worst[worse] = x_adv[worse]
+                worst_frac = torch.minimum(worst_frac, frac)
+                dnorm = torch.maximum(dnorm, delta_norm(x_adv - x, self.norm))
+                in_bounds = in_bounds and float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+        finally:
+            self.model.train(was_training)
+        adv = torch.stack(advs) if advs else clean.new_zeros((0, *clean.shape))
+        return AttackResult(clean=clean, adv=adv, x_adv=x_worst, delta_norm=dnorm, in_bounds=in_bounds)
+
+
+class _TorchAttack(WhiteBoxAttack):
+    """A torchattacks attack built once; seeded per restart (its ``seed`` attribute too, if it has one)."""
+
+    def __init__(self, model: nn.Module, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self._attack: torchattacks.Attack | None = None
+
+    def _build(self) -> torchattacks.Attack:
+        raise NotImplementedError
+
+    @property
+    def torchattack(self) -> torchattacks.Attack:
+        """The underlying torchattacks object (built on first use)."""
+        if self._attack is None:
+            self._attack = self._build()
+        return self._attack
+
+    def _perturb(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+        atk = self.torchattack
+        if hasattr(atk, "seed"):
+            atk.seed = seed  # the APGD family reseeds the global RNG from this (inside our fork)
+        return atk(x, y)
+
+
+class PGD(_TorchAttack):
+    """Projected gradient descent (Madry et al. 2018) via torchattacks: PGD / PGDL2, EOTPGD / EOTPGDL2.
+
+    Args:
+        steps: iterations per restart.
+        step_size: α; default ``2.5 * eps / steps`` (Madry et al.), recorded in :meth:`params`.
+        eot: gradient draws averaged per step (forced to 1 for a deterministic model).
+        random_start: uniform (L∞) / random-radius (L2) start inside the ball.
+        (others: see :class:`WhiteBoxAttack`)
+    """
+
+    def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float, steps: int = 10,
+                 step_size: float | None = None, eot: int = 1, random_start: bool = True, restarts: int = 1,
+                 eval_draws: int = 5, seed: int = 0) -> None:
+        super().__init__(model, norm=norm, eps=eps, restarts=restarts, eval_draws=eval_draws, seed=seed)
+        _positive(steps=steps, eot=eot)
+        if step_size is not None and not step_size > 0:
+            raise AttackInputError(f"step size must be positive, got {step_size}")
+        self.steps, self.eot, self.random_start = int(steps), int(eot), bool(random_start)
+        self.step_size = float(step_size) if step_size is not None else 2.5 * self.eps / self.steps
+        self.eot_used = 1 if self.deterministic else self.eot
+        self.name = {("linf", False): "PGD", ("linf", True): "EOTPGD", ("l2", False): "PGDL2",
+                     ("l2", True): "EOTPGDL2"}[(self.norm, self.eot_used > 1)]
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "steps": self.steps, "step_size": self.step_size,
+                "random_start": self.random_start, "eot": self.eot, "eot_used": self.eot_used,
+                "loss": "ce"}
+
+    def _build(self) -> torchattacks.Attack:
+        common = dict(eps=self.eps, alpha=self.step_size, steps=self.steps, random_start=self.random_start)
+        if self.norm == "linf":
+            if self.eot_used > 1:
+                return torchattacks.EOTPGD(self.model, eot_iter=self.eot_used, **common)
+            return torchattacks.PGD(self.model, **common)
+        if self.eot_used > 1:
+            return EOTPGDL2(self.model, eot_iter=self.eot_used, **common)
+        return torchattacks.PGDL2(self.model, **common)
+
+
+class APGD(_TorchAttack):
+    """Auto-PGD (Croce & Hein 2020) via torchattacks: ``loss`` ``ce`` / ``dlr``, or ``targeted=True``
+    for APGD-T (DLR, all ``n_classes - 1`` runner-up targets). EOT through ``eot_iter``."""
+
+    def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float, steps: int = 100, loss: str = "ce",
+                 targeted: bool = False, eot: int = 1, rho: float = 0.75, n_classes: int = 10,
+                 restarts: int = 1, eval_draws: int = 5, seed: int = 0) -> None:
+        super().__init__(model, norm=norm, eps=eps, restarts=restarts, eval_draws=eval_draws, seed=seed)
+        _positive(steps=steps, eot=eot, n_classes=n_classes)
+        if loss not in ("ce", "dlr"):
+            raise AttackInputError(f"APGD loss must be ce or dlr, got {loss!r}")
+        self.steps, self.loss, self.targeted, self.rho = int(steps), loss, bool(targeted), float(rho)
+        self.eot, self.n_classes = int(eot), int(n_classes)
+        self.eot_used = 1 if self.deterministic else self.eot
+        self.name = "APGD-T" if self.targeted else f"APGD-{loss.upper()}"
+
+    def params(self) -> dict[str, Any]:
+        p = {**super().params(), "steps": self.steps, "loss": "dlr-targeted" if self.targeted else self.loss,
+             "eot": self.eot, "eot_used": self.eot_used, "rho": self.rho}
+        if self.targeted:
+            p["n_classes"] = self.n_classes
+        return p
+
+    def _build(self) -> torchattacks.Attack:
+        common = dict(norm=_TA_NORM[self.norm], eps=self.eps, steps=self.steps, n_restarts=1, seed=self.seed,
+                      eot_iter=self.eot_used, rho=self.rho)
+        if self.targeted:
+            return torchattacks.APGDT(self.model, n_classes=self.n_classes, **common)
+        return torchattacks.APGD(self.model, loss=self.loss, **common)
+
+
+class FAB(_TorchAttack):
+    """FAB-T (Croce & Hein 2020), multi-targeted, via torchattacks (for deterministic models)."""
+
+    name = "FAB-T"
+
+    def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float, steps: int = 100, n_classes: int = 10,
+                 restarts: int = 1, eval_draws: int = 5, seed: int = 0) -> None:
+        super().__init__(model, norm=norm, eps=eps, restarts=restarts, eval_draws=eval_draws, seed=seed)
+        _positive(steps=steps, n_classes=n_classes)
+        self.steps, self.n_classes = int(steps), int(n_classes)
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "steps": self.steps, "n_classes": self.n_classes, "multi_targeted": True}
+
+    def _build(self) -> torchattacks.Attack:
+        return torchattacks.FAB(self.model, norm=_TA_NORM[self.norm], eps=self.eps, steps=self.steps, n_restarts=1,
+                                seed=self.seed, multi_targeted=True, n_classes=self.n_classes)
+
+
+class Square(_TorchAttack):
+    """Square Attack (Andriushchenko et al. 2020), score-based, via torchattacks."""
+
+    name = "Square"
+
+    def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float, n_queries: int = 5000,
+                 p_init: float = 0.8, restarts: int = 1, eval_draws: int = 5, seed: int = 0) -> None:
+        super().__init__(model, norm=norm, eps=eps, restarts=restarts, eval_draws=eval_draws, seed=seed)
+        _positive(n_queries=n_queries)
+        self.n_queries, self.p_init = int(n_queries), float(p_init)
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "n_queries": self.n_queries, "p_init": self.p_init, "loss": "margin"}
+
+    def _build(self) -> torchattacks.Attack:
+        return torchattacks.Square(self.model, norm=_TA_NORM[self.norm], eps=self.eps, n_queries=self.n_queries,
+                                   n_restarts=1, p_init=self.p_init, loss="margin", seed=self.seed)
+
+
+class WorstOf(WhiteBoxAttack):
+    """Per-sample worst case over several attacks (AutoAttack's ensemble rule), judged by the shared
+    fresh-noise verdict rather than by each attack's own noisy success check."""
+
+    def __init__(self, attacks: Sequence[WhiteBoxAttack]) -> None:
+        if not attacks:
+            raise AttackInputError("WorstOf needs at least one attack")
+        first = attacks[0]
+        for a in attacks[1:]:
+            if (a.model, a.norm, a.eps, a.eval_draws, a.seed) != (first.model, first.norm, first.eps,
+                                                                  first.eval_draws, first.seed):
+                raise AttackInputError("WorstOf: attacks must share model, norm, ε, eval draws and seed")
+        super().__init__(first.model, norm=first.norm, eps=first.eps, restarts=1, eval_draws=first.eval_draws,
+                         seed=first.seed)
+        self.attacks = list(attacks)
+        self.name = "+".join(a.name for a in attacks)
+
+    def params(self) -> dict[str, Any]:
+        p = super().params()
+        subs = [a.params() for a in self.attacks]
+        for name in ("restarts", "steps", "eot", "eot_used"):  # the largest over the parts, for the row
+            p[name] = max((s[name] for s in subs if name in s), default=1)
+        p["attacks"] = [{"attack": a.name, **s} for a, s in zip(self.attacks, subs)]
+        return p
+
+    def __repr__(self) -> str:
+        return f"WorstOf({', '.join(map(repr, self.attacks))})"
+
+    def candidates(self, x: torch.Tensor, y: torch.Tensor, stream: int = 0) -> Iterator[torch.Tensor]:
+        for a in self.attacks:
+            yield from a.candidates(x, y, stream)
+
+
+# ------------------------------------------------------------------------------------------------
+# factories (what the sweep and the CLI use)
+# ------------------------------------------------------------------------------------------------
+AttackFactory = Callable[[nn.Module, str, float], WhiteBoxAttack]
+
+
+def _positive(**values: int) -> None:
+    for name, v in values.items():
+        if int(v) != v or v < 1:
+            raise AttackInputError(f"{name.replace('_', ' ')} must be a positive integer, got {v}")
+
+
+def pgd_factory(*, steps: int = 10, step_size: float | None = None, restarts: int = 1, eot: int = 1,
+                eval_draws: int = 5, seed: int = 0, random_start: bool = True) -> AttackFactory:
+    """``(model, norm, eps) -> PGD(...)`` with the budget fixed once. The step size, when given, is used
+    as is for every ε (otherwise ``2.5 * eps / steps``). Validates the budget immediately."""
+    _positive(steps=steps, restarts=restarts, eot=eot, eval_draws=eval_draws)
+    if step_size is not None and not step_size > 0:
+        raise AttackInputError(f"step size must be positive, got {step_size}")
+
+    def make(model: nn.Module, norm: str, eps: float) -> WhiteBoxAttack:
+        return PGD(model, norm=norm, eps=eps, steps=steps, step_size=step_size, eot=eot, random_start=random_start,
+                   restarts=restarts, eval_draws=eval_draws, seed=seed)
+
+    return make
+
+
+def autoattack_factory(*, attacks: Sequence[str] | None = None, version: str = "auto", steps: int = 100,
+                       eot: int | None = None, restarts: int = 1, eval_draws: int = 5, seed: int = 0,
+                       n_queries: int = 5000, n_classes: int = 10) -> AttackFactory:
+    """AutoAttack-style ensembles from torchattacks components, worst case per example.
+
+    ``version``: ``rand`` (APGD-CE + APGD-DLR with EOT, for randomized defenses), ``standard`` (APGD-CE,
+    APGD-T, FAB-T, Square) or ``auto`` (``rand`` for randomized models, ``standard`` for deterministic
+    ones). ``attacks`` (names from :data:`ATTACK_NAMES` minus ``pgd``) overrides the version's list.
+    ``eot`` defaults to 20 (AutoAttack's rand version) and is 1 for deterministic models.
+    """
+    if version not in ("auto", *AA_VERSIONS):
+        raise AttackInputError(f"unknown AutoAttack version {version!r}; choose auto, rand or standard")
+    names = list(attacks) if attacks else None
+    bad = [a for a in names or [] if a not in ATTACK_NAMES or a == "pgd"]
+    if bad:
+        raise AttackInputError(f"unknown attack {bad[0]!r}; choose from {', '.join(ATTACK_NAMES[1:])}")
+    _positive(steps=steps, restarts=restarts, eval_draws=eval_draws, n_queries=n_queries, n_classes=n_classes)
+    if eot is not None:
+        _positive(eot=eot)
+
+    def make(model: nn.Module, norm: str, eps: float) -> WhiteBoxAttack:
+        det = is_deterministic(model)
+        chosen = names or list(AA_VERSIONS[version if version != "auto" else ("standard" if det else "rand")])
+        common = dict(norm=norm, eps=eps, restarts=restarts, eval_draws=eval_draws, seed=seed)
+        e = eot if eot is not None else 20
+        built: list[WhiteBoxAttack] = []
+        for name in chosen:
+            if name == "apgd-ce":
+                built.append(APGD(model, steps=steps, loss="ce", eot=e, **common))
+            elif name == "apgd-dlr":
+                built.append(APGD(model, steps=steps, loss="dlr", eot=e, **common))
+            elif name == "apgd-t":
+                built.append(APGD(model, steps=steps, targeted=True, eot=e, n_classes=n_classes, **common))
+            elif name == "fab-t":
+                built.append(FAB(model, steps=steps, n_classes=n_classes, **common))
+            else:
+                built.append(Square(model, n_queries=n_queries, **common))
+        return built[0] if len(built) == 1 else WorstOf(built)
+
+    return make
