@@ -70,21 +70,22 @@ def _params_without(row: dict[str, Any], *names: str) -> tuple:
 
 
 def check_large_eps(rows: list[dict[str, Any]]) -> list[Flag]:
-    """Flag 1: per (subject, attack, grad mode, norm) the largest ε must leave ≤ 1 % robust accuracy."""
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in _white(rows):
-        groups[(subject(r), r.get("attack"), r.get("grad_mode"), r["norm"])].append(r)
+    """Flag 1: every white-box row at the sweep's largest ε of its norm must leave ≤ 1 % robust accuracy.
+
+    Rows run at smaller budgets only (spot checks, AutoAttack at one ε) are not judged by this check.
+    """
+    white = _white(rows)
+    top: dict[str, float] = {}
+    for r in white:
+        top[r["norm"]] = max(top.get(r["norm"], 0.0), float(r["eps"]))
     flags = []
-    for (subj, attack, mode, norm), rs in groups.items():
-        top = max(r["eps"] for r in rs)
-        if top <= 0:
-            continue
-        for r in rs:
-            if _same_eps(r["eps"], top) and r["robust_acc"] > LARGE_EPS_MAX_ACC:
-                flags.append(Flag("large_eps_not_broken", subj,
-                                  f"{attack} ({mode}) {norm} ε={top:.4g} leaves {r['robust_acc']:.1%} robust "
-                                  f"(> {LARGE_EPS_MAX_ACC:.0%}): attack too weak or gradients masked",
-                                  [r.get("key", "")]))
+    for r in white:
+        eps = top[r["norm"]]
+        if eps > 0 and _same_eps(r["eps"], eps) and r["robust_acc"] > LARGE_EPS_MAX_ACC:
+            flags.append(Flag("large_eps_not_broken", subject(r),
+                              f"{r.get('attack')} ({r.get('grad_mode')}) {r['norm']} ε={eps:.4g} leaves "
+                              f"{r['robust_acc']:.1%} robust (> {LARGE_EPS_MAX_ACC:.0%}): attack too weak or "
+                              f"gradients masked", [r.get("key", "")]))
     return flags
 
 

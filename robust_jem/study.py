@@ -80,17 +80,24 @@ def _fmt(values) -> str:
 
 @dataclass(frozen=True)
 class StudyPlan:
-    """Sizes of the study; ``quick`` fits a 2-core CPU, ``cifar10-paper`` is for a GPU."""
+    """Sizes of the study; ``quick`` fits a 2-core CPU, ``cifar10-paper`` is for a GPU.
+
+    ``n_*`` are numbers of test images (the first N): bare baselines, JEM-0, JEM-1, JEM-10, AutoAttack,
+    black-box. The chain makes JEM-k expensive (JEM-10 with full gradients costs ~100x a bare PGD step per
+    image), so the quick plan attacks fewer images the longer the chain, and says so in every row.
+    """
 
     linf_eps: tuple[float, ...]
     l2_eps: tuple[float, ...]
     linf_mid: float
     l2_mid: float
     n_bare: int
-    n_jem: int
+    n_jem0: int
+    n_jem1: int
     n_jem10: int
     n_autoattack: int
     n_blackbox: int
+    aa_steps: int
     aa_eot: int
     eval_draws: int
     blackbox_steps: int
@@ -101,16 +108,17 @@ class StudyPlan:
 
 PLANS = {
     "quick": StudyPlan(linf_eps=(0.0, 0.05, 0.1, 0.2, 0.5), l2_eps=(0.0, 1.0, 2.0, 6.0), linf_mid=0.1, l2_mid=2.0,
-                       n_bare=500, n_jem=200, n_jem10=50, n_autoattack=100, n_blackbox=100, aa_eot=4,
-                       eval_draws=3, blackbox_steps=12, certify_n=200, certify_examples=50, extras_examples=1000),
-    "tiny": StudyPlan(linf_eps=(0.0, 0.1, 0.5), l2_eps=(0.0, 2.0), linf_mid=0.1, l2_mid=2.0, n_bare=20, n_jem=10,
-                      n_jem10=4, n_autoattack=8, n_blackbox=6, aa_eot=2, eval_draws=2, blackbox_steps=2, certify_n=20,
-                      certify_examples=5, extras_examples=50),
+                       n_bare=200, n_jem0=100, n_jem1=50, n_jem10=10, n_autoattack=50, n_blackbox=50, aa_steps=20,
+                       aa_eot=2, eval_draws=3, blackbox_steps=12, certify_n=200, certify_examples=20,
+                       extras_examples=500),
+    "tiny": StudyPlan(linf_eps=(0.0, 0.1, 0.5), l2_eps=(0.0, 2.0), linf_mid=0.1, l2_mid=2.0, n_bare=20, n_jem0=10,
+                      n_jem1=8, n_jem10=4, n_autoattack=8, n_blackbox=6, aa_steps=5, aa_eot=2, eval_draws=2,
+                      blackbox_steps=2, certify_n=20, certify_examples=5, extras_examples=50),
     "cifar10-paper": StudyPlan(linf_eps=(0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255, 0.5),
                                l2_eps=(0.0, 0.25, 0.5, 1.0, 2.0, 10.0), linf_mid=8 / 255, l2_mid=0.5, n_bare=10000,
-                               n_jem=1000, n_jem10=1000, n_autoattack=1000, n_blackbox=500, aa_eot=20,
-                               eval_draws=5, blackbox_steps=1000, certify_n=10000, certify_examples=500,
-                               extras_examples=10000),
+                               n_jem0=1000, n_jem1=1000, n_jem10=1000, n_autoattack=1000, n_blackbox=500,
+                               aa_steps=100, aa_eot=20, eval_draws=5, blackbox_steps=1000, certify_n=10000,
+                               certify_examples=500, extras_examples=10000),
 }
 
 
@@ -119,36 +127,35 @@ def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
     ce, at, jem, ga = (str(ckpt[k]) for k in ("ce", "pgd-at", "jem", "gaussian-aug"))
     base = ("--checkpoint", ce, "--checkpoint", at)
     common = ("--eval-draws", str(plan.eval_draws), "--no-progress")
+
+    def pgd(name: str, models: tuple[str, ...], norm: str, eps, n: int, *extra: str, group: str = "whitebox"):
+        return Stage(name, ("pgd", *models, "--norm", norm, "--eps", _fmt(eps), "--n-examples", str(n), *extra,
+                            *common), group)
+
+    def jem_k(k: str, modes: str = "full,bpda") -> tuple[str, ...]:
+        return ("--checkpoint", jem, "--sgld-steps", k, "--grad-mode", modes)
+
     st: list[Stage] = []
     for norm, grid, mid in (("linf", plan.linf_eps, plan.linf_mid), ("l2", plan.l2_eps, plan.l2_mid)):
-        eps = _fmt(grid)
-        st += [
-            Stage(f"pgd-{norm}-baselines", ("pgd", *base, "--norm", norm, "--eps", eps, "--n-examples",
-                                            str(plan.n_bare), *common), "whitebox"),
-            Stage(f"pgd-{norm}-jem0-1", ("pgd", "--checkpoint", jem, "--sgld-steps", "0,1", "--grad-mode", "full,bpda",
-                                         "--norm", norm, "--eps", eps, "--n-examples", str(plan.n_jem), *common),
-                  "whitebox"),
-            Stage(f"pgd-{norm}-jem10", ("pgd", "--checkpoint", jem, "--sgld-steps", "10", "--grad-mode", "full,bpda",
-                                        "--norm", norm, "--eps", _fmt((mid, grid[-1])), "--n-examples",
-                                        str(plan.n_jem10), *common), "whitebox"),
-        ]
-    # Carlini et al. spot checks: 4x steps, 2x EOT, at the middle L-inf budget.
-    mid = _fmt((plan.linf_mid,))
-    st += [
-        Stage("pgd-linf-steps-x4", ("pgd", *base, "--norm", "linf", "--eps", mid, "--steps", "40", "--n-examples",
-                                    str(plan.n_bare), *common), "checks"),
-        Stage("pgd-linf-steps-x4-jem", ("pgd", "--checkpoint", jem, "--sgld-steps", "0,1", "--grad-mode", "full",
-                                        "--norm", "linf", "--eps", mid, "--steps", "40", "--n-examples",
-                                        str(plan.n_jem), *common), "checks"),
-        Stage("pgd-linf-eot-x2-jem", ("pgd", "--checkpoint", jem, "--sgld-steps", "1", "--grad-mode", "full",
-                                      "--norm", "linf", "--eps", mid, "--eot", "2", "--n-examples", str(plan.n_jem),
-                                      *common), "checks"),
-    ]
+        st += [pgd(f"pgd-{norm}-baselines", base, norm, grid, plan.n_bare),
+               pgd(f"pgd-{norm}-jem0", jem_k("0"), norm, grid, plan.n_jem0),
+               pgd(f"pgd-{norm}-jem1", jem_k("1"), norm, grid, plan.n_jem1)]
+    # JEM-10: full gradients at the middle and the largest L-inf budget, BPDA and L2 at the middle one.
+    st += [pgd("pgd-linf-jem10-full", jem_k("10", "full"), "linf", (plan.linf_mid, plan.linf_eps[-1]), plan.n_jem10),
+           pgd("pgd-linf-jem10-bpda", jem_k("10", "bpda"), "linf", (plan.linf_mid,), plan.n_jem10),
+           pgd("pgd-l2-jem10-full", jem_k("10", "full"), "l2", (plan.l2_mid,), plan.n_jem10)]
+    # Carlini et al. spot checks at the middle L-inf budget: 4x steps, 2x EOT.
+    mid = (plan.linf_mid,)
+    st += [pgd("pgd-linf-steps-x4", base, "linf", mid, plan.n_bare, "--steps", "40", group="checks"),
+           pgd("pgd-linf-steps-x4-jem0", jem_k("0"), "linf", mid, plan.n_jem0, "--steps", "40", group="checks"),
+           pgd("pgd-linf-steps-x4-jem1", jem_k("1", "full"), "linf", mid, plan.n_jem1, "--steps", "40",
+               group="checks"),
+           pgd("pgd-linf-eot-x2-jem1", jem_k("1", "full"), "linf", mid, plan.n_jem1, "--eot", "2", group="checks")]
     for norm, e in (("linf", plan.linf_mid), ("l2", plan.l2_mid)):
-        st.append(Stage(f"autoattack-{norm}", ("autoattack", *base, "--checkpoint", jem, "--sgld-steps", "0,1",
-                                               "--version", "rand", "--eot", str(plan.aa_eot), "--norm", norm,
-                                               "--eps", _fmt((e,)), "--n-examples", str(plan.n_autoattack),
-                                               *common), "autoattack"))
+        st.append(Stage(f"autoattack-{norm}", ("autoattack", *base, "--checkpoint", jem, "--sgld-steps", "0",
+                                               "--version", "rand", "--steps", str(plan.aa_steps), "--eot",
+                                               str(plan.aa_eot), "--norm", norm, "--eps", _fmt((e,)),
+                                               "--n-examples", str(plan.n_autoattack), *common), "autoattack"))
     for attack in ("boundary", "pointwise"):
         st.append(Stage(f"blackbox-{attack}", ("blackbox", "--attack", attack, *base, "--checkpoint", jem,
                                                "--sgld-steps", "0,1,10", "--n-examples", str(plan.n_blackbox),
