@@ -179,8 +179,8 @@ def reliability_diagram(stats: CalibrationStats | list[tuple[str, CalibrationSta
         acc = np.where(counts > 0, s.bin_accuracy, np.nan)
         conf = np.where(counts > 0, s.bin_confidence, np.nan)
         ax.bar(centres, acc, width=width, edgecolor="black", color="tab:blue", label="accuracy")
-        ax.bar(centres, conf - acc, bottom=acc, width=width, edgecolor="tab:red", color="tab:red", alpha=0.3,
-               hatch="//", label="gap to confidence")
+        ax.bar(centres, conf - acc, bottom=acc, width=width, edgecolor="tab:red", color="none", hatch="//",
+               lw=0.8, label="gap to mean confidence")
         ax.plot([0, 1], [0, 1], "k--", lw=1)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)

@@ -93,7 +93,7 @@ class SmoothedClassifier(nn.Module):
     """
 
     def __init__(self, base: nn.Module, sigma: float, n: int = 1000, alpha: float = 0.001, seed: int = 0, *,
-                 n0: int = 100, forward_draws: int = 8, batch_size: int = 1000,
+                 n0: int = 100, forward_draws: int = 8, batch_size: int = 500,
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         if not (sigma > 0 and math.isfinite(sigma)):

@@ -279,23 +279,27 @@ def ood(checkpoints: tuple[str, ...], in_set: str | None, out_sets: list[str], n
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False))
 @click.option("--class", "classes", type=INTS, default=None, help="Classes for conditional chains [all].")
 @click.option("--steps", type=click.IntRange(min=0), default=100, show_default=True, help="SGLD steps.")
-@click.option("--n", type=_POS, default=10, show_default=True, help="Chains per class.")
+@click.option("--n", type=_POS, default=5, show_default=True,
+              help="Chains per class; unconditional chains = n x classes.")
 @click.option("--init", type=click.Choice(["uniform", "buffer"]), default="uniform", show_default=True,
               help="Start fresh chains from U(-1,1) or from replay-buffer entries.")
 @click.option("--step-size", type=click.FloatRange(min=0), default=None, help="[checkpoint's SGLD step size]")
 @click.option("--noise", type=click.FloatRange(min=0), default=None, help="[checkpoint's SGLD noise]")
+@click.option("--clamp/--no-clamp", default=None, help="Keep chains in [-1,1] [as the checkpoint was trained].")
 @click.option("--n-data", type=_POS, default=500, show_default=True, help="Test images for the data energy.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default="results/samples", show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)
 @click.option("--device", default="auto", show_default=True)
 def sample(checkpoint: str, classes: list[int] | None, steps: int, n: int, init: str, step_size: float | None,
-           noise: float | None, n_data: int, seed: int, out: str, data_dir: str | None, device: str) -> None:
+           noise: float | None, clamp: bool | None, n_data: int, seed: int, out: str, data_dir: str | None,
+           device: str) -> None:
     """Unconditional and class-conditional SGLD samples and the replay buffer, as PNG grids, with energies."""
     from .sampling import run_sampling
 
     s = run_sampling(checkpoint, out, classes=classes, n=n, steps=steps, step_size=step_size, noise=noise,
-                     init=init, seed=seed, n_data=n_data, device=resolve_device(device), data_dir=data_dir)
+                     init=init, seed=seed, n_data=n_data, device=resolve_device(device), data_dir=data_dir,
+                     clamp=clamp)
     click.echo(f"energy: data {s['data']['energy_mean']:.3f}, unconditional samples "
                f"{s['unconditional']['energy_mean']:.3f}, start {s['start']['energy_mean']:.3f}"
                + (f", buffer {s['buffer']['energy_mean']:.3f}" if "buffer" in s else ""))
@@ -318,20 +322,21 @@ def sample(checkpoint: str, classes: list[int] | None, steps: int, n: int, init:
 @click.option("--attack-steps", type=click.IntRange(min=0), default=10, show_default=True,
               help="EOT L2 PGD steps of the empirical check (0: no attack).")
 @click.option("--eot-draws", type=_POS, default=8, show_default=True, help="Noise draws per attack gradient.")
-@click.option("--batch-size", type=_POS, default=1000, show_default=True)
+@click.option("--batch-size", type=_POS, default=500, show_default=True,
+              help="Base-model batch while counting votes.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default="results/extras", show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)
 @click.option("--device", default="auto", show_default=True)
 def certify(checkpoint: str, sigma: float | None, n: int, n0: int, alpha: float, n_examples: int, radii: list[float],
-            attack_radii: list[float], attack_steps: int, eot_draws: int, batch_size: int, seed: int, out: str, data_dir: str | None,
-            device: str) -> None:
+            attack_radii: list[float], attack_steps: int, eot_draws: int, batch_size: int, seed: int, out: str,
+            data_dir: str | None, device: str) -> None:
     """Randomized smoothing (Cohen et al. 2019): certified L2 accuracy beside empirical robust accuracy."""
     from .extras import run_certify
 
     rows = run_certify(checkpoint, out, sigma=sigma, n=n, n0=n0, alpha=alpha, n_examples=n_examples,
-                       radii=radii, attack_radii=attack_radii, attack_steps=attack_steps, forward_draws=eot_draws, batch_size=batch_size,
-                       seed=seed, device=resolve_device(device), data_dir=data_dir)
+                       radii=radii, attack_radii=attack_radii, attack_steps=attack_steps, forward_draws=eot_draws,
+                       batch_size=batch_size, seed=seed, device=resolve_device(device), data_dir=data_dir)
     for r in rows:
         emp = r.get("empirical_robust_accuracy")
         click.echo(f"radius {r['radius']:g}: certified {r['certified_accuracy']:.3f}"

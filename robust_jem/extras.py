@@ -269,7 +269,7 @@ def run_ood(checkpoints: list[str], out: str | os.PathLike, *, in_set: str | Non
 def run_certify(checkpoint: str, out: str | os.PathLike, *, sigma: float | None = None, n: int = 1000,
                 n0: int = 100, alpha: float = 0.001, n_examples: int = 50, radii: list[float] = DEFAULT_RADII,
                 attack_radii: list[float] = DEFAULT_ATTACK_RADII, attack_steps: int = 10, forward_draws: int = 8,
-                batch_size: int = 1000, seed: int = 0,
+                batch_size: int = 500, seed: int = 0,
                 device: torch.device | str = "cpu", data_dir: str | None = None) -> list[dict[str, Any]]:
     """Certified L2 accuracy of the Gaussian-smoothed bare classifier (Cohen et al. 2019), with the empirical
     robust accuracy of the same smoothed classifier under an EOT L2 PGD attack at each of ``attack_radii``
@@ -314,7 +314,7 @@ def run_certify(checkpoint: str, out: str | os.PathLike, *, sigma: float | None 
              checkpoint, len(data), n0, n, attack_radii or "none", n)
     t0 = time.monotonic()
     with torch.no_grad():
-        base_acc = float((model(x).argmax(1).cpu() == y).float().mean())
+        base_acc = float((model(x).argmax(1).cpu() == y).double().mean())
     cert = smoothed.certify(x)
     t_cert = time.monotonic() - t0
     summ = certify_summary(cert, y, list(radii))

@@ -42,8 +42,10 @@ def class_energy(model: EnergyModel, targets: torch.Tensor):
 
 def sample_chains(model: EnergyModel, z0: torch.Tensor, steps: int, step_size: float, noise: float, *,
                   targets: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                  batch_size: int = 500) -> torch.Tensor:
+                  batch_size: int = 500, clamp: bool = False) -> torch.Tensor:
     """Run SGLD from ``z0`` (internal space): unconditional, or conditional on ``targets`` (N,) when given.
+
+    ``clamp`` keeps the chains in [-1, 1] after every step (the projected sampler some runs train with).
 
     Returns the final chain states (internal space), detached, same shape as ``z0``.
     """
@@ -51,7 +53,8 @@ def sample_chains(model: EnergyModel, z0: torch.Tensor, steps: int, step_size: f
     for i in range(0, z0.shape[0], batch_size):
         zb = z0[i:i + batch_size]
         energy = model.energy_z if targets is None else class_energy(model, targets[i:i + batch_size])
-        outs.append(sgld(energy, zb, steps, step_size, noise, generator=generator))
+        outs.append(sgld(energy, zb, steps, step_size, noise, generator=generator,
+                         bounds=(-1.0, 1.0) if clamp else None))
     return torch.cat(outs) if outs else z0
 
 
@@ -67,9 +70,9 @@ def energy_stats(model: EnergyModel, z: torch.Tensor) -> dict[str, Any]:
 
 
 def run_sampling(checkpoint: str | os.PathLike, out: str | os.PathLike, *, classes: list[int] | None = None,
-                 n: int = 10, steps: int = 100, step_size: float | None = None, noise: float | None = None,
+                 n: int = 5, steps: int = 100, step_size: float | None = None, noise: float | None = None,
                  init: str = "uniform", seed: int = 0, n_data: int = 500, device: torch.device | str = "cpu",
-                 data_dir: str | None = None) -> dict[str, Any]:
+                 data_dir: str | None = None, clamp: bool | None = None) -> dict[str, Any]:
     """Write sample grids, energies (``samples.json``) and rows (``rows.jsonl``, kind ``sample``) into ``out``.
 
     Args:
@@ -83,6 +86,7 @@ def run_sampling(checkpoint: str | os.PathLike, out: str | os.PathLike, *, class
             replay-buffer entries; JEM checkpoints only).
         seed: seed of the chains' generator.
         n_data: test images whose energy is the reference.
+        clamp: keep chains in [-1, 1] (default: as the checkpoint's training sampler did).
 
     Returns: the summary written to ``samples.json``.
     """
@@ -103,6 +107,7 @@ def run_sampling(checkpoint: str | os.PathLike, out: str | os.PathLike, *, class
         raise UserError(f"--class must be in 0..{k - 1}, got {','.join(map(str, bad)) or 'nothing'}")
     step_size = cfg.sgld.step_size if step_size is None else step_size
     noise = cfg.sgld.noise if noise is None else noise
+    clamp = bool(getattr(cfg.sgld, "clamp", False)) if clamp is None else clamp
     if step_size < 0 or noise < 0:
         raise UserError("--step-size and --noise must be non-negative")
     buffer = ckpt.get("buffer")
@@ -127,16 +132,17 @@ def run_sampling(checkpoint: str | os.PathLike, out: str | os.PathLike, *, class
 
     t0 = time.monotonic()
     z_u0 = starts(n_uncond)
-    z_u = sample_chains(model, z_u0, steps, step_size, noise, generator=g)
+    z_u = sample_chains(model, z_u0, steps, step_size, noise, generator=g, clamp=clamp)
     targets = torch.tensor(classes, device=device).repeat_interleave(n)
-    z_c = sample_chains(model, starts(targets.numel()), steps, step_size, noise, targets=targets, generator=g)
+    z_c = sample_chains(model, starts(targets.numel()), steps, step_size, noise, targets=targets, generator=g,
+                        clamp=clamp)
     wall = time.monotonic() - t0
 
     x_data, y_data = data.batch(slice(0, min(n_data, len(data))))
     z_data = to_internal(x_data.to(device))
     summary: dict[str, Any] = {
         "checkpoint": str(checkpoint), "objective": cfg.objective, "dataset": cfg.dataset,
-        "steps": steps, "step_size": step_size, "noise": noise, "init": init, "seed": seed,
+        "steps": steps, "step_size": step_size, "noise": noise, "clamp": clamp, "init": init, "seed": seed,
         "energy": "E(x) = -logsumexp_y f(x)[y], internal [-1,1] space", "sampling_wall_s": wall,
         "data": energy_stats(model, z_data),
         "start": energy_stats(model, z_u0),
@@ -169,7 +175,7 @@ def run_sampling(checkpoint: str | os.PathLike, out: str | os.PathLike, *, class
 
     prov = provenance_fields(checkpoint, device)
     base = {"kind": "sample", "model": cfg.objective, **prov, "seed": seed, "steps": steps,
-            "sgld_step_size": step_size, "sgld_noise": noise, "init": init}
+            "sgld_step_size": step_size, "sgld_noise": noise, "sgld_clamp": clamp, "init": init}
     chains: list[tuple[str, Any, dict]] = [("data", None, summary["data"]), ("start", None, summary["start"]),
                                            ("unconditional", None, summary["unconditional"])]
     chains += [("conditional", int(c), summary["conditional"][str(c)]) for c in classes]

@@ -109,7 +109,7 @@ class StudyPlan:
 PLANS = {
     "quick": StudyPlan(linf_eps=(0.0, 0.05, 0.1, 0.2, 0.5), l2_eps=(0.0, 1.0, 2.0, 6.0), linf_mid=0.1, l2_mid=2.0,
                        n_bare=200, n_jem0=100, n_jem1=50, n_jem10=10, n_autoattack=50, n_blackbox=50, aa_steps=20,
-                       aa_eot=2, eval_draws=3, blackbox_steps=12, certify_n=200, certify_examples=20,
+                       aa_eot=2, eval_draws=3, blackbox_steps=12, certify_n=500, certify_examples=20,
                        extras_examples=500),
     "tiny": StudyPlan(linf_eps=(0.0, 0.1, 0.5), l2_eps=(0.0, 2.0), linf_mid=0.1, l2_mid=2.0, n_bare=20, n_jem0=10,
                       n_jem1=8, n_jem10=4, n_autoattack=8, n_blackbox=6, aa_steps=5, aa_eot=2, eval_draws=2,
@@ -167,7 +167,8 @@ def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
         Stage("ood", ("ood", *base, "--checkpoint", jem, "--n-examples", str(plan.extras_examples)), "extras"),
         Stage("sample", ("sample", "--checkpoint", jem, "--n", "4"), "extras"),
         Stage("certify", ("certify", "--checkpoint", ga, "--n", str(plan.certify_n), "--n-examples",
-                          str(plan.certify_examples)), "extras"),
+                          str(plan.certify_examples), "--attack-radii", "0.25", "--attack-steps", "5",
+                          "--eot-draws", "4"), "extras"),
     ]
     return st
 

@@ -1,0 +1,139 @@
+"""DDP training under torchrun (gloo, 2 CPU processes) against single-process training (issue 8)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_cfg
+from robust_jem.checkpoint import read_checkpoint
+from robust_jem.distributed import shard, shard_size
+from robust_jem.train import train
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+# One torchrun job (2 ranks, gloo) runs the library path: a CE run without data noise (its averaged DDP
+# gradient equals the single-process gradient) and a JEM run stopped half-way (resumed below in 1 process).
+WORKER = """
+import sys, torch
+from robust_jem.config import preset_config
+from robust_jem.distributed import launch
+from robust_jem.train import train
+torch.set_num_threads(1)
+out = sys.argv[1]
+with launch(torch.device("cpu")) as (dist, dev):
+    assert dist.world == 2 and dev.type == "cpu"
+    train(preset_config("tiny", "ce", "fashion-mnist", data_noise=0.0), out + "/ce", progress=False, dist=dist)
+    train(preset_config("tiny", "jem", "fashion-mnist"), out + "/jem", progress=False, stop_at=10, dist=dist)
+"""
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory, fashion_available) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    script = out / "worker.py"
+    script.write_text(WORKER)
+    res = subprocess.run(TORCHRUN + [str(script), str(out)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_shards_invert_gather():
+    t = torch.arange(10)
+    parts = [shard(t, r, 3) for r in range(3)]
+    assert [len(p) for p in parts] == [shard_size(10, r, 3) for r in range(3)] == [4, 3, 3]
+    assert torch.equal(torch.cat(parts), t)
+
+
+def test_ddp_ce_matches_single_process(ddp_runs, tmp_path):
+    single = train(tiny_cfg("ce", data_noise=0.0), tmp_path / "single", progress=False)
+    a, b = read_checkpoint(ddp_runs / "ce" / "final.pt"), read_checkpoint(single)
+    assert a["step"] == b["step"] == 20
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=1e-5), (k, (a["model"][k] - b["model"][k])
+                                                                                 .abs().max())
+    ra = [r for r in _rows(ddp_runs / "ce" / "metrics.jsonl") if "loss" in r]
+    rb = [r for r in _rows(tmp_path / "single" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == [5, 10, 15, 20]  # rank 0 logs, once
+    for x, y in zip(ra, rb):  # metrics are all-reduced means over ranks: the global batch's
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-4) and x["acc"] == pytest.approx(y["acc"], abs=1e-6)
+
+
+def test_ddp_jem_checkpoint_resumes_in_one_process(ddp_runs):
+    run = ddp_runs / "jem"
+    ckpt = read_checkpoint(run / "last.pt")
+    assert ckpt["step"] == 10 and ckpt["state"]["world"] == 2
+    assert ckpt["buffer"].shape == (64, 1, 28, 28)  # both 32-chain shards, gathered in rank order
+    assert len(ckpt["rng"]["gen_ranks"]) == 2 and not torch.equal(*ckpt["rng"]["gen_ranks"])
+    assert not (run / "final.pt").exists()
+    final = train(None, run, resume=True, progress=False)  # one process now: the buffer is re-sharded to 1
+    done = read_checkpoint(final)
+    assert done["step"] == 20 and done["buffer"].shape == (64, 1, 28, 28)
+    rows = _rows(run / "metrics.jsonl")
+    logged = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in logged] == [5, 10, 15, 20]
+    assert all(math.isfinite(r[k]) for r in logged for k in ("loss", "e_data", "e_sample", "px"))
+    assert rows[-1]["event"] == "final" and 0 <= rows[-1]["test_acc"] <= 1
+
+
+def test_torchrun_cli_jem(tmp_path, fashion_available):
+    """The console entry point under torchrun: DDP detected from the environment, rank 0 writes."""
+    out = tmp_path / "cli"
+    args = ["-m", "robust_jem", "train", "--preset", "tiny", "--objective", "jem", "--iters", "10",
+            "--device", "cpu", "--no-progress", "--out", str(out)]
+    res = subprocess.run(TORCHRUN + args, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("final.pt") == 1  # only rank 0 prints the path
+    ckpt = read_checkpoint(out / "final.pt")
+    assert ckpt["step"] == 10 and ckpt["state"]["world"] == 2 and ckpt["buffer"].shape == (64, 1, 28, 28)
+    assert [r["step"] for r in _rows(out / "metrics.jsonl") if "loss" in r] == [5, 10]
+
+
+def test_batch_not_divisible_is_a_usage_error(tmp_path, fashion_available):
+    from robust_jem.distributed import DistContext
+    from robust_jem.errors import UserError
+    from robust_jem.train import Trainer
+
+    with pytest.raises(UserError, match="not divisible by the 2 ranks"):  # before any collective
+        Trainer(tiny_cfg("ce", batch_size=15), tmp_path, torch.device("cpu"), dist=DistContext(rank=1, world=2))
+    with pytest.raises(UserError, match="replay buffer"):
+        Trainer(tiny_cfg("jem", batch_size=16, sgld_buffer_size=8), tmp_path, torch.device("cpu"),
+                dist=DistContext(rank=0, world=2))
+
+
+@pytest.mark.slow
+def test_compiled_training_uses_compiled_net_and_keeps_checkpoint_keys(tmp_path, fashion_available):
+    """cfg.compile: the loss functions run the torch.compile'd backbone; checkpoints keep the plain keys."""
+    from torch._dynamo.utils import counters
+
+    from robust_jem import load
+    from robust_jem.train import Trainer
+
+    counters.clear()
+    trainer = Trainer(tiny_cfg("jem", compile=True, iters=2), tmp_path, torch.device("cpu"))
+    for _ in range(2):
+        x, y = trainer.batch(trainer.step)
+        loss, _, _ = trainer.train_step(x, y)
+        trainer.step += 1
+    assert torch.isfinite(loss) and counters["stats"]["unique_graphs"] >= 2  # SGLD (eval) and training graphs
+    trainer.save("last.pt")
+    keys = set(read_checkpoint(tmp_path / "last.pt")["model"])
+    assert keys == set(trainer.model.state_dict()) and not any("_orig_mod" in k for k in keys)
+    assert load(tmp_path / "last.pt").checkpoint_info["step"] == 2
