@@ -690,7 +690,8 @@ def distal(checkpoints: tuple[str, ...], sgld_steps: list[int], n_chains: int, i
         ident = {**s["identity"], "density_model": "bare network (logsumexp of its logits)"}
         rows = run_distal(s["model"], n_classes=len(ds.classes), mean_image=mean_image, real_images=real, cfg=cfg,
                           out_dir=out_dir, identity=ident, extra=s["extra"], density=s["bare"],
-                          save_grid=lambda imgs, path, nrow: save_grid(imgs, path, nrow=nrow),
+                          save_grid=lambda imgs, path, nrow: save_grid(  # 4x nearest upscale: a few columns
+                              imgs.repeat_interleave(4, -1).repeat_interleave(4, -2), path, nrow=nrow),
                           progress=not no_progress)
         for r in rows:
             mode = f" {r['grad_mode']}" if r.get("sgld_steps") else ""
