@@ -20,16 +20,21 @@ setup() {
     log "environment .venv is complete"
   else
     [ -x "$PY" ] || { log "creating .venv"; python3 -m venv "$VENV"; }
-    "$PY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+    local pip_log="$VENV/pip.log"
+    pip() { "$PY" -m pip install -q "$@" >>"$pip_log" 2>&1 || { cat "$pip_log" >&2; log "pip install $* failed"; exit 1; }; }
     # A CPU machine must not fetch a multi-GB CUDA torch: install the pinned build first,
     # and keep any torch that is already there (a GPU user's own build).
     if ! "$PY" -c "import torch" >/dev/null 2>&1; then
       log "installing $TORCH_PIN"
-      "$PY" -m pip install -q "$TORCH_PIN"
+      pip "$TORCH_PIN"
     fi
-    # torchattacks declares torchvision but never imports it (see ENVIRONMENT.md).
-    "$PY" -m pip install -q --no-deps "torchattacks==3.5.1"
-    "$PY" -m pip install -q -e ".[test]"
+    # torchattacks declares torchvision but never imports it (see ENVIRONMENT.md); pip's resolver
+    # then reports that conflict in $pip_log, which is expected.
+    pip --no-deps "torchattacks==3.5.1"
+    log "installing robust-jem and its dependencies"
+    pip -e ".[test]"
+    "$PY" -c "import torch, torchattacks, foolbox, click, matplotlib, safetensors" ||
+      { log "the environment is incomplete (see $pip_log)"; exit 1; }
     echo "$want" > "$STAMP"
     log "environment ready"
   fi

@@ -287,7 +287,7 @@ class BlackboxConfig:
     init_steps: int
     init_directions: int = 10
     batch_size: int = 100
-    eval_draws: int = 3
+    eval_draws: int = 5
     seed: int = 0
     spherical_step: float = 0.3
     source_step: float = 0.1

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .common import AttackInputError, check_images
+from .plots import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -194,13 +195,7 @@ def reliability_diagram(stats: CalibrationStats | list[tuple[str, CalibrationSta
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def calibration_row(stats: CalibrationStats, **fields: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +53,9 @@ class DistalConfig:
         batch_size: images optimised together.
     """
 
-    steps: int = 15
+    steps: int = 30
     step_size: float = 0.03
-    seeds: int = 1
+    seeds: int = 2
     starts: tuple[str, ...] = STARTS
     mean_noise: float = 0.1
     threshold: float = 0.9

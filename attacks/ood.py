@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import AttackInputError, check_images
+from .plots import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -245,13 +246,7 @@ def ood_histograms(in_raw: dict[str, np.ndarray], outs: dict[str, dict[str, np.n
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def ood_rows(metrics: dict[str, dict], out_set: str, **fields: Any) -> list[dict[str, Any]]:

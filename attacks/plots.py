@@ -19,6 +19,19 @@ log = logging.getLogger(__name__)
 NORM_TITLES = {"linf": "L∞", "l2": "L2", "l0": "L0"}
 
 
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Save a matplotlib figure atomically (temp file + rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def curve_label(row: dict[str, Any]) -> str:
     """Legend text built from the row's own fields."""
     parts = [str(row.get("model", "?"))]
@@ -139,12 +152,7 @@ def plot_rows(rows: Iterable[dict[str, Any]], out_png: str | os.PathLike) -> tup
     n_vals = sorted({r.get("n") for r in rows if r.get("n")})
     fig.suptitle(f"robust accuracy vs ε (95 % Wilson bands; n = {', '.join(map(str, n_vals)) or '?'})", fontsize=10)
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp")
-    fig.savefig(tmp, dpi=120, format=out_png.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    out_png = save_figure(fig, out_png, dpi=120)
     md = out_png.with_suffix(".md")
     md.write_text(f"# Robust accuracy vs ε\n\n![plot]({out_png.name})\n\n" + markdown_table(rows))
     return out_png, md

@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .checks import run_checks, subject, worst_case
+from .checks import run_checks, worst_case
 from .plots import NORM_TITLES, collect_curves, plot_rows
 from .provenance import environment, file_sha256, now
 from .records import ROWS, export_csv, read_rows
@@ -30,10 +30,11 @@ def _ci(acc: float, lo: float, hi: float) -> str:
 
 
 def _eps(e: float) -> str:
-    for den in (255,):
-        if e and abs(e * den - round(e * den)) < 1e-9 and round(e * den) < 64:
-            return f"{round(e * den)}/{den}"
-    return f"{e:g}"
+    """ε as typed: short decimals stay decimals, other multiples of 1/255 become k/255."""
+    text = f"{e:g}"
+    if len(text) > 5 and e and abs(e * 255 - round(e * 255)) < 1e-9:
+        return f"{round(e * 255)}/255"
+    return text
 
 
 def _subject_order(label: str) -> tuple:

@@ -348,6 +348,34 @@ def certify(checkpoint: str, sigma: float | None, n: int, n0: int, alpha: float,
 # ------------------------------------------------------------------------------------------------
 # white-box suite: pgd, autoattack, plot (attacks.white / attacks.benchmark / attacks.plots)
 # ------------------------------------------------------------------------------------------------
+def _load_variants(checkpoints: tuple[str, ...], sgld_steps: list[int], grad_modes: list[str], *, n_chains: int,
+                   init_noise: float, sgld_step_size: float, sgld_noise: float, seed: int, dev: Any,
+                   data_dir: str | None) -> tuple[Any, list[tuple[str, Any, Any, str, Any]]]:
+    """Load every checkpoint (all before anything runs, same data set required) and label its variants.
+
+    Returns the test split and ``(path, checkpoint_info, bare model, label, RefinedClassifier)`` per variant.
+    """
+    from .checkpoint import load
+    from .data import load_dataset
+    from .refined import refined_variants
+
+    models = [(path, load(path, dev).requires_grad_(False)) for path in checkpoints]  # input gradients only
+    names = {m.checkpoint_info["dataset"] for _, m in models}  # type: ignore[attr-defined]
+    if len(names) != 1:
+        raise UserError(f"the checkpoints were trained on different data sets ({', '.join(sorted(names))})")
+    ds = load_dataset(names.pop(), "test", data_dir)
+    out = []
+    for path, m in models:
+        info = m.checkpoint_info  # type: ignore[attr-defined]
+        if tuple(info["input_shape"]) != tuple(ds.shape):
+            raise UserError(f"{path}: input shape {info['input_shape']} does not match {ds.name} {list(ds.shape)}")
+        for label, rc in refined_variants(m, info["objective"], sgld_steps, grad_modes, n_chains=n_chains,
+                                          init_noise=init_noise, step_size=sgld_step_size, noise=sgld_noise,
+                                          seed=seed):
+            out.append((path, info, m, label, rc))
+    return ds, out
+
+
 def _whitebox_options(fn: Any) -> Any:
     """Options shared by ``pgd`` and ``autoattack``: models, chain, threat model, examples, output."""
     options = [
@@ -421,29 +449,17 @@ def _whitebox(command: str, make_factory: Any, *, checkpoints: tuple[str, ...], 
               no_progress: bool) -> None:
     """Load checkpoints -> labelled targets -> one sweep; print one line per row."""
     from attacks.benchmark import Examples, Target, run_sweep
-    from .checkpoint import load
-    from .data import load_dataset
-    from .refined import refined_variants
 
     eps = list(dict.fromkeys(eps))
     for norm in norms:
         parse_eps(",".join(repr(e) for e in eps), norm)  # L∞ ε > 1 is an error before anything runs
     shard_rw = _parse_shard(shard)
     dev = resolve_device(device)
-    models = [(path, load(path, dev).requires_grad_(False)) for path in checkpoints]  # input gradients only
-    names = {m.checkpoint_info["dataset"] for _, m in models}  # type: ignore[attr-defined]
-    if len(names) != 1:
-        raise UserError(f"the checkpoints were trained on different data sets ({', '.join(sorted(names))})")
-    ds = load_dataset(names.pop(), "test", data_dir)
-    targets = []
-    for path, m in models:
-        info = m.checkpoint_info  # type: ignore[attr-defined]
-        if tuple(info["input_shape"]) != tuple(ds.shape):
-            raise UserError(f"{path}: input shape {info['input_shape']} does not match {ds.name} {list(ds.shape)}")
-        for label, rc in refined_variants(m, info["objective"], sgld_steps, grad_modes, n_chains=n_chains,
-                                          init_noise=init_noise, step_size=sgld_step_size, noise=sgld_noise,
-                                          seed=seed):
-            targets.append(Target(label, rc, str(path), {"objective": info["objective"], **rc.config()}))
+    ds, variants = _load_variants(checkpoints, sgld_steps, grad_modes, n_chains=n_chains, init_noise=init_noise,
+                                  sgld_step_size=sgld_step_size, sgld_noise=sgld_noise, seed=seed, dev=dev,
+                                  data_dir=data_dir)
+    targets = [Target(label, rc, str(path), {"objective": info["objective"], **rc.config()})
+               for path, info, _, label, rc in variants]
     out_dir = Path(out) if out else _run_name(command, checkpoints, norms)
     rows = run_sweep(targets, make_factory(len(ds.classes)), norms, eps, ds.images, ds.labels, out_dir,
                      dataset=ds.name, examples=Examples(n_examples, example_rule, seed, shard_rw), seed=seed,
@@ -558,28 +574,17 @@ def _subjects(checkpoints: tuple[str, ...], sgld_steps: list[int], grad_modes: l
               data_dir: str | None) -> tuple[Any, list[dict[str, Any]]]:
     """Load every checkpoint (all before anything runs) -> test set and labelled models with row fields."""
     from attacks.records import provenance_fields
-    from .checkpoint import load
-    from .data import load_dataset
-    from .refined import refined_variants
 
-    models = [(path, load(path, dev)) for path in checkpoints]
-    names = {m.checkpoint_info["dataset"] for _, m in models}  # type: ignore[attr-defined]
-    if len(names) != 1:
-        raise UserError(f"the checkpoints were trained on different data sets ({', '.join(sorted(names))})")
-    ds = load_dataset(names.pop(), "test", data_dir)
+    ds, variants = _load_variants(checkpoints, sgld_steps, grad_modes, n_chains=n_chains, init_noise=init_noise,
+                                  sgld_step_size=sgld_step_size, sgld_noise=sgld_noise, seed=seed, dev=dev,
+                                  data_dir=data_dir)
     out = []
-    for path, m in models:
-        info = m.checkpoint_info  # type: ignore[attr-defined]
-        if tuple(info["input_shape"]) != tuple(ds.shape):
-            raise UserError(f"{path}: input shape {info['input_shape']} does not match {ds.name} {list(ds.shape)}")
+    for path, info, m, label, rc in variants:
         prov = provenance_fields(path, dev)
-        for label, rc in refined_variants(m, info["objective"], sgld_steps, grad_modes, n_chains=n_chains,
-                                          init_noise=init_noise, step_size=sgld_step_size, noise=sgld_noise,
-                                          seed=seed):
-            ident = {"model": label, "objective": info["objective"], "checkpoint_sha256": prov["checkpoint_sha256"],
-                     "dataset": ds.name, **rc.config(), "deterministic": rc.deterministic}
-            out.append({"label": label, "bare": m, "model": rc, "identity": ident,
-                        "extra": {**prov, "checkpoint_step": info.get("step")}})
+        ident = {"model": label, "objective": info["objective"], "checkpoint_sha256": prov["checkpoint_sha256"],
+                 "dataset": ds.name, **rc.config(), "deterministic": rc.deterministic}
+        out.append({"label": label, "bare": m, "model": rc, "identity": ident,
+                    "extra": {**prov, "checkpoint_step": info.get("step")}})
     return ds, out
 
 
@@ -591,10 +596,11 @@ def _subjects(checkpoints: tuple[str, ...], sgld_steps: list[int], grad_modes: l
 @click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True,
               help="Examples attacked together (foolbox batches natively).")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="boundary: BoundaryAttack steps [12]; pointwise: most oracle calls after the init [12]. The "
-                   "defaults fit the CPU bar (5 models, 100 images, 10 min); serious runs need 100s-1000s.")
+              help="boundary: BoundaryAttack steps [30]; pointwise: most oracle calls after the init [30]. The "
+                   "defaults fit a CPU budget (5 models, 100 images, < 10 min); the attacks are far from converged "
+                   "there (boundary needs 1000s of steps): use more where time allows.")
 @click.option("--init-steps", type=click.IntRange(min=1), default=None,
-              help="boundary: blended-noise line-search steps [8]; pointwise: salt-and-pepper steps [12].")
+              help="boundary: blended-noise line-search steps [10]; pointwise: salt-and-pepper steps [20].")
 @click.option("--init-directions", type=click.IntRange(min=1), default=10, show_default=True,
               help="boundary: uniform-noise directions tried by the initialisation.")
 @click.option("--source-step", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
@@ -602,7 +608,7 @@ def _subjects(checkpoints: tuple[str, ...], sgld_steps: list[int], grad_modes: l
                    "made for 5k-25k steps; its adaptation starts only after ~1000 steps).")
 @click.option("--spherical-step", type=click.FloatRange(min=0, min_open=True), default=0.3, show_default=True,
               help="boundary: initial orthogonal step, relative to the distance (foolbox: 0.01).")
-@click.option("--eval-draws", type=click.IntRange(min=1), default=3, show_default=True,
+@click.option("--eval-draws", type=click.IntRange(min=1), default=5, show_default=True,
               help="Fresh-noise forward passes re-scoring each adversarial (1 for deterministic models).")
 @click.option("--eps-grid", type=EPS, default=None, help="L2 ε grid of the accuracy curve [0, 0.1, ..., 6].")
 @click.option("--l0-grid", type=INTS, default=None, help="L0 grid (changed pixel values) [0,1,2,...,800].")
@@ -618,7 +624,7 @@ def blackbox(attack: str, checkpoints: tuple[str, ...], sgld_steps: list[int], n
     per-example distances in RUN/distances-KEY.json."""
     from attacks.black import BlackboxConfig, run_blackbox
 
-    defaults = {"boundary": (12, 8), "pointwise": (12, 12)}[attack]
+    defaults = {"boundary": (30, 10), "pointwise": (30, 20)}[attack]
     cfg = BlackboxConfig(attack, steps=steps or defaults[0], init_steps=init_steps or defaults[1],
                          init_directions=init_directions, batch_size=batch_size, eval_draws=eval_draws, seed=seed,
                          source_step=source_step, spherical_step=spherical_step).validate()
@@ -651,11 +657,11 @@ def blackbox(attack: str, checkpoints: tuple[str, ...], sgld_steps: list[int], n
 @_chain_options
 @click.option("--grad-mode", "grad_modes", type=ChoiceList(("full", "bpda")), default="full", show_default=True,
               help="Gradient through the chain: full (backprop every SGLD step) and/or bpda, comma list.")
-@click.option("--steps", type=click.IntRange(min=1), default=15, show_default=True, help="Gradient steps per image.")
+@click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True, help="Gradient steps per image.")
 @click.option("--step-size", type=NUMBER, default=0.03, show_default=True,
               help="Signed-gradient step in [0,1] pixels (Adam: learning rate).")
 @click.option("--method", type=click.Choice(["sign", "adam"]), default="sign", show_default=True)
-@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--seeds", type=click.IntRange(min=1), default=2, show_default=True,
               help="Starting images per (class, start kind).")
 @click.option("--starts", type=ChoiceList(("uniform", "mean")), default="uniform,mean", show_default=True,
               help="uniform noise and/or the training-set mean ± uniform noise.")

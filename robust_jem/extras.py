@@ -35,6 +35,7 @@ from .checkpoint import atomic_write, model_from_checkpoint, read_checkpoint
 from .data import DATASETS, ImageDataset, load_dataset
 from .errors import UserError
 from .model import EnergyModel
+from .train import check_out_dir
 from .refined import RefinedClassifier
 
 log = logging.getLogger(__name__)
@@ -83,13 +84,9 @@ def test_subset(dataset: str, n_examples: int | None, data_dir: str | None) -> I
 
 
 def prepare_out(out: str | os.PathLike) -> Path:
+    """Create ``out`` (one-line error when impossible) and return it."""
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--out {out} cannot be created ({exc.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"--out {out} is not writable")
+    check_out_dir(out)
     return out
 
 

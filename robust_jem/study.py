@@ -190,17 +190,30 @@ def run_study(preset: str = "quick", dataset: str | None = None, name: str | Non
     """Run the study for ``preset`` and return its results directory.
 
     Stages already recorded as done in ``RUN/stages.jsonl`` with the same arguments are skipped; a stage
-    interrupted midway is re-run, and its command skips the rows it had finished.
+    interrupted midway is re-run, and its command skips the rows it had finished. The log goes to
+    ``RUN/log.txt`` as well.
     """
-    from attacks.records import append_row, read_rows
-    from attacks.report import write_report
-
     if preset not in PLANS:
         raise UserError(f"unknown preset {preset!r}; choose from {', '.join(PLANS)}")
     dataset = dataset or ("cifar10" if preset == "cifar10-paper" else "fashion-mnist")
     device = torch.device(device)
     run_dir = results_dir / (name or f"{preset}-{dataset}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        return _run_study(preset, dataset, run_dir, device, data_dir, runs_dir, progress, only)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _run_study(preset: str, dataset: str, run_dir: Path, device: torch.device, data_dir: str | None,
+               runs_dir: Path, progress: bool, only: tuple[str, ...]) -> Path:
+    from attacks.records import append_row, read_rows
+    from attacks.report import write_report
+
     t0 = time.perf_counter()
     stage_log = run_dir / "stages.jsonl"
     done = {(r["stage"], tuple(r["args"])) for r in read_rows(stage_log) if r.get("status") == "done"}
