@@ -223,10 +223,10 @@ def _run_study(preset: str, dataset: str, run_dir: Path, device: torch.device, d
         cfg = preset_config(preset, objective, dataset)
         models[objective] = train_or_reuse(cfg, runs_dir / f"{preset}-{dataset}" / objective, device, data_dir,
                                            progress)
-        append_row(stage_log, {"stage": f"train-{objective}", "args": ["train", "--preset", preset, "--objective",
-                                                                        objective, "--dataset", dataset],
-                               "status": "done", "wall_s": round(time.perf_counter() - t, 2),
-                               "checkpoint": str(models[objective])})
+        args = ["train", "--preset", preset, "--objective", objective, "--dataset", dataset]
+        if (f"train-{objective}", tuple(args)) not in done:
+            append_row(stage_log, {"stage": f"train-{objective}", "args": args, "status": "done",
+                                   "wall_s": round(time.perf_counter() - t, 2), "checkpoint": str(models[objective])})
     stages = study_stages(PLANS[preset], models)
     for stage in tqdm(stages, desc="study", unit="stage", disable=not progress):
         if only and stage.group not in only:
