@@ -376,6 +376,20 @@ def _load_variants(checkpoints: tuple[str, ...], sgld_steps: list[int], grad_mod
     return ds, out
 
 
+def _refinement_options() -> list[Any]:
+    """The JEM-k chain settings every attack command takes (RefinedClassifier's arguments)."""
+    return [
+        click.option("--sgld-steps", type=INTS, default="0", show_default=True,
+                     help="JEM-k refinement steps, comma list (JEM checkpoints only)."),
+        click.option("--n-chains", type=click.IntRange(min=1), default=5, show_default=True,
+                     help="Noisy copies per input, logits averaged (JEM only)."),
+        click.option("--init-noise", type=click.FloatRange(min=0), default=0.03, show_default=True,
+                     help="Std of the noise added before the chain, in [-1,1] model space (JEM only)."),
+        click.option("--sgld-step-size", type=click.FloatRange(min=0), default=1.0, show_default=True),
+        click.option("--sgld-noise", type=click.FloatRange(min=0), default=0.01, show_default=True),
+    ]
+
+
 def _whitebox_options(fn: Any) -> Any:
     """Options shared by ``pgd`` and ``autoattack``: models, chain, threat model, examples, output."""
     options = [
@@ -388,14 +402,7 @@ def _whitebox_options(fn: Any) -> Any:
                      help="Threat model(s), comma list."),
         click.option("--eps", type=EPS, required=True,
                      help="ε in [0,1] pixel units: fractions, decimals, comma lists (8/255,0.1)."),
-        click.option("--sgld-steps", type=INTS, default="0", show_default=True,
-                     help="JEM-k refinement steps, comma list (JEM checkpoints only)."),
-        click.option("--n-chains", type=click.IntRange(min=1), default=5, show_default=True,
-                     help="Noisy copies per input, logits averaged (JEM only)."),
-        click.option("--init-noise", type=click.FloatRange(min=0), default=0.03, show_default=True,
-                     help="Std of the noise added before the chain, in [-1,1] model space (JEM only)."),
-        click.option("--sgld-step-size", type=click.FloatRange(min=0), default=1.0, show_default=True),
-        click.option("--sgld-noise", type=click.FloatRange(min=0), default=0.01, show_default=True),
+        *_refinement_options(),
         click.option("--grad-mode", "grad_modes", type=ChoiceList(("full", "bpda")), default="full",
                      show_default=True,
                      help="Attacker's gradient through the chain: full (backprop every SGLD step) and/or bpda "
@@ -551,14 +558,7 @@ def _chain_options(fn: Any) -> Any:
         click.option("--checkpoint", "checkpoints", multiple=True, required=True, type=click.Path(dir_okay=False),
                      help="Checkpoint (repeat for several). JEM checkpoints are attacked as JEM-k for each "
                           "--sgld-steps; CE / PGD-AT (any non-JEM) once each as the bare classifier."),
-        click.option("--sgld-steps", type=INTS, default="0", show_default=True,
-                     help="JEM-k refinement steps, comma list (JEM checkpoints only)."),
-        click.option("--n-chains", type=click.IntRange(min=1), default=5, show_default=True,
-                     help="Noisy copies per input, logits averaged (JEM only)."),
-        click.option("--init-noise", type=click.FloatRange(min=0), default=0.03, show_default=True,
-                     help="Std of the noise added before the chain, in [-1,1] model space (JEM only)."),
-        click.option("--sgld-step-size", type=click.FloatRange(min=0), default=1.0, show_default=True),
-        click.option("--sgld-noise", type=click.FloatRange(min=0), default=0.01, show_default=True),
+        *_refinement_options(),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--data-dir", type=click.Path(file_okay=False), default=None),
