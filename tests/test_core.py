@@ -15,7 +15,7 @@ import torch
 
 from conftest import TINY_MODEL, assert_usage_error, tiny_cfg
 from robust_jem import EnergyModel, ReplayBuffer, load, load_dataset, sgld
-from robust_jem.checkpoint import read_checkpoint, save_checkpoint
+from robust_jem.checkpoint import read_checkpoint
 from robust_jem.config import TrainConfig, preset_config
 from robust_jem.errors import UserError
 from robust_jem.train import BatchOrder, diverged, lr_at, train
