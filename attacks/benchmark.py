@@ -3,15 +3,21 @@
 A *target* is a labelled module mapping [0,1] images to logits (for JEM, a ``RefinedClassifier`` with
 its SGLD settings and gradient mode in ``info``). The attack comes from a factory ``(model, norm, ε) ->
 WhiteBoxAttack`` configured once (see :mod:`attacks.white`). Rows are appended atomically as they
-finish; a re-run skips rows whose key is already in the file, so a killed sweep loses at most the row
-in progress. Examples follow a recorded rule (the first N test images, or N drawn with a seed) and can
-be sharded over ranks (``shard=(rank, world)`` keeps positions i with i % world == rank) so that a later
-``torch.distributed`` launcher only has to merge the rows' per-example vectors.
+finish; a re-run skips rows whose key is already in the file. Examples follow a recorded rule (the
+first N test images, or N drawn with a seed) and are cut into batches (a pure function of the selection and the batch size). Each batch's per-example results
+are stored as a *part* (``RUN/parts/KEY-bsB/``) the moment it finishes, and the row is merged from its parts:
+
+* a killed sweep loses at most the batch in progress (a re-run skips finished rows and finished parts);
+* under ``torchrun`` (any ``torch.distributed`` group) rank r attacks batches b with b % world == r and
+  rank 0 merges the parts into the one ``rows.jsonl``. Every batch is seeded by its own first example
+  index, so the merged row is the row a single process computes, whatever the world size, and parts
+  written under one world size are reused under another.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +27,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .common import AttackInputError, wilson
+from .common import AttackInputError, barrier, wilson, world_position
 from .provenance import file_sha256
-from .records import ROWS, append_row, done_keys, export_csv, provenance_fields, read_rows, row_key
+from .records import ROWS, Parts, append_row, done_keys, export_csv, provenance_fields, read_rows, row_key
 from .white import WHITE_NORMS, AttackFactory, WhiteBoxAttack
 
 log = logging.getLogger(__name__)
@@ -64,22 +70,17 @@ class Examples:
         n: how many (None: the whole split).
         rule: ``first`` (indices 0..n-1) or ``random`` (n drawn without replacement with ``seed``).
         seed: for ``random``.
-        shard: (rank, world): keep the positions i of the selection with i % world == rank.
     """
 
     n: int | None = None
     rule: str = "first"
     seed: int = 0
-    shard: tuple[int, int] = (0, 1)
 
     def validate(self, total: int) -> None:
         if self.rule not in ("first", "random"):
             raise AttackInputError(f"unknown example rule {self.rule!r}; choose first or random")
         if self.n is not None and not 1 <= self.n <= total:
             raise AttackInputError(f"number of examples must be in 1..{total} (the test split), got {self.n}")
-        rank, world = self.shard
-        if not (world >= 1 and 0 <= rank < world):
-            raise AttackInputError(f"shard must be rank/world with 0 <= rank < world, got {rank}/{world}")
 
     def indices(self, total: int) -> list[int]:
         """The selected data set indices, in order."""
@@ -89,12 +90,10 @@ class Examples:
             idx = list(range(n))
         else:
             idx = torch.randperm(total, generator=torch.Generator().manual_seed(self.seed))[:n].tolist()
-        rank, world = self.shard
-        return idx[rank::world]
+        return idx
 
     def describe(self, total: int) -> dict[str, Any]:
-        return {"rule": self.rule, "n": total if self.n is None else self.n, "seed": self.seed,
-                "shard": list(self.shard), "split_size": total}
+        return {"rule": self.rule, "n": total if self.n is None else self.n, "seed": self.seed, "split_size": total}
 
 
 def auto_batch_size(info: dict[str, Any]) -> int:
@@ -121,6 +120,9 @@ def run_sweep(targets: Sequence[Target], attack: AttackFactory, norms: Sequence[
               progress: bool = True) -> list[dict[str, Any]]:
     """Attack every target at every (norm, ε); one row each in ``out_dir/rows.jsonl`` (+ ``rows.csv``).
 
+    Under ``torch.distributed`` (every rank calls this with the same arguments and its own targets on
+    its own device) the batches of each row are shared out over the ranks and rank 0 writes the rows.
+
     Args:
         targets: models under attack (their device is the device used).
         attack: factory ``(model, norm, eps) -> WhiteBoxAttack`` (its seed should be ``seed``).
@@ -129,7 +131,9 @@ def run_sweep(targets: Sequence[Target], attack: AttackFactory, norms: Sequence[
         dataset: its name (recorded).
         examples: the selection rule.
         seed: recorded (the attack factory carries the seeds it uses).
-        batch_size: images per attack call (None: :func:`auto_batch_size` per target).
+        batch_size: images per attack call (None: :func:`auto_batch_size` per target). It fixes which
+            examples share a batch, hence the seeds each sees: rows are identical across world sizes
+            for the same batch size.
 
     Returns:
         The rows of this sweep, including ones that were already done (read back from the file).
@@ -146,69 +150,90 @@ def run_sweep(targets: Sequence[Target], attack: AttackFactory, norms: Sequence[
     if images.dim() != 4 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
         raise AttackInputError("images must be (N, C, H, W) with one label each")
     total = int(labels.shape[0])
-    index = examples.indices(total)
+    index = torch.as_tensor(examples.indices(total), dtype=torch.long)
     ex_desc = examples.describe(total)
     # Build every attack first: bad settings fail here, before anything is written.
     plan = [(t, norm, e, attack(t.model, norm, e)) for t in targets for norm in norms for e in eps]
     out_dir = Path(out_dir)
     rows_path = out_dir / ROWS
+    rank, world = world_position()
+    main = rank == 0
     done = done_keys(rows_path)
     keys = [attack_rows_key(t, a, dataset, ex_desc) for t, _, _, a in plan]
     todo = sum(k not in done for k in keys)
-    log.info("%d rows in the sweep, %d already done in %s", len(plan), len(plan) - todo, rows_path)
+    if main:
+        log.info("%d rows in the sweep, %d already done in %s%s", len(plan), len(plan) - todo, rows_path,
+                 f"; batches shared over {world} ranks" if world > 1 else "")
 
-    bar = tqdm(total=len(plan), desc="white-box sweep", unit="row", disable=not progress)
+    bar = tqdm(total=len(plan), desc="white-box sweep", unit="row", disable=not (progress and main))
     for (target, norm, e, atk), key in zip(plan, keys):
         bar.set_postfix_str(f"{target.label} {atk.name} {norm} ε={e:.4g}")
         if key in done:
             bar.update(1)
             continue
-        row = attack_one(target, atk, images, labels, index, dataset=dataset, examples=ex_desc, seed=seed,
-                         batch_size=batch_size or auto_batch_size(target.fields()), progress=progress)
-        row["key"] = key
-        append_row(rows_path, row)
+        bs = batch_size or auto_batch_size(target.fields())
+        batches = torch.split(index, bs)
+        parts = Parts(out_dir, f"{key}-bs{bs}", len(batches))
+        mine = [b for b in range(rank, len(batches), world) if not parts.has(b)]
+        for b in tqdm(mine, desc=f"{target.label} {atk.name}", unit="batch", leave=False,
+                      disable=not progress or len(mine) < 2):
+            parts.write(b, attack_batch(target, atk, images, labels, batches[b], rank=rank, world=world))
+        barrier()
+        if main:
+            pieces = parts.read_all()
+            if pieces is None:  # a rank failed to write its part (it raised, so torchrun stops the job)
+                raise RuntimeError(f"parts of row {key} are missing in {parts.dir}")
+            row = merge_row(target, atk, pieces, dataset=dataset, examples=ex_desc, seed=seed, batch_size=bs)
+            row["key"] = key
+            append_row(rows_path, row)
+            parts.remove()
+            export_csv(read_rows(rows_path), out_dir / "rows.csv")
+            log.info("%s %s %s ε=%.4g: clean %.3f robust %.3f [%.3f, %.3f] (n=%d, %.1fs)", target.label, atk.name,
+                     norm, e, row["clean_acc"], row["robust_acc"], row["robust_ci_low"], row["robust_ci_high"],
+                     row["n"], row["wall_s"])
         done.add(key)
-        export_csv(read_rows(rows_path), out_dir / "rows.csv")
-        log.info("%s %s %s ε=%.4g: clean %.3f robust %.3f [%.3f, %.3f] (n=%d, %.1fs)", target.label, atk.name,
-                 norm, e, row["clean_acc"], row["robust_acc"], row["robust_ci_low"], row["robust_ci_high"],
-                 row["n"], row["wall_s"])
         bar.update(1)
     bar.close()
+    barrier()  # every row is in the file before anyone reads it back
     wanted = set(keys)
     return [r for r in read_rows(rows_path) if r.get("key") in wanted]
 
 
-def attack_one(target: Target, atk: WhiteBoxAttack, images: torch.Tensor, labels: torch.Tensor,
-               index: Sequence[int], *, dataset: str, examples: dict[str, Any], seed: int, batch_size: int,
-               progress: bool = False) -> dict[str, Any]:
-    """Run one attack over the selected examples in batches; return its row (without ``key``)."""
+def _device(model: nn.Module) -> torch.device:
     try:
-        device = next(target.model.parameters()).device
+        return next(model.parameters()).device
     except StopIteration:
-        device = torch.device("cpu")
-    idx_all = torch.as_tensor(list(index), dtype=torch.long)
-    robust, robust_frac, clean, clean_frac, dnorm = [], [], [], [], []
-    in_bounds = True
+        return torch.device("cpu")
+
+
+def attack_batch(target: Target, atk: WhiteBoxAttack, images: torch.Tensor, labels: torch.Tensor,
+                 idx: torch.Tensor, *, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """Attack the examples ``idx`` (one batch, seeded by its first index) and return their part: the
+    per-example outcomes as JSON-able lists, plus the batch's wall time and where it ran."""
+    device = _device(target.model)
+    x = images[idx]
+    x = (x.float() / 255.0) if x.dtype == torch.uint8 else x.float()
     t0 = time.perf_counter()
-    for start in tqdm(range(0, len(idx_all), batch_size), desc=f"{target.label} {atk.name}", unit="batch",
-                      leave=False, disable=not progress):
-        idx = idx_all[start:start + batch_size]
-        x = images[idx]
-        x = (x.float() / 255.0) if x.dtype == torch.uint8 else x.float()
-        x, y = x.to(device), labels[idx].to(device)
-        res = atk(x, y, stream=int(idx[0]))
-        robust.append(res.robust.cpu())
-        robust_frac.append(res.robust_frac.cpu())
-        clean.append(res.clean_correct.cpu())
-        clean_frac.append(res.clean_frac.cpu())
-        dnorm.append(res.delta_norm.cpu())
-        in_bounds = in_bounds and res.in_bounds
-    wall = time.perf_counter() - t0
-    n = len(idx_all)
-    cat = (lambda parts: torch.cat(parts) if parts else torch.zeros(0))  # noqa: E731
-    robust_t, robust_f, clean_t, clean_f, dn = map(cat, (robust, robust_frac, clean, clean_frac, dnorm))
-    k_clean, k_rob = int(clean_t.sum()), int(robust_t.sum())
-    m_clean, m_rob = float(clean_f.sum()), float(robust_f.sum())
+    res = atk(x.to(device), labels[idx].to(device), stream=int(idx[0]))
+    return {"indices": idx.tolist(), "correct": res.robust.int().tolist(),
+            "robust_frac": res.robust_frac.tolist(), "clean_correct": res.clean_correct.int().tolist(),
+            "clean_frac": res.clean_frac.tolist(), "delta_norm": res.delta_norm.tolist(),
+            "in_bounds": bool(res.in_bounds), "wall_s": time.perf_counter() - t0, "device": str(device),
+            "shard": f"{rank}/{world}"}
+
+
+def merge_row(target: Target, atk: WhiteBoxAttack, pieces: Sequence[dict[str, Any]], *, dataset: str,
+              examples: dict[str, Any], seed: int, batch_size: int) -> dict[str, Any]:
+    """One result row (without ``key``) from the parts of its batches, in batch order."""
+    def cat(name: str) -> list[Any]:
+        return [v for p in pieces for v in p[name]]
+
+    idx, robust, clean = cat("indices"), cat("correct"), cat("clean_correct")
+    robust_frac, clean_frac, dnorm = cat("robust_frac"), cat("clean_frac"), cat("delta_norm")
+    n = len(idx)
+    wall = sum(p["wall_s"] for p in pieces)
+    k_clean, k_rob = sum(clean), sum(robust)
+    m_clean, m_rob = math.fsum(clean_frac), math.fsum(robust_frac)
     p = atk.params()
     row: dict[str, Any] = {
         "kind": "whitebox",
@@ -237,19 +262,20 @@ def attack_one(target: Target, atk: WhiteBoxAttack, images: torch.Tensor, labels
         "robust_acc_mean": m_rob / n if n else 0.0,
         "robust_mean_ci_low": _ci(m_rob, n)[0],
         "robust_mean_ci_high": _ci(m_rob, n)[1],
-        "max_delta_norm": float(dn.max()) if n else 0.0,
-        "in_bounds": in_bounds,
+        "max_delta_norm": max(dnorm, default=0.0),
+        "in_bounds": all(p["in_bounds"] for p in pieces),
         "dataset": dataset,
         "split": "test",
         "examples": examples,
         "seed": seed,
         "batch_size": batch_size,
-        **provenance_fields(target.checkpoint, device),
+        **provenance_fields(target.checkpoint, pieces[0]["device"] if pieces else _device(target.model)),
         "wall_s": round(wall, 3),
         "images_per_s": round(n / wall, 4) if wall > 0 else None,
-        "example_indices": idx_all.tolist(),
-        "correct": robust_t.int().tolist(),
-        "clean_correct": clean_t.int().tolist(),
+        "shards": sorted({p["shard"] for p in pieces}),
+        "example_indices": idx,
+        "correct": robust,
+        "clean_correct": clean,
     }
     if target.checkpoint is None:
         row["checkpoint"], row["checkpoint_sha256"] = None, None

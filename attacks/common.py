@@ -60,3 +60,21 @@ def check_images(x: torch.Tensor) -> None:
         raise AttackInputError(f"images must be a float tensor (N, C, H, W), got {tuple(x.shape)} {x.dtype}")
     if x.numel() and (x.min() < 0 or x.max() > 1):
         raise AttackInputError("images must lie in [0, 1]; normalisation belongs inside the model")
+
+
+def world_position() -> tuple[int, int]:
+    """(rank, world size) in an initialised ``torch.distributed`` group (e.g. under ``torchrun``); (0, 1)
+    otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

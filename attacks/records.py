@@ -123,3 +123,69 @@ def export_csv(rows: Iterable[dict[str, Any]], path: str | os.PathLike) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(buf.getvalue())
     os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# per-batch parts of a row (resume inside a row; sharding over torchrun ranks)
+# ------------------------------------------------------------------------------------------------
+PARTS = "parts"
+
+
+class Parts:
+    """The pieces of one row on disk, one JSON file per batch: ``RUN/parts/NAME/BBBBB.json``.
+
+    Each file is written atomically (temporary file + ``os.replace``), so a piece is either whole or
+    absent; a kill loses only the batch in progress. Whoever finds every piece present merges them into
+    the row and calls :meth:`remove`. An unreadable piece counts as absent (it is recomputed).
+
+    Args:
+        run_dir: the run directory (``RUN``).
+        name: identifies the row and everything that shapes its batches (e.g. ``KEY-bs64``).
+        n_batches: how many pieces make the row.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, name: str, n_batches: int) -> None:
+        self.dir = Path(run_dir) / PARTS / name
+        self.n_batches = int(n_batches)
+
+    def path(self, b: int) -> Path:
+        return self.dir / f"{b:05d}.json"
+
+    def read(self, b: int) -> dict[str, Any] | None:
+        """Piece ``b``, or None if it is missing or unreadable."""
+        try:
+            return json.loads(self.path(b).read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            log.warning("%s is unreadable; it will be recomputed", self.path(b))
+            return None
+
+    def has(self, b: int) -> bool:
+        return self.read(b) is not None
+
+    def write(self, b: int, piece: dict[str, Any]) -> None:
+        """Store piece ``b`` atomically (fsynced before the rename)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.path(b)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(piece, allow_nan=False))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def read_all(self) -> list[dict[str, Any]] | None:
+        """Every piece in batch order, or None while any is missing."""
+        pieces = [self.read(b) for b in range(self.n_batches)]
+        return None if any(p is None for p in pieces) else pieces  # type: ignore[return-value]
+
+    def remove(self) -> None:
+        """Delete the pieces (after their row was appended)."""
+        if self.dir.exists():
+            for p in self.dir.iterdir():
+                p.unlink()
+            self.dir.rmdir()
+        parent = self.dir.parent
+        if parent.exists() and not any(parent.iterdir()):
+            parent.rmdir()

@@ -415,10 +415,9 @@ def _whitebox_options(fn: Any) -> Any:
                      help="Test images to attack [the whole test set]."),
         click.option("--examples", "example_rule", type=click.Choice(["first", "random"]), default="first",
                      show_default=True, help="Which N: the first N, or N drawn with --seed."),
-        click.option("--shard", default="0/1", show_default=True,
-                     help="RANK/WORLD: attack positions i with i % WORLD == RANK of the selection."),
         click.option("--batch-size", type=click.IntRange(min=1), default=None,
-                     help="Images per attack call [256 bare, fewer for long chains]."),
+                     help="Images per attack call [256 bare, fewer for long chains]. Under torchrun the batches "
+                          "are shared out over the ranks: a smaller batch spreads a short row wider."),
         click.option("--seed", type=int, default=0, show_default=True, help="Root of every attack / noise seed."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -431,16 +430,6 @@ def _whitebox_options(fn: Any) -> Any:
     return fn
 
 
-def _parse_shard(text: str) -> tuple[int, int]:
-    try:
-        rank, world = (int(v) for v in str(text).split("/"))
-    except ValueError:
-        raise UserError(f"--shard must be RANK/WORLD (e.g. 0/4), got {text!r}") from None
-    if not (world >= 1 and 0 <= rank < world):
-        raise UserError(f"--shard needs 0 <= RANK < WORLD, got {text!r}")
-    return rank, world
-
-
 def _run_name(command: str, checkpoints: tuple[str, ...], norms: list[str]) -> Path:
     names = []
     for c in checkpoints:
@@ -451,26 +440,33 @@ def _run_name(command: str, checkpoints: tuple[str, ...], norms: list[str]) -> P
 
 def _whitebox(command: str, make_factory: Any, *, checkpoints: tuple[str, ...], norms: list[str], eps: list[float],
               sgld_steps: list[int], n_chains: int, init_noise: float, sgld_step_size: float, sgld_noise: float,
-              grad_modes: list[str], n_examples: int | None, example_rule: str, shard: str,
+              grad_modes: list[str], n_examples: int | None, example_rule: str,
               batch_size: int | None, seed: int, device: str, out: str | None, data_dir: str | None,
               no_progress: bool) -> None:
-    """Load checkpoints -> labelled targets -> one sweep; print one line per row."""
+    """Load checkpoints -> labelled targets -> one sweep; print one line per row.
+
+    Under ``torchrun`` every rank loads the models on its own device and attacks its share of each
+    row's batches; rank 0 merges them into RUN/rows.jsonl and prints.
+    """
     from attacks.benchmark import Examples, Target, run_sweep
+
+    from .distributed import launch
 
     eps = list(dict.fromkeys(eps))
     for norm in norms:
         parse_eps(",".join(repr(e) for e in eps), norm)  # L∞ ε > 1 is an error before anything runs
-    shard_rw = _parse_shard(shard)
-    dev = resolve_device(device)
-    ds, variants = _load_variants(checkpoints, sgld_steps, grad_modes, n_chains=n_chains, init_noise=init_noise,
-                                  sgld_step_size=sgld_step_size, sgld_noise=sgld_noise, seed=seed, dev=dev,
-                                  data_dir=data_dir)
-    targets = [Target(label, rc, str(path), {"objective": info["objective"], **rc.config()})
-               for path, info, _, label, rc in variants]
     out_dir = Path(out) if out else _run_name(command, checkpoints, norms)
-    rows = run_sweep(targets, make_factory(len(ds.classes)), norms, eps, ds.images, ds.labels, out_dir,
-                     dataset=ds.name, examples=Examples(n_examples, example_rule, seed, shard_rw), seed=seed,
-                     batch_size=batch_size, progress=not no_progress)
+    with launch(resolve_device(device)) as (dist, dev):
+        ds, variants = _load_variants(checkpoints, sgld_steps, grad_modes, n_chains=n_chains, init_noise=init_noise,
+                                      sgld_step_size=sgld_step_size, sgld_noise=sgld_noise, seed=seed, dev=dev,
+                                      data_dir=data_dir)
+        targets = [Target(label, rc, str(path), {"objective": info["objective"], **rc.config()})
+                   for path, info, _, label, rc in variants]
+        rows = run_sweep(targets, make_factory(len(ds.classes)), norms, eps, ds.images, ds.labels, out_dir,
+                         dataset=ds.name, examples=Examples(n_examples, example_rule, seed), seed=seed,
+                         batch_size=batch_size, progress=not no_progress and dist.is_main)
+    if not dist.is_main:
+        return
     for r in rows:
         mode = f" {r['grad_mode']}" if r.get("sgld_steps") else ""
         click.echo(f"{r['model']}{mode} {r['attack']} {r['norm']} eps={r['eps']:.4g}: clean {r['clean_acc']:.3f}  "

@@ -137,3 +137,62 @@ def test_compiled_training_uses_compiled_net_and_keeps_checkpoint_keys(tmp_path,
     keys = set(read_checkpoint(tmp_path / "last.pt")["model"])
     assert keys == set(trainer.model.state_dict()) and not any("_orig_mod" in k for k in keys)
     assert load(tmp_path / "last.pt").checkpoint_info["step"] == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# attack sweeps under torchrun
+# ------------------------------------------------------------------------------------------------
+# The CLI itself, with one hook: CRASH_EPS makes rank 1 die hard (os._exit, like kill -9) as soon as it
+# starts a batch of a row at that ε.
+SWEEP_WORKER = """
+import os, sys
+import torch
+import attacks.benchmark as bm
+torch.set_num_threads(1)
+crash_eps = float(os.environ.get("CRASH_EPS", "nan"))
+real = bm.attack_batch
+def attack_batch(target, atk, *args, rank=0, world=1, **kwargs):
+    if rank == 1 and atk.eps == crash_eps:
+        os._exit(3)
+    return real(target, atk, *args, rank=rank, world=world, **kwargs)
+bm.attack_batch = attack_batch
+from robust_jem.cli import main
+main(sys.argv[1:])
+"""
+
+# what may differ between two runs of the same rows: when, how long, which ranks
+VOLATILE = {"timestamp", "wall_s", "images_per_s", "shards"}
+
+
+def test_two_rank_sweep_equals_one_rank_and_survives_a_dead_rank(tiny_run, tmp_path):
+    script = tmp_path / "sweep_worker.py"
+    script.write_text(SWEEP_WORKER)
+    args = ["pgd", "--checkpoint", str(tiny_run / "final.pt"), "--sgld-steps", "0,1", "--n-chains", "2",
+            "--eps", "0.05,0.1", "--steps", "2", "--eval-draws", "2", "--n-examples", "24", "--batch-size", "8",
+            "--device", "cpu", "--no-progress"]
+
+    def run(launcher: list[str], out: Path, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(launcher + [str(script), *args, "--out", str(out)], env={**_env(), **env},
+                              capture_output=True, text=True, timeout=300)
+
+    one = run([sys.executable], tmp_path / "one")  # a plain process: world size 1
+    assert one.returncode == 0, one.stderr[-3000:]
+    ref = _rows(tmp_path / "one" / "rows.jsonl")
+    assert len(ref) == 4 and {r["model"] for r in ref} == {"JEM-0", "JEM-1"}
+
+    # rank 1 dies at the first ε = 0.1 row: torchrun stops the job, the finished row is kept
+    crashed = run(TORCHRUN, tmp_path / "two", CRASH_EPS="0.1")
+    assert crashed.returncode != 0
+    assert len(_rows(tmp_path / "two" / "rows.jsonl")) < 4
+    done = run(TORCHRUN, tmp_path / "two")  # re-running finishes the rest
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("rows.jsonl") == 1  # rank 0 prints
+    two = _rows(tmp_path / "two" / "rows.jsonl")
+    assert len(two) == 4 and len({r["key"] for r in two}) == 4
+    assert not (tmp_path / "two" / "parts").exists()
+    assert {s for r in two for s in r["shards"]} >= {"0/2", "1/2"}
+    by_key = {r["key"]: r for r in two}
+    for r in ref:
+        other = by_key[r["key"]]
+        assert {k: v for k, v in other.items() if k not in VOLATILE} == {k: v for k, v in r.items()
+                                                                          if k not in VOLATILE}, r["key"]

@@ -231,12 +231,43 @@ def test_sweep_rows_same_seed_same_numbers_and_resume(net, data, tmp_path):
     assert len(read_rows(path)) == 6
 
 
-def test_shards_partition_the_selection():
-    full = Examples(n=10).indices(100)
-    parts = [Examples(n=10, shard=(r, 3)).indices(100) for r in range(3)]
-    assert sorted(sum(parts, [])) == full
+def test_a_killed_row_keeps_its_finished_batches(net, data, tmp_path):
+    """Each batch is a part on disk: a crash mid-row loses only the batch in progress; the resumed row equals
+    an uninterrupted one, and the parts are gone once the row is written."""
+    factory = pgd_factory(steps=2, eval_draws=2, seed=5)
+    common = dict(dataset="fashion-mnist", examples=Examples(n=24, rule="random", seed=2), seed=5, batch_size=8,
+                  progress=False)
+    target = [Target("JEM-1", jem1(net), info={"objective": "jem", **jem1(net).config()})]
+    ref = run_sweep(target, factory, ["linf"], [0.05], data.images, data.labels, tmp_path / "ref", **common)[0]
+
+    batches: list[int] = []
+
+    def dying_after(n_ok):
+        def make(model, norm, eps):
+            atk = factory(model, norm, eps)
+            real = atk.candidates
+
+            def candidates(x, y, stream=0):
+                if len(batches) == n_ok:
+                    raise KeyboardInterrupt  # killed while attacking this batch
+                batches.append(stream)
+                yield from real(x, y, stream)
+
+            atk.candidates = candidates
+            return atk
+        return make
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(target, dying_after(2), ["linf"], [0.05], data.images, data.labels, tmp_path / "a", **common)
+    assert read_rows(tmp_path / "a") == [] and len(list((tmp_path / "a" / "parts").glob("*/*.json"))) == 2
+    first_two = list(batches)
+    row = run_sweep(target, dying_after(3), ["linf"], [0.05], data.images, data.labels, tmp_path / "a", **common)[0]
+    assert len(batches) == 3 and batches[:2] == first_two  # only the third batch was attacked again
+    assert not (tmp_path / "a" / "parts").exists()
+    volatile = {"timestamp", "wall_s", "images_per_s"}
+    assert {k: v for k, v in row.items() if k not in volatile} == {k: v for k, v in ref.items() if k not in volatile}
     rnd = Examples(n=10, rule="random", seed=1)
-    assert rnd.indices(100) == rnd.indices(100) and rnd.indices(100) != full
+    assert rnd.indices(100) == rnd.indices(100) != Examples(n=10).indices(100)
 
 
 def test_plot_rows_with_blackbox_overlay(net, data, tmp_path):
@@ -254,7 +285,7 @@ def test_plot_rows_with_blackbox_overlay(net, data, tmp_path):
 # --- CLI ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args", [
     ["--eps", "-0.1"], ["--eps", "abc"], ["--eps", "8/0"], ["--eps", "2"], ["--eps", "0.1", "--steps", "0"],
-    ["--eps", "0.1", "--n-examples", "0"], ["--eps", "0.1", "--shard", "3/2"], ["--eps", "0.1", "--norm", "l7"],
+    ["--eps", "0.1", "--n-examples", "0"], ["--eps", "0.1", "--batch-size", "0"], ["--eps", "0.1", "--norm", "l7"],
     ["--eps", "0.1", "--n-examples", "20000"],
 ])
 def test_cli_bad_input_is_one_line_exit_2(run_cli, tiny_run, tmp_path, args):
