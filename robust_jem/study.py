@@ -209,6 +209,20 @@ def run_study(preset: str = "quick", dataset: str | None = None, name: str | Non
         handler.close()
 
 
+def _check_same_checkpoints(run_dir: Path, models: dict[str, Path]) -> None:
+    """Refuse to resume a run directory whose rows were computed on other checkpoints: its finished stages
+    would be skipped and the report would mix two runs."""
+    from attacks.provenance import file_sha256
+    from attacks.records import read_rows
+
+    ours = {file_sha256(p) for p in models.values()}
+    foreign = {r["checkpoint_sha256"] for r in read_rows(run_dir / "rows.jsonl")
+               if r.get("checkpoint_sha256") and r["checkpoint_sha256"] not in ours}
+    if foreign:
+        raise UserError(f"{run_dir} holds rows of {len(foreign)} other checkpoint(s) (another run's results); "
+                        f"pass --name NEW to start a new run directory, or remove it")
+
+
 def _run_study(preset: str, dataset: str, run_dir: Path, device: torch.device, data_dir: str | None,
                runs_dir: Path, progress: bool, only: tuple[str, ...]) -> Path:
     from attacks.records import append_row, read_rows
@@ -227,6 +241,7 @@ def _run_study(preset: str, dataset: str, run_dir: Path, device: torch.device, d
         if (f"train-{objective}", tuple(args)) not in done:
             append_row(stage_log, {"stage": f"train-{objective}", "args": args, "status": "done",
                                    "wall_s": round(time.perf_counter() - t, 2), "checkpoint": str(models[objective])})
+    _check_same_checkpoints(run_dir, models)
     stages = study_stages(PLANS[preset], models)
     for stage in tqdm(stages, desc="study", unit="stage", disable=not progress):
         if only and stage.group not in only:

@@ -294,3 +294,22 @@ def test_resume_from_bad_checkpoint_cli(run_cli, tmp_path, tiny_run):
 
 def test_resume_missing(run_cli, tmp_path):
     assert_usage_error(run_cli("train", "--resume", tmp_path / "nothing"))
+
+
+def test_study_refuses_a_run_directory_of_other_checkpoints(tmp_path):
+    """A fresh clone's study must not resume the committed reference run (its stages would be skipped)."""
+    from attacks.provenance import file_sha256
+    from attacks.records import append_row
+    from robust_jem.errors import UserError
+    from robust_jem.study import _check_same_checkpoints
+
+    ours, theirs = tmp_path / "ours.pt", tmp_path / "theirs.pt"
+    ours.write_bytes(b"ours")
+    theirs.write_bytes(b"theirs")
+    run = tmp_path / "run"
+    _check_same_checkpoints(run, {"ce": ours})  # an empty directory is fine
+    append_row(run / "rows.jsonl", {"model": "CE", "checkpoint_sha256": file_sha256(ours)})
+    _check_same_checkpoints(run, {"ce": ours})  # our own rows: resume
+    append_row(run / "rows.jsonl", {"model": "CE", "checkpoint_sha256": file_sha256(theirs)})
+    with pytest.raises(UserError, match="other checkpoint"):
+        _check_same_checkpoints(run, {"ce": ours})
