@@ -70,10 +70,10 @@ if (( TINY )); then
                  --data synthetic --no-bf16-check --tag "tiny-$DEV-small")
     ATTACK=(--sgld-steps 1 --n-chains 2 --steps 1 --n-batched 2 --n-loop 1 --n-bare 4)
 else
-    # paper scale: every option on and off (fp32 = TF32 convs; fused Adam is the trainer's CUDA default)
+    # paper scale: every option on and off (fp32 = TF32 convs; fused Adam and prefetch are the trainer's defaults)
     # (synthetic CIFAR-shaped data: no CIFAR-10 there, and torchvision would try to download it)
     TRAIN_PAPER=(--paper --repeats 5 --steps 4 --warmup 3 --data synthetic
-                 --variants reference,ours,nofused,bf16,bf16+cl,bf16+cl+compile)
+                 --variants reference,ours,nofused,noprefetch,bf16,bf16+cl,bf16+cl+compile)
     TRAIN_SMALL=(--repeats 5 --steps 10 --warmup 3 --variants reference,ours,bf16,bf16+cl --data auto)
     ATTACK=()
 fi

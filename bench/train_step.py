@@ -13,7 +13,9 @@ Timed loops (each its own model copy from the same initial weights, its own opti
   second loader gives), data noise added on the host, ``L.abs().item()`` every step, fp32, Adam.
 * ``ours[+options]``: ``robust_jem.train.Trainer.batch`` + ``Trainer.train_step`` (the loop's own step code)
   with the metric window kept on the device; options: ``bf16`` autocast, ``cl`` channels_last, ``compile``
-  (torch.compile of the backbone), ``fused`` / ``nofused`` Adam (the trainer uses fused Adam on CUDA only).
+  (torch.compile of the backbone); ``nofused`` (foreach Adam instead of the fused kernel), ``noprefetch``
+  (synchronous batch gather instead of the background-thread / pinned-memory prefetcher). ``ours`` is the
+  trainer's defaults: fp32, fused Adam, prefetch on.
 
 Each repeat times ``--steps`` steps of every loop, in a rotating order (so load from other processes hits all
 loops alike); the median per-step time over repeats is reported after ``--warmup`` steps. FLOPs of one step
@@ -168,12 +170,9 @@ class OursLoop:
     """``Trainer.batch`` + ``Trainer.train_step``, metrics accumulated on the device as ``Trainer.run`` does."""
 
     def __init__(self, cfg: TrainConfig, data: tuple[ImageDataset, ImageDataset], device: torch.device,
-                 fused: bool | None, init: dict[str, torch.Tensor], out: Path) -> None:
+                 init: dict[str, torch.Tensor], out: Path) -> None:
         self.trainer = Trainer(cfg, out, device, data=data)
         self.trainer.model.load_state_dict(init)
-        if fused is not None:  # override the trainer's choice (fused on CUDA only)
-            t = self.trainer
-            t.opt = torch.optim.Adam(t.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
         self.window = _Window()
 
     def step(self) -> None:
@@ -277,12 +276,12 @@ def parse_variant(name: str) -> dict[str, Any]:
     if name == "reference":
         return {"reference": True}
     tokens = [t for t in name.split("+") if t and t != "ours"]
-    bad = set(tokens) - {"bf16", "cl", "compile", "fused", "nofused"}
+    bad = set(tokens) - {"bf16", "cl", "compile", "nofused", "noprefetch"}
     if bad:
         raise UserError(f"unknown variant option(s) {', '.join(sorted(bad))} in {name!r}")
     return {"reference": False, "bf16": "bf16" in tokens, "channels_last": "cl" in tokens,
-            "compile": "compile" in tokens,
-            "fused": True if "fused" in tokens else (False if "nofused" in tokens else None)}
+            "compile": "compile" in tokens, "fused_adam": "nofused" not in tokens,
+            "prefetch": "noprefetch" not in tokens}
 
 
 def bf16_check(cfg: TrainConfig, data: tuple[ImageDataset, ImageDataset], device: torch.device,
@@ -325,8 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="[the preset's: 64]")
     ap.add_argument("--sgld-steps", type=int, default=None, help="[quick: 5, paper: 20]")
     ap.add_argument("--variants", default=None,
-                    help="comma list: reference, ours, and ours with +bf16 +cl +compile +fused +nofused "
-                         "[cpu: reference,ours,bf16,cl,bf16+cl; cuda: reference,ours,nofused,bf16,bf16+cl,"
+                    help="comma list: reference, ours, and ours with +bf16 +cl +compile +nofused +noprefetch "
+                         "[cpu: reference,ours,nofused,noprefetch,cl,bf16,bf16+cl; cuda: reference,ours,nofused,"
+                         "noprefetch,bf16,bf16+cl,"
                          "bf16+cl+compile]")
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per loop per repeat")
@@ -386,9 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.variants:
         names = [v.strip() for v in args.variants.split(",") if v.strip()]
     elif device.type == "cuda":
-        names = ["reference", "ours", "nofused", "bf16", "bf16+cl", "bf16+cl+compile"]
+        names = ["reference", "ours", "nofused", "noprefetch", "bf16", "bf16+cl", "bf16+cl+compile"]
     else:
-        names = ["reference", "ours", "bf16", "cl", "bf16+cl"]
+        names = ["reference", "ours", "nofused", "noprefetch", "cl", "bf16", "bf16+cl"]
     names = ["ours" if n in ("ours", "") else n for n in names]
     specs = {n: parse_variant(n) for n in names}
 
@@ -403,8 +403,9 @@ def main(argv: list[str] | None = None) -> int:
             net.load_state_dict({k[len("net."):]: v for k, v in init.items()})
             loops[n] = ReferenceLoop(net, cfg, data[0], device)
         else:
-            vcfg = replace(cfg, bf16=spec["bf16"], channels_last=spec["channels_last"], compile=spec["compile"])
-            loops[n] = OursLoop(vcfg, data, device, spec["fused"], copy.deepcopy(init), tmp)
+            vcfg = replace(cfg, bf16=spec["bf16"], channels_last=spec["channels_last"], compile=spec["compile"],
+                           fused_adam=spec["fused_adam"], prefetch=spec["prefetch"])
+            loops[n] = OursLoop(vcfg, data, device, copy.deepcopy(init), tmp)
 
     # --- FLOPs of one step (uncompiled loops; compiled code is opaque to the counter) -------------
     flops: dict[str, int] = {}

@@ -109,11 +109,23 @@ def setup_logging(verbose: bool) -> None:
 # ------------------------------------------------------------------------------------------------
 # commands
 # ------------------------------------------------------------------------------------------------
+# Commands that spread their work over torchrun ranks; every other command refuses to run under torchrun
+# (N copies of it would write the same files).
+DISTRIBUTED_COMMANDS = ("train", "pgd", "autoattack", "blackbox")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def cli(verbose: bool) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
     """robust-jem: train JEM and its baselines, then attack them honestly."""
     setup_logging(verbose)
+    from .distributed import env_rank
+
+    command = ctx.invoked_subcommand
+    if command and command not in DISTRIBUTED_COMMANDS and env_rank().enabled:
+        raise UserError(f"'{command}' runs in one process; under torchrun use one of "
+                        f"{', '.join(DISTRIBUTED_COMMANDS)}")
 
 
 @cli.command("data-check")
@@ -170,6 +182,9 @@ def data_check(dataset: str, data_dir: str | None) -> None:
 @click.option("--bf16/--no-bf16", default=None, help="bf16 autocast.")
 @click.option("--channels-last/--no-channels-last", default=None)
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the model.")
+@click.option("--fused-adam/--no-fused-adam", default=None, help="torch's fused Adam kernel [on].")
+@click.option("--prefetch/--no-prefetch", default=None,
+              help="Gather the next batch on a background thread; pinned memory + side-stream copy on CUDA [on].")
 @click.option("--no-progress", is_flag=True)
 def train(objective: str, dataset: str, preset: str, out: str | None, resume_dir: str | None, data_dir: str | None,
           device: str, no_progress: bool, compile_: bool | None, **overrides: Any) -> None:
@@ -350,7 +365,7 @@ def certify(checkpoint: str, sigma: float | None, n: int, n0: int, alpha: float,
 # ------------------------------------------------------------------------------------------------
 def _load_variants(checkpoints: tuple[str, ...], sgld_steps: list[int], grad_modes: list[str], *, n_chains: int,
                    init_noise: float, sgld_step_size: float, sgld_noise: float, seed: int, dev: Any,
-                   data_dir: str | None) -> tuple[Any, list[tuple[str, Any, Any, str, Any]]]:
+                   data_dir: str | None, bf16: bool = False) -> tuple[Any, list[tuple[str, Any, Any, str, Any]]]:
     """Load every checkpoint (all before anything runs, same data set required) and label its variants.
 
     Returns the test split and ``(path, checkpoint_info, bare model, label, RefinedClassifier)`` per variant.
@@ -371,7 +386,7 @@ def _load_variants(checkpoints: tuple[str, ...], sgld_steps: list[int], grad_mod
             raise UserError(f"{path}: input shape {info['input_shape']} does not match {ds.name} {list(ds.shape)}")
         for label, rc in refined_variants(m, info["objective"], sgld_steps, grad_modes, n_chains=n_chains,
                                           init_noise=init_noise, step_size=sgld_step_size, noise=sgld_noise,
-                                          seed=seed):
+                                          seed=seed, bf16=bf16):
             out.append((path, info, m, label, rc))
     return ds, out
 
@@ -407,6 +422,9 @@ def _whitebox_options(fn: Any) -> Any:
                      show_default=True,
                      help="Attacker's gradient through the chain: full (backprop every SGLD step) and/or bpda "
                           "(chain = identity), comma list."),
+        click.option("--bf16", is_flag=True,
+                     help="Run the chain and the classifier under bf16 autocast (fp32 inputs and logits); the "
+                          "rows say precision=bf16. Check it against fp32: bench/attack_precision.py."),
         click.option("--restarts", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Random restarts; an example is robust only if it survives all of them."),
         click.option("--eval-draws", type=click.IntRange(min=1), default=5, show_default=True,
@@ -440,7 +458,7 @@ def _run_name(command: str, checkpoints: tuple[str, ...], norms: list[str]) -> P
 
 def _whitebox(command: str, make_factory: Any, *, checkpoints: tuple[str, ...], norms: list[str], eps: list[float],
               sgld_steps: list[int], n_chains: int, init_noise: float, sgld_step_size: float, sgld_noise: float,
-              grad_modes: list[str], n_examples: int | None, example_rule: str,
+              grad_modes: list[str], bf16: bool, n_examples: int | None, example_rule: str,
               batch_size: int | None, seed: int, device: str, out: str | None, data_dir: str | None,
               no_progress: bool) -> None:
     """Load checkpoints -> labelled targets -> one sweep; print one line per row.
@@ -459,7 +477,7 @@ def _whitebox(command: str, make_factory: Any, *, checkpoints: tuple[str, ...], 
     with launch(resolve_device(device)) as (dist, dev):
         ds, variants = _load_variants(checkpoints, sgld_steps, grad_modes, n_chains=n_chains, init_noise=init_noise,
                                       sgld_step_size=sgld_step_size, sgld_noise=sgld_noise, seed=seed, dev=dev,
-                                      data_dir=data_dir)
+                                      data_dir=data_dir, bf16=bf16)
         targets = [Target(label, rc, str(path), {"objective": info["objective"], **rc.config()})
                    for path, info, _, label, rc in variants]
         rows = run_sweep(targets, make_factory(len(ds.classes)), norms, eps, ds.images, ds.labels, out_dir,
@@ -624,19 +642,26 @@ def blackbox(attack: str, checkpoints: tuple[str, ...], sgld_steps: list[int], n
     cfg = BlackboxConfig(attack, steps=steps or defaults[0], init_steps=init_steps or defaults[1],
                          init_directions=init_directions, batch_size=batch_size, eval_draws=eval_draws, seed=seed,
                          source_step=source_step, spherical_step=spherical_step).validate()
-    dev = resolve_device(device)
-    ds, subjects = _subjects(checkpoints, sgld_steps, ["full"], n_chains=n_chains, init_noise=init_noise,
-                             sgld_step_size=sgld_step_size, sgld_noise=sgld_noise, seed=seed, dev=dev,
-                             data_dir=data_dir)
-    n = min(n_examples, len(ds))
-    x, y = ds.batch(slice(0, n))
+    from .distributed import launch
+
     out_dir = Path(out) if out else _run_name("blackbox", checkpoints, [attack])
     grids = {k: v for k, v in (("l2", eps_grid), ("l0", l0_grid)) if v}
-    for s in subjects:
-        ident = {k: v for k, v in s["identity"].items() if k != "grad_mode"}  # no gradients used
-        ident["examples"] = f"test[0:{n}]"
-        rows = run_blackbox(s["model"], x.to(dev), y.to(dev), cfg, out_dir=out_dir, identity=ident,
-                            extra=s["extra"], eps_grids=grids, indices=range(n), progress=not no_progress)
+    with launch(resolve_device(device)) as (dist, dev):  # under torchrun: chunks shared over ranks
+        ds, subjects = _subjects(checkpoints, sgld_steps, ["full"], n_chains=n_chains, init_noise=init_noise,
+                                 sgld_step_size=sgld_step_size, sgld_noise=sgld_noise, seed=seed, dev=dev,
+                                 data_dir=data_dir)
+        n = min(n_examples, len(ds))
+        x, y = ds.batch(slice(0, n))
+        results = []
+        for s in subjects:
+            ident = {k: v for k, v in s["identity"].items() if k != "grad_mode"}  # no gradients used
+            ident["examples"] = f"test[0:{n}]"
+            results.append((s, run_blackbox(s["model"], x.to(dev), y.to(dev), cfg, out_dir=out_dir, identity=ident,
+                                            extra=s["extra"], eps_grids=grids, indices=range(n),
+                                            progress=not no_progress and dist.is_main)))
+    if not dist.is_main:
+        return
+    for s, rows in results:
         for r in rows:
             med, med_fixed = r["distance_summary"]["median"], r["distance_summary_fixed_noise"]["median"]
             fmt = lambda v: "inf" if v is None else f"{v:.4g}"  # noqa: E731

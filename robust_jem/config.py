@@ -83,6 +83,8 @@ class TrainConfig:
     bf16: bool = False
     channels_last: bool = False
     compile: bool = False
+    fused_adam: bool = True  # torch's fused Adam kernel (CUDA and CPU); False: the foreach implementation
+    prefetch: bool = True  # gather the next batch on a background thread (pinned memory + side stream on CUDA)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable dict (tuples become lists)."""

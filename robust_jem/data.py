@@ -10,8 +10,10 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -180,3 +182,61 @@ def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | 
     if name == "fashion-mnist":
         return _load_fashion_mnist(split, data_dir, download)
     return _load_torchvision(name, split, data_dir, download)
+
+
+class Prefetcher:
+    """The batches of a deterministic schedule, loaded one step ahead.
+
+    ``get(step)`` returns exactly ``fetch(step)`` moved to ``device``. With ``enabled``, a background thread
+    gathers step+1's batch while step runs (into pinned host memory on CUDA, whose host-to-device copy is
+    then issued on a side stream so it overlaps the previous step's kernels). Every call of ``fetch``
+    happens on that one thread, so ``fetch`` needs no locking. Disabled, it is the plain synchronous
+    gather-and-copy. Asking for a step out of order (a resume, a roll-back) just drops the look-ahead.
+
+    Args:
+        fetch: step -> (images, labels) on the host; a pure function of the step.
+        device: where the batches go.
+        enabled: look ahead (the ``prefetch`` training option).
+    """
+
+    def __init__(self, fetch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                 enabled: bool = True) -> None:
+        self.fetch, self.device, self.enabled = fetch, device, enabled
+        self.pin = enabled and device.type == "cuda"
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if enabled else None
+        self._stream = torch.cuda.Stream(device) if self.pin else None
+        self._ahead: tuple[int, Future] | None = None
+
+    def _host(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.fetch(step)
+        return (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
+
+    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of ``step`` on the device."""
+        if self._pool is None:
+            x, y = self.fetch(step)
+            return x.to(self.device), y.to(self.device)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == step:
+            x, y = ahead[1].result()
+        else:
+            if ahead is not None:
+                ahead[1].result()  # let the stale look-ahead finish: fetch runs on one thread only
+            x, y = self._pool.submit(self._host, step).result()
+        self._ahead = (step + 1, self._pool.submit(self._host, step + 1))
+        if self._stream is None:
+            return x.to(self.device), y.to(self.device)
+        main = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_stream(main)  # the copy may reuse memory the main stream just freed
+            xd, yd = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        main.wait_stream(self._stream)
+        xd.record_stream(main)
+        yd.record_stream(main)
+        return xd, yd
+
+    def close(self) -> None:
+        """Stop the background thread."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._ahead = None, None

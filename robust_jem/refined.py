@@ -34,13 +34,15 @@ class RefinedClassifier(nn.Module):
         grad_mode: ``"full"`` or ``"bpda"``.
         seed: seed of this module's own noise generator (created lazily on the input's device).
         generator: or an explicit generator to draw from.
+        bf16: run the chain and the classifier under bf16 autocast (inputs, chain states and returned
+            logits stay fp32); recorded as ``precision`` in :meth:`config`.
 
     Shape: (N, C, H, W) -> (N, K).
     """
 
     def __init__(self, model: EnergyModel, sgld_steps: int = 0, n_chains: int = 5, init_noise: float = 0.03,
                  step_size: float = 1.0, noise: float = 0.01, grad_mode: str = "full", seed: int = 0,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, bf16: bool = False) -> None:
         super().__init__()
         if grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
@@ -51,6 +53,7 @@ class RefinedClassifier(nn.Module):
         self.step_size, self.noise, self.grad_mode = step_size, noise, grad_mode
         self.seed = seed
         self._generator = generator
+        self.bf16 = bool(bf16)
 
     @property
     def deterministic(self) -> bool:
@@ -70,12 +73,16 @@ class RefinedClassifier(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"sgld_steps={self.sgld_steps}, n_chains={self.n_chains}, init_noise={self.init_noise}, "
-                f"step_size={self.step_size}, noise={self.noise}, grad_mode={self.grad_mode!r}, seed={self.seed}")
+                f"step_size={self.step_size}, noise={self.noise}, grad_mode={self.grad_mode!r}, seed={self.seed}"
+                + (", bf16=True" if self.bf16 else ""))
 
     def config(self) -> dict:
-        """Settings for result rows."""
-        return {"sgld_steps": self.sgld_steps, "n_chains": self.n_chains, "init_noise": self.init_noise,
-                "sgld_step_size": self.step_size, "sgld_noise": self.noise, "grad_mode": self.grad_mode}
+        """Settings for result rows (``precision`` only when not fp32, so fp32 rows keep their keys)."""
+        out = {"sgld_steps": self.sgld_steps, "n_chains": self.n_chains, "init_noise": self.init_noise,
+               "sgld_step_size": self.step_size, "sgld_noise": self.noise, "grad_mode": self.grad_mode}
+        if self.bf16:
+            out["precision"] = "bf16"
+        return out
 
     def refine(self, z: torch.Tensor, generator: torch.Generator | None = None,
                noise_fn: NoiseFn | None = None) -> torch.Tensor:
@@ -107,9 +114,10 @@ class RefinedClassifier(nn.Module):
         z = to_internal(x)
         if self.n_chains > 1:
             z = z.repeat(self.n_chains, *([1] * (z.dim() - 1)))
-        z = self.refine(z, generator, noise_fn)
-        logits = self.model.logits_z(z)
-        return logits.view(self.n_chains, n, -1).mean(0)
+        with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            z = self.refine(z, generator, noise_fn)
+            logits = self.model.logits_z(z)
+        return logits.float().view(self.n_chains, n, -1).mean(0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,7 +133,7 @@ def model_label(objective: str, sgld_steps: int) -> str:
 
 def refined_variants(model: EnergyModel, objective: str, sgld_steps: list[int], grad_modes: list[str], *,
                      n_chains: int = 5, init_noise: float = 0.03, step_size: float = 1.0, noise: float = 0.01,
-                     seed: int = 0) -> list[tuple[str, RefinedClassifier]]:
+                     seed: int = 0, bf16: bool = False) -> list[tuple[str, RefinedClassifier]]:
     """The classifiers to attack for one checkpoint, labelled.
 
     A JEM checkpoint gives one ``RefinedClassifier`` per (sgld_steps, grad_mode) (k = 0 once: the chain is
@@ -133,11 +141,12 @@ def refined_variants(model: EnergyModel, objective: str, sgld_steps: list[int], 
     (``sgld_steps=0, n_chains=1, init_noise=0``) once, whatever ``sgld_steps`` says.
     """
     if objective != "jem":
-        return [(model_label(objective, 0), RefinedClassifier(model, 0, n_chains=1, init_noise=0.0, seed=seed))]
+        return [(model_label(objective, 0), RefinedClassifier(model, 0, n_chains=1, init_noise=0.0, seed=seed,
+                                                              bf16=bf16))]
     out = []
     for k in dict.fromkeys(sgld_steps):
         for mode in (["full"] if k == 0 else list(dict.fromkeys(grad_modes))):
             out.append((model_label("jem", k), RefinedClassifier(model, k, n_chains=n_chains, init_noise=init_noise,
                                                                  step_size=step_size, noise=noise, grad_mode=mode,
-                                                                 seed=seed)))
+                                                                 seed=seed, bf16=bf16)))
     return out

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write, model_from_checkpoint, read_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import ImageDataset, load_dataset
+from .data import ImageDataset, Prefetcher, load_dataset
 from .distributed import RANK_SEED_STRIDE, SINGLE, DistContext, shard, shard_size
 from .errors import UserError
 from .model import EnergyModel, to_internal, to_pixels
@@ -311,6 +311,7 @@ class Trainer:
             raise UserError(f"replay buffer of {cfg.sgld.buffer_size} split over {dist.world} ranks is smaller "
                             f"than the per-rank batch {cfg.batch_size // dist.world}")
         self.order = BatchOrder(len(self.train_data), cfg.batch_size, cfg.seed)
+        self.loader = Prefetcher(self.host_batch, device, enabled=cfg.prefetch)
         self.step = 0
         self.lr_scale = 1.0
         self.retries = 0
@@ -334,9 +335,8 @@ class Trainer:
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.train()
-        fused = self.device.type == "cuda"
         self.opt = torch.optim.Adam(self.model.parameters(), lr=lr_at(cfg, 0), weight_decay=cfg.weight_decay,
-                                    **({"fused": True} if fused else {}))
+                                    **({"fused": True} if cfg.fused_adam else {"foreach": True}))
         self.gen = torch.Generator(device=self.device).manual_seed(self.gen_seed(seed_offset))
         self.buffer = None
         if cfg.objective == "jem":
@@ -361,14 +361,16 @@ class Trainer:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's part of the deterministic batch of ``step``, on the device."""
+    def host_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's part of the deterministic batch of ``step``, on the host."""
         idx = self.order.indices(step)
         if self.dist.enabled:
             idx = idx[self.dist.rank::self.dist.world]
-        x, y = self.train_data.batch(idx)
-        x = x.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True)
+        return self.train_data.batch(idx)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's part of the deterministic batch of ``step``, on the device (prefetched)."""
+        x, y = self.loader.get(step)
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
@@ -571,7 +573,10 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike, *, device: torch.devi
         (out / "metrics.jsonl").unlink(missing_ok=True)
     if dist.is_main:
         atomic_write(out / "config.json", lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
-    trainer.run(stop_at=stop_at, progress=progress)
+    try:
+        trainer.run(stop_at=stop_at, progress=progress)
+    finally:
+        trainer.loader.close()
     if trainer.step < cfg.iters:
         return out / "last.pt"
     final_metrics: dict[str, Any] = {}

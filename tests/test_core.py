@@ -313,3 +313,47 @@ def test_study_refuses_a_run_directory_of_other_checkpoints(tmp_path):
     append_row(run / "rows.jsonl", {"model": "CE", "checkpoint_sha256": file_sha256(theirs)})
     with pytest.raises(UserError, match="other checkpoint"):
         _check_same_checkpoints(run, {"ce": ours})
+
+
+def test_prefetcher_gives_the_schedule_s_batches_in_and_out_of_order():
+    from robust_jem.data import Prefetcher
+
+    calls: list[int] = []
+
+    def fetch(step: int):
+        calls.append(step)
+        return torch.full((2, 1, 2, 2), float(step)), torch.tensor([step, step])
+
+    sync = Prefetcher(fetch, torch.device("cpu"), enabled=False)
+    ahead = Prefetcher(fetch, torch.device("cpu"), enabled=True)
+    for step in [0, 1, 2, 7, 8, 3, 3]:  # in order, a jump (resume), a step back (roll-back), a repeat
+        for loader in (sync, ahead):
+            x, y = loader.get(step)
+            assert float(x.max()) == float(x.min()) == step and y.tolist() == [step, step]
+    ahead.close()
+    assert ahead.get(5)[1].tolist() == [5, 5]  # closed: synchronous
+    assert 9 in calls  # the look-ahead of step 8 was fetched before anyone asked
+
+
+def test_training_options_fused_adam_and_prefetch_do_not_change_the_run(tmp_path, fashion_available):
+    """Both switches are pure implementation choices: the same weights within float tolerance."""
+    from robust_jem.checkpoint import read_checkpoint
+    from robust_jem.train import train
+
+    a = read_checkpoint(train(tiny_cfg("jem", fused_adam=True, prefetch=True), tmp_path / "a", progress=False))
+    b = read_checkpoint(train(tiny_cfg("jem", fused_adam=False, prefetch=False), tmp_path / "b", progress=False))
+    assert a["config"].fused_adam and not b["config"].fused_adam
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5), k
+
+
+@pytest.mark.parametrize("command", ["distal", "calibrate", "study", "plot"])
+def test_single_process_commands_refuse_torchrun(run_cli, monkeypatch, command):
+    """N copies of a command that does not shard its work would write the same files: refused up front."""
+    from conftest import assert_usage_error
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    res = run_cli(command, "--help")
+    assert_usage_error(res)
+    assert "under torchrun" in res.err
