@@ -117,7 +117,9 @@ class RefinedClassifier(nn.Module):
         with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             z = self.refine(z, generator, noise_fn)
             logits = self.model.logits_z(z)
-        return logits.float().view(self.n_chains, n, -1).mean(0)
+        if self.bf16:
+            logits = logits.float()
+        return logits.view(self.n_chains, n, -1).mean(0)
 
 
 # ------------------------------------------------------------------------------------------------
