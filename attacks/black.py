@@ -16,6 +16,15 @@ suite's rule (robust at ε only if the clean image and the adversarial within ε
 every fresh pass), so black-box and white-box curves compare like with like; ``*_fixed_noise`` fields keep
 what foolbox itself saw.
 
+Runs are cut into chunks of ``batch_size`` examples, and a chunk's whole outcome (distances, both verdicts,
+queries) comes from that chunk alone (:func:`attack_chunk`: foolbox's proposals and the fresh-noise draws
+are seeded by (seed, chunk position)). :func:`run_blackbox` stores each finished chunk as a part
+(``RUN/parts/KEY-bsB/``) and merges the parts into the rows, so:
+
+* a killed run loses at most the chunk in progress (a re-run attacks only the missing chunks);
+* under ``torchrun`` (any ``torch.distributed`` group) rank r attacks the chunks c with c % world == r and
+  rank 0 writes the rows, which are the rows of a single process whatever the world size.
+
 Model contract (no robust_jem import): ``model(x)`` maps [0,1] images (N, C, H, W) to logits (N, K);
 ``model(x, noise_fn=fn)`` draws every Gaussian it needs from ``fn(like)``, which returns standard normal
 noise shaped like ``like``, whose leading dimension is ``copies * N`` in copy-major order (row ``r`` is a
@@ -43,8 +52,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .common import AttackInputError, check_images, wilson
-from .records import ROWS, append_row, done_keys, row_key
+from .common import AttackInputError, barrier, check_images, wilson, world_position
+from .records import ROWS, Parts, append_row, done_keys, read_rows, row_key
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +280,8 @@ class BlackboxConfig:
         init_steps: boundary: blending steps of LinearSearchBlendedUniformNoiseAttack; pointwise: steps of
             SaltAndPepperNoiseAttack.
         init_directions: boundary: uniform-noise directions tried by the blended-noise initialisation.
-        batch_size: examples attacked together (foolbox batches natively).
+        batch_size: examples attacked together (foolbox batches natively): one chunk, one part on disk.
+            Chunks are seeded by their position, so results depend on it, not on the number of ranks.
         eval_draws: fresh-noise forward passes used to re-score each adversarial (M).
         seed: selects the fixed noise, foolbox's random proposals and the fresh-noise draws.
         spherical_step, source_step, step_adaptation, update_stats_every_k: BoundaryAttack settings. The
@@ -341,10 +351,11 @@ class BlackboxConfig:
 
 @dataclass
 class BlackboxResult:
-    """Per-example outcome of one black-box run (N examples).
+    """Per-example outcome of a black-box run or of one chunk of it (N examples).
 
     Attributes:
-        adversarials: (N, C, H, W) best adversarial per example (the clean image where none was found).
+        adversarials: (N, C, H, W) best adversarial per example (the clean image where none was found);
+            None when rebuilt from parts (:meth:`from_part`), which keep only what rows are made of.
         found: (N,) bool, fixed-noise verdict: the fixed-noise view misclassifies ``adversarials``
             (True with distance 0 for examples it already misclassifies clean).
         distances: norm -> (N,) distance of ``adversarials`` to the clean image, ``inf`` where not found.
@@ -354,10 +365,11 @@ class BlackboxResult:
         clean_correct_fresh: (N,) fraction of fresh-noise passes classifying the clean image correctly.
         queries: (N,) oracle queries spent on each example (cache hits included).
         model_evals: examples actually run through the model (cache misses), in total.
-        wall_s: seconds for the whole run.
+        wall_s: seconds spent (summed over chunks).
+        init_failed: examples whose initialisation found no adversarial.
     """
 
-    adversarials: torch.Tensor
+    adversarials: torch.Tensor | None
     found: torch.Tensor
     distances: dict[str, torch.Tensor]
     fresh_misclassified: torch.Tensor
@@ -382,6 +394,46 @@ class BlackboxResult:
         d = self.distances[norm]
         d = torch.where(self.fresh_verdict, d, torch.full_like(d, math.inf))
         return torch.where(self.clean_correct_fresh < 1, torch.zeros_like(d), d)
+
+    def to_part(self) -> dict[str, Any]:
+        """The outcome as JSON (``inf`` and NaN as null), without the adversarial images; exact for floats."""
+        return {"found": self.found.tolist(), "distances": {k: _json_dist(d) for k, d in self.distances.items()},
+                "fresh_misclassified": [None if math.isnan(v) else v for v in self.fresh_misclassified.tolist()],
+                "clean_correct_fixed": self.clean_correct_fixed.tolist(),
+                "clean_correct_fresh": self.clean_correct_fresh.tolist(), "queries": self.queries.tolist(),
+                "model_evals": self.model_evals, "wall_s": self.wall_s, "init_failed": self.init_failed}
+
+    @classmethod
+    def from_part(cls, piece: dict[str, Any]) -> "BlackboxResult":
+        """Inverse of :meth:`to_part` (``adversarials`` is None)."""
+        def f64(values: list[float | None], missing: float) -> torch.Tensor:
+            return torch.tensor([missing if v is None else v for v in values], dtype=torch.float64)
+
+        return cls(adversarials=None, found=torch.tensor(piece["found"], dtype=torch.bool),
+                   distances={k: f64(v, math.inf) for k, v in piece["distances"].items()},
+                   fresh_misclassified=f64(piece["fresh_misclassified"], math.nan),
+                   clean_correct_fixed=torch.tensor(piece["clean_correct_fixed"], dtype=torch.bool),
+                   clean_correct_fresh=f64(piece["clean_correct_fresh"], math.nan),
+                   queries=torch.tensor(piece["queries"], dtype=torch.long), model_evals=int(piece["model_evals"]),
+                   wall_s=float(piece["wall_s"]), init_failed=int(piece["init_failed"]))
+
+    @classmethod
+    def merge(cls, chunks: Sequence["BlackboxResult"]) -> "BlackboxResult":
+        """The outcome of a run from those of its chunks, in order (counts and times summed)."""
+        if not chunks:
+            raise ValueError("no chunks to merge")
+        advs = [c.adversarials for c in chunks]
+        init_failed = sum(c.init_failed for c in chunks)
+        notes = ([f"initialisation found no adversarial for {init_failed} examples (counted robust)"]
+                 if init_failed else [])
+        return cls(adversarials=None if any(a is None for a in advs) else torch.cat(advs),  # type: ignore[arg-type]
+                   found=torch.cat([c.found for c in chunks]),
+                   distances={k: torch.cat([c.distances[k] for c in chunks]) for k in chunks[0].distances},
+                   fresh_misclassified=torch.cat([c.fresh_misclassified for c in chunks]),
+                   clean_correct_fixed=torch.cat([c.clean_correct_fixed for c in chunks]),
+                   clean_correct_fresh=torch.cat([c.clean_correct_fresh for c in chunks]),
+                   queries=torch.cat([c.queries for c in chunks]), model_evals=sum(c.model_evals for c in chunks),
+                   wall_s=sum(c.wall_s for c in chunks), init_failed=init_failed, notes=notes)
 
 
 def distances(x: torch.Tensor, x_adv: torch.Tensor, norm: str) -> torch.Tensor:
@@ -409,8 +461,8 @@ def fresh_misclassification(model: NoiseModel, x: torch.Tensor, y: torch.Tensor,
     return wrong / draws
 
 
-def _attack_chunk(view: FixedNoiseView, x: torch.Tensor, y: torch.Tensor, cfg: BlackboxConfig, seed: int,
-                  on_call: Callable[[], None] | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _foolbox_chunk(view: FixedNoiseView, x: torch.Tensor, y: torch.Tensor, cfg: BlackboxConfig, seed: int,
+                   on_call: Callable[[], None] | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Run init + main attack on one batch. Returns (candidate adversarials, queries per example, init fails).
 
     Clean-misclassified examples are not attacked (their adversarial is the clean image); examples whose
@@ -463,9 +515,92 @@ def _attack_chunk(view: FixedNoiseView, x: torch.Tensor, y: torch.Tensor, cfg: B
     return adv, queries, int(todo.numel() - ok_idx.numel())
 
 
+def _fresh_seed(seed: int, chunk: int, offset: int) -> int:
+    """Seed of chunk ``chunk``'s fresh-noise stream ``offset``. Chunks are 2**32 apart, and chunk 0 keeps the
+    seed of the former whole-set stream (``seed + offset``), so a run in one chunk draws what it always did."""
+    return seed + offset + chunk * 2**32
+
+
+def attack_chunk(model: NoiseModel, x: torch.Tensor, y: torch.Tensor, cfg: BlackboxConfig, chunk: int, *,
+                 on_call: Callable[[], None] | None = None) -> BlackboxResult:
+    """Attack one chunk of a run and score it: the chunk's whole outcome, from the chunk alone.
+
+    Chunk ``c`` holds examples ``c * cfg.batch_size`` onwards. It is seeded by (``cfg.seed``, ``c``) only:
+    foolbox's proposals by ``cfg.seed * 100_003 + c``, the fresh-noise re-scoring by ``cfg.seed + 1_000_003``
+    (adversarials) and ``cfg.seed + 2_000_003`` (clean images), each plus ``c * 2**32``. It has its own
+    fixed-noise view (an example's noise is a function of its bytes anyway), so its numbers do not depend
+    on which process computes it or on what ran before.
+
+    Args:
+        model: ``model(x, noise_fn=None)`` -> logits (adapted by :func:`as_noise_model`).
+        x, y: the chunk's images in [0,1] (n, C, H, W) and labels (n,), on the model's device.
+        cfg: the attack and its budgets.
+        chunk: the chunk's position in the run.
+        on_call: called at every oracle query (progress).
+
+    Returns:
+        The chunk's :class:`BlackboxResult` (``notes`` are left to :meth:`BlackboxResult.merge`).
+    """
+    model = as_noise_model(model)
+    t0 = time.perf_counter()
+    view = FixedNoiseView(model, seed=cfg.seed, cache_size=cfg.cache_size).eval()
+    adv, queries, init_failed = _foolbox_chunk(view, x, y, cfg, seed=cfg.seed * 100_003 + chunk, on_call=on_call)
+    # the fixed-noise verdict, re-checked on the final images (cached answers: identical to foolbox's)
+    with torch.no_grad():
+        clean_fixed = (view(x).argmax(1) == y).cpu()
+        found = (view(adv).argmax(1) != y).cpu()
+    dists = {}
+    for norm in cfg.norms:
+        d = distances(x, adv, norm).cpu()
+        dists[norm] = torch.where(found, d, torch.full_like(d, math.inf))
+    # fresh noise: seeds that differ from the view's; the clean draws do not depend on the attack, so the
+    # clean verdict is the same in every row of a model
+    g_adv = torch.Generator(device=x.device).manual_seed(_fresh_seed(cfg.seed, chunk, 1_000_003))
+    fresh_adv = fresh_misclassification(model, adv, y, cfg.eval_draws, g_adv, cfg.batch_size)
+    fresh_adv = torch.where(found, fresh_adv, torch.full_like(fresh_adv, math.nan))
+    g_clean = torch.Generator(device=x.device).manual_seed(_fresh_seed(cfg.seed, chunk, 2_000_003))
+    fresh_clean = 1.0 - fresh_misclassification(model, x, y, cfg.eval_draws, g_clean, cfg.batch_size)
+    return BlackboxResult(adversarials=adv.detach(), found=found, distances=dists, fresh_misclassified=fresh_adv,
+                          clean_correct_fixed=clean_fixed, clean_correct_fresh=fresh_clean, queries=queries,
+                          model_evals=view.evaluated, wall_s=time.perf_counter() - t0, init_failed=init_failed)
+
+
+def _checked(model: NoiseModel, x: torch.Tensor, y: torch.Tensor,
+             cfg: BlackboxConfig) -> tuple[NoiseModel, torch.Tensor]:
+    """Validate a run's inputs; the adapted model and the labels on the images' device."""
+    cfg.validate()
+    check_images(x)
+    if x.shape[0] < 1:
+        raise AttackInputError("no examples to attack")
+    if y.shape != (x.shape[0],):
+        raise AttackInputError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+    return as_noise_model(model), y.to(x.device)
+
+
+def _run_chunks(model: NoiseModel, x: torch.Tensor, y: torch.Tensor, cfg: BlackboxConfig, chunks: Sequence[int], *,
+                progress: bool) -> Iterator[tuple[int, BlackboxResult]]:
+    """Attack ``chunks`` of the run on (x, y) in order, yielding (chunk, outcome) as each finishes."""
+    from tqdm.auto import tqdm
+
+    per_chunk = (cfg.init_directions + cfg.init_steps + cfg.steps + cfg.steps // cfg.update_stats_every_k + 3
+                 if cfg.attack == "boundary" else cfg.init_steps + cfg.steps + 3)
+    bar = tqdm(total=per_chunk * len(chunks), desc=f"{cfg.attack} queries", unit="q", disable=not progress,
+               leave=False)
+    bs = cfg.batch_size
+    try:
+        for c in chunks:
+            yield c, attack_chunk(model, x[c * bs:(c + 1) * bs], y[c * bs:(c + 1) * bs], cfg, c,
+                                  on_call=lambda: bar.update(1))
+    finally:
+        bar.close()
+
+
 def blackbox_attack(model: NoiseModel, x: torch.Tensor, y: torch.Tensor, cfg: BlackboxConfig, *,
                     progress: bool = True) -> BlackboxResult:
     """Run a foolbox minimization attack on the fixed-noise view of ``model``; re-score with fresh noise.
+
+    The examples are attacked in chunks of ``cfg.batch_size`` (:func:`attack_chunk`), each seeded by its
+    own position, and the chunks' outcomes merged.
 
     Args:
         model: ``model(x, noise_fn=None)`` -> logits (a plain deterministic module works too).
@@ -478,57 +613,9 @@ def blackbox_attack(model: NoiseModel, x: torch.Tensor, y: torch.Tensor, cfg: Bl
         A :class:`BlackboxResult`; every adversarial in it has been re-checked on the fixed-noise view
         (``found``) and re-scored with ``cfg.eval_draws`` fresh-noise passes.
     """
-    from tqdm.auto import tqdm
-
-    cfg.validate()
-    check_images(x)
-    if y.shape != (x.shape[0],):
-        raise AttackInputError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-    model = as_noise_model(model)
-    y = y.to(x.device)
-    t0 = time.perf_counter()
-    view = FixedNoiseView(model, seed=cfg.seed, cache_size=cfg.cache_size).eval()
-    per_chunk = (cfg.init_directions + cfg.init_steps + cfg.steps + cfg.steps // cfg.update_stats_every_k + 3
-                 if cfg.attack == "boundary" else cfg.init_steps + cfg.steps + 3)
-    n_chunks = math.ceil(x.shape[0] / cfg.batch_size)
-    bar = tqdm(total=per_chunk * n_chunks, desc=f"{cfg.attack} queries", unit="q", disable=not progress,
-               leave=False)
-    advs, queries, init_failed = [], [], 0
-    try:
-        for c, i in enumerate(range(0, x.shape[0], cfg.batch_size)):
-            a, q, f = _attack_chunk(view, x[i:i + cfg.batch_size], y[i:i + cfg.batch_size], cfg,
-                                    seed=cfg.seed * 100_003 + c, on_call=lambda: bar.update(1))
-            advs.append(a)
-            queries.append(q)
-            init_failed += f
-    finally:
-        bar.close()
-    adv = torch.cat(advs)
-    # the fixed-noise verdict, re-checked on the final images (cached answers: identical to foolbox's)
-    with torch.no_grad():
-        clean_fixed = torch.cat([view(x[i:i + cfg.batch_size]).argmax(1)
-                                 for i in range(0, x.shape[0], cfg.batch_size)]) == y
-        adv_fixed = torch.cat([view(adv[i:i + cfg.batch_size]).argmax(1)
-                               for i in range(0, x.shape[0], cfg.batch_size)]) != y
-    found = adv_fixed.cpu()
-    dists = {}
-    for norm in cfg.norms:
-        d = distances(x, adv, norm).cpu()
-        dists[norm] = torch.where(found, d, torch.full_like(d, math.inf))
-    # fresh noise: seeds that differ from the view's; the clean draws do not depend on the attack, so the
-    # clean verdict is the same in every row of a model
-    g_adv = torch.Generator(device=x.device).manual_seed(cfg.seed + 1_000_003)
-    fresh_adv = fresh_misclassification(model, adv, y, cfg.eval_draws, g_adv, cfg.batch_size)
-    fresh_adv = torch.where(found, fresh_adv, torch.full_like(fresh_adv, math.nan))
-    g_clean = torch.Generator(device=x.device).manual_seed(cfg.seed + 2_000_003)
-    fresh_clean = 1.0 - fresh_misclassification(model, x, y, cfg.eval_draws, g_clean, cfg.batch_size)
-    notes = []
-    if init_failed:
-        notes.append(f"initialisation found no adversarial for {init_failed} examples (counted robust)")
-    return BlackboxResult(adversarials=adv.detach(), found=found, distances=dists, fresh_misclassified=fresh_adv,
-                          clean_correct_fixed=clean_fixed.cpu(), clean_correct_fresh=fresh_clean,
-                          queries=torch.cat(queries), model_evals=view.evaluated,
-                          wall_s=time.perf_counter() - t0, init_failed=init_failed, notes=notes)
+    model, y = _checked(model, x, y, cfg)
+    chunks = range(math.ceil(x.shape[0] / cfg.batch_size))
+    return BlackboxResult.merge([res for _, res in _run_chunks(model, x, y, cfg, chunks, progress=progress)])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -591,32 +678,71 @@ def run_blackbox(model: NoiseModel, x: torch.Tensor, y: torch.Tensor, cfg: Black
                  progress: bool = True) -> list[dict[str, Any]]:
     """Attack one model, write one row per norm to ``out_dir/rows.jsonl`` and its distances side file.
 
+    Each chunk's outcome is stored as a part (``out_dir/parts/KEY-bsB/``) as soon as it is done, so a
+    re-run attacks only the missing chunks. Under ``torch.distributed`` (every rank calls this with the
+    same arguments) rank r attacks the chunks c with c % world == r, and rank 0 merges the parts into the
+    rows; the rows are those of a single process whatever the world size (each chunk is seeded by its
+    position, see :func:`attack_chunk`).
+
     Args:
         model, x, y, cfg: as for :func:`blackbox_attack`.
-        out_dir: the run directory (``rows.jsonl``, ``distances-<key>.json``).
+        out_dir: the run directory (``rows.jsonl``, ``distances-<key>.json``, ``parts/``).
         identity: fields that define the model under attack (label ``model``, checkpoint sha256, SGLD
             settings ...); they enter the row key, so a re-run skips finished rows.
         extra: provenance fields for the row (git sha, device, timestamp, checkpoint path ...).
         eps_grids: norm -> ε grid of the accuracy curves (defaults: :data:`DEFAULT_L2_GRID`, L0 grid).
         indices: data-set indices of ``x`` (for the side file).
+        progress: tqdm bar of oracle calls (rank 0 only).
 
     Returns:
-        The rows written ([] when every row of this run already exists).
+        The rows written, read back on every rank ([] when every row of this run already exists).
     """
-    cfg.validate()
+    model, y = _checked(model, x, y, cfg)
     out = Path(out_dir)
     n = int(x.shape[0])
     keys = blackbox_keys(cfg, identity, n)
-    if set(keys.values()) <= done_keys(out / ROWS):
-        log.info("%s %s: rows already present, skipping", identity.get("model"), cfg.attack)
-        return []
-    grids = {"l2": DEFAULT_L2_GRID, "l0": DEFAULT_L0_GRID, **(eps_grids or {})}
-    res = blackbox_attack(model, x, y, cfg, progress=progress)
-    out.mkdir(parents=True, exist_ok=True)
+    n_chunks = math.ceil(n / cfg.batch_size)
+    parts = Parts(out, f"{row_key({'blackbox_rows': sorted(keys.values())})}-bs{cfg.batch_size}", n_chunks)
+    rank, world = world_position()
     done = done_keys(out / ROWS)
-    rows = []
+    pending = [k for k in keys.values() if k not in done]
+    if not pending:
+        log.info("%s %s: rows already present, skipping", identity.get("model"), cfg.attack)
+        if rank == 0:
+            parts.remove()  # left by a kill between the last append and the clean-up
+        return []
+    mine = [c for c in range(rank, n_chunks, world) if not parts.has(c)]
+    if rank == 0:
+        log.info("%s %s: %d chunks of %d, %d on disk already%s", identity.get("model"), cfg.attack, n_chunks,
+                 cfg.batch_size, sum(map(parts.has, range(n_chunks))),
+                 f"; shared over {world} ranks" if world > 1 else "")
+    for c, res in _run_chunks(model, x, y, cfg, mine, progress=progress and rank == 0):
+        parts.write(c, {**res.to_part(), "shard": f"{rank}/{world}", "device": str(x.device)})
+    barrier()
+    if rank == 0:
+        pieces = parts.read_all()
+        if pieces is None:  # a rank failed to write its part (it raised, so torchrun stops the job)
+            raise RuntimeError(f"parts of the {cfg.attack} rows of {identity.get('model')} are missing in {parts.dir}")
+        res = BlackboxResult.merge([BlackboxResult.from_part(p) for p in pieces])
+        _write_rows(model, res, y, cfg, out, keys, identity=identity, extra=extra, eps_grids=eps_grids,
+                    indices=indices, shards=sorted({p["shard"] for p in pieces}))
+        parts.remove()
+    barrier()  # every row is in the file before anyone reads it back
+    wanted = set(pending)
+    return [r for r in read_rows(out / ROWS) if r.get("key") in wanted]
+
+
+def _write_rows(model: NoiseModel, res: BlackboxResult, y: torch.Tensor, cfg: BlackboxConfig, out: Path,
+                keys: dict[str, str], *, identity: dict[str, Any], extra: dict[str, Any] | None,
+                eps_grids: dict[str, Sequence[float]] | None, indices: Sequence[int] | None,
+                shards: list[str]) -> None:
+    """Append the rows of ``keys`` not yet in ``out/rows.jsonl``, each after its distances side file."""
+    n = int(y.shape[0])
+    out.mkdir(parents=True, exist_ok=True)
+    grids = {"l2": DEFAULT_L2_GRID, "l0": DEFAULT_L0_GRID, **(eps_grids or {})}
+    done = done_keys(out / ROWS)
     fresh_conf = res.fresh_verdict
-    draws = 1 if getattr(as_noise_model(model), "deterministic", False) else cfg.eval_draws
+    draws = 1 if getattr(model, "deterministic", False) else cfg.eval_draws
     for norm, key in keys.items():
         if key in done:
             continue
@@ -665,8 +791,6 @@ def run_blackbox(model: NoiseModel, x: torch.Tensor, y: torch.Tensor, cfg: Black
             "queries_per_example_max": int(res.queries.max()),
             "model_evals_per_example": res.model_evals / n,
             "wall_s": res.wall_s, "wall_s_per_example": res.wall_s / n,
-            "distances_file": side.name, "notes": res.notes, **(extra or {}),
+            "distances_file": side.name, "shards": shards, "notes": res.notes, **(extra or {}),
         }
         append_row(out / ROWS, row)
-        rows.append(row)
-    return rows

@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+import attacks.black as black
 from attacks.black import (BlackboxConfig, FixedNoiseView, PerExampleNoise, accuracy_curve, blackbox_attack,
-                           distance_summary, distances)
+                           distance_summary, distances, run_blackbox)
 from attacks.common import AttackInputError
 from attacks.distal import DistalConfig, optimise, run_distal
 from attacks.records import read_rows
@@ -119,6 +120,44 @@ def test_stochastic_model_fixed_and_fresh_verdicts(tiny_model, data):
     assert ((fresh == res.distances["l2"]) | torch.isinf(fresh) | (fresh == 0)).all()
     again = blackbox_attack(model, x, y, cfg, progress=False)  # the noise is fixed: reproducible
     assert torch.equal(again.adversarials, res.adversarials)
+
+
+def test_killed_run_keeps_finished_chunks_and_resumes_to_the_same_rows(tiny_model, data, tmp_path, monkeypatch):
+    x, y = data[0][:12], data[1][:12]
+    model = stochastic(tiny_model)
+    cfg = BlackboxConfig("pointwise", steps=10, init_steps=5, batch_size=4, eval_draws=2)  # 3 chunks, 2 rows
+
+    def run(out):
+        return run_blackbox(model, x, y, cfg, out_dir=out, identity={"model": "tiny"}, progress=False)
+
+    whole = run(tmp_path / "whole")
+    assert len(whole) == 2 and all(r["shards"] == ["0/1"] for r in whole)
+    real, attacked = black.attack_chunk, []
+
+    def attack_chunk(model, x, y, cfg, chunk, **kwargs):
+        attacked.append(chunk)
+        if chunk == kill_at:
+            raise KeyboardInterrupt  # like Ctrl-C in the middle of chunk 2
+        return real(model, x, y, cfg, chunk, **kwargs)
+
+    monkeypatch.setattr(black, "attack_chunk", attack_chunk)
+    out, kill_at = tmp_path / "killed", 2
+    with pytest.raises(KeyboardInterrupt):
+        run(out)
+    assert not (out / "rows.jsonl").exists()
+    assert sorted(p.name for p in (out / "parts").glob("*/*.json")) == ["00000.json", "00001.json"]
+    attacked.clear()
+    kill_at = None
+    resumed = run(out)
+    assert attacked == [2]  # only the missing chunk
+    assert not (out / "parts").exists()
+    volatile = {"wall_s", "wall_s_per_example"}
+    assert [{k: v for k, v in r.items() if k not in volatile} for r in resumed] == \
+        [{k: v for k, v in r.items() if k not in volatile} for r in whole]
+    for r in whole:
+        side = r["distances_file"]
+        assert json.loads((out / side).read_text()) == json.loads((tmp_path / "whole" / side).read_text())
+    assert run(out) == [] and attacked == [2]  # done: nothing attacked
 
 
 def test_accuracy_from_distances_is_non_increasing():

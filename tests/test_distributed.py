@@ -196,3 +196,59 @@ def test_two_rank_sweep_equals_one_rank_and_survives_a_dead_rank(tiny_run, tmp_p
         other = by_key[r["key"]]
         assert {k: v for k, v in other.items() if k not in VOLATILE} == {k: v for k, v in r.items()
                                                                           if k not in VOLATILE}, r["key"]
+
+
+# The black-box run (attacks.black.run_blackbox) on a tiny trained classifier refined by a 1-step, 2-chain SGLD
+# chain, so that the fixed-noise view and the fresh-noise re-scoring both draw noise: 12 examples, 3 chunks of 4.
+BLACKBOX_WORKER = """
+import sys
+import torch
+from attacks.black import BlackboxConfig, run_blackbox
+from robust_jem import EnergyModel, ModelConfig, RefinedClassifier, load_dataset
+from robust_jem.distributed import launch
+torch.set_num_threads(1)
+weights, out = sys.argv[1], sys.argv[2]
+net = EnergyModel(ModelConfig(arch="small", channels=(4, 4, 8, 8), hidden=16))
+net.load_state_dict(torch.load(weights))
+model = RefinedClassifier(net.eval(), 1, n_chains=2)
+x, y = load_dataset("fashion-mnist", "test").batch(slice(0, 12))
+with launch(torch.device("cpu")) as (dist, dev):
+    for attack, steps in (("boundary", 5), ("pointwise", 10)):
+        cfg = BlackboxConfig(attack, steps=steps, init_steps=5, batch_size=4, eval_draws=2)
+        rows = run_blackbox(model, x, y, cfg, out_dir=out, identity={"model": "JEM-1"}, progress=False)
+        assert len(rows) == len(cfg.norms), rows  # every rank reads the rows back
+"""
+
+
+def test_two_rank_blackbox_equals_one_rank(tmp_path, fashion_available):
+    from conftest import TINY_MODEL
+    from robust_jem import EnergyModel, load_dataset
+
+    torch.manual_seed(0)  # a tiny classifier trained for a second, so that most clean images are attacked
+    net = EnergyModel(TINY_MODEL)
+    train_set = load_dataset("fashion-mnist", "train")
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(60):
+        x, y = train_set.batch(torch.randint(0, len(train_set), (64,), generator=g))
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    script = tmp_path / "blackbox_worker.py"
+    script.write_text(BLACKBOX_WORKER)
+    for launcher, out in (([sys.executable], tmp_path / "one"), (TORCHRUN, tmp_path / "two")):
+        res = subprocess.run(launcher + [str(script), str(tmp_path / "net.pt"), str(out)], env=_env(),
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert not (out / "parts").exists()
+    one, two = _rows(tmp_path / "one" / "rows.jsonl"), _rows(tmp_path / "two" / "rows.jsonl")
+    assert [r["norm"] for r in one] == [r["norm"] for r in two] == ["l2", "l0", "l2"]
+    assert all(r["shards"] == ["0/1"] for r in one) and all(r["shards"] == ["0/2", "1/2"] for r in two)
+    assert min(r["n_adversarial_fixed_noise"] for r in one) >= 6  # the attacks ran on most examples
+    volatile = {"timestamp", "wall_s", "wall_s_per_example", "shards"}
+    for a, b in zip(one, two):
+        assert {k: v for k, v in a.items() if k not in volatile} == {k: v for k, v in b.items() if k not in volatile}
+        side = a["distances_file"]
+        assert (tmp_path / "one" / side).read_text() == (tmp_path / "two" / side).read_text()
