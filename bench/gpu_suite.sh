@@ -73,8 +73,8 @@ else
     # paper scale: every option on and off (fp32 = TF32 convs; fused Adam and prefetch are the trainer's defaults)
     # (synthetic CIFAR-shaped data: no CIFAR-10 there, and torchvision would try to download it)
     TRAIN_PAPER=(--paper --repeats 5 --steps 4 --warmup 3 --data synthetic
-                 --variants reference,ours,nofused,noprefetch,bf16,bf16+cl,bf16+cl+compile)
-    TRAIN_SMALL=(--repeats 5 --steps 10 --warmup 3 --variants reference,ours,bf16,bf16+cl --data auto)
+                 --variants reference,ours,nocl,nofused,noprefetch,bf16,bf16+compile)
+    TRAIN_SMALL=(--repeats 5 --steps 10 --warmup 3 --variants reference,ours,nocl,bf16 --data auto)
     ATTACK=()
 fi
 

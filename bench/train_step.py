@@ -12,10 +12,10 @@ Timed loops (each its own model copy from the same initial weights, its own opti
   separate forward passes for f(x_data), f(x_sample) and the classifier batch (a second data batch, as its
   second loader gives), data noise added on the host, ``L.abs().item()`` every step, fp32, Adam.
 * ``ours[+options]``: ``robust_jem.train.Trainer.batch`` + ``Trainer.train_step`` (the loop's own step code)
-  with the metric window kept on the device; options: ``bf16`` autocast, ``cl`` channels_last, ``compile``
-  (torch.compile of the backbone); ``nofused`` (foreach Adam instead of the fused kernel), ``noprefetch``
-  (synchronous batch gather instead of the background-thread / pinned-memory prefetcher). ``ours`` is the
-  trainer's defaults: fp32, fused Adam, prefetch on.
+  with the metric window kept on the device. ``ours`` is the trainer's defaults (fp32, channels_last, fused
+  Adam, prefetch); options switch one thing: ``bf16`` autocast, ``compile`` (torch.compile of the backbone),
+  ``nocl`` (NCHW instead of channels_last), ``nofused`` (foreach Adam instead of the fused kernel),
+  ``noprefetch`` (synchronous batch gather instead of the background-thread / pinned-memory prefetcher).
 
 Each repeat times ``--steps`` steps of every loop, in a rotating order (so load from other processes hits all
 loops alike); the median per-step time over repeats is reported after ``--warmup`` steps. FLOPs of one step
@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -55,10 +57,9 @@ from robust_jem.model import EnergyModel  # noqa: E402
 from robust_jem.sgld import sgld  # noqa: E402
 from robust_jem.train import Context, Trainer, _Window, jem_loss  # noqa: E402
 
-# Peak FLOP/s used for MFU. CPU: measured on this project's 2-core machine (2 threads, torch.mm), see
-# ../shared/ENVIRONMENT.md. GPUs: dense tensor-core spec sheets; fp32 convolutions on CUDA run as TF32 by
-# default (torch.backends.cudnn.allow_tf32), so fp32 loops are measured against the TF32 peak.
-CPU_PEAK = {"fp32": 83e9, "bf16": 183e9}
+# Peak FLOP/s used for MFU. CPU: measured in the same run (best torch.mm throughput, see matmul_peak), since
+# this machine's speed varies with its load. GPUs: dense tensor-core spec sheets; fp32 convolutions on CUDA
+# run as TF32 by default (torch.backends.cudnn.allow_tf32), so fp32 loops are measured against the TF32 peak.
 GPU_PEAKS = [  # (name pattern, {precision: FLOP/s})
     (r"H100.*PCIe", {"fp32": 378e12, "bf16": 756e12}),
     (r"H100|H200|GH200", {"fp32": 494.7e12, "bf16": 989.4e12}),
@@ -242,13 +243,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@functools.lru_cache(maxsize=None)
+def matmul_peak(precision: str, n: int = 1024, repeats: int = 10) -> float:
+    """Best FLOP/s of an n x n x n ``torch.mm`` on the CPU in ``precision`` (the practical peak)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
 def peak_for(device: torch.device, name: str, precision: str, args: argparse.Namespace) -> tuple[float | None, str]:
     override = args.peak_bf16 if precision == "bf16" else args.peak_fp32
     if override:
         return override, "given on the command line"
     if device.type == "cpu":
-        return CPU_PEAK[precision], (f"this project's 2-core CPU, torch.mm {precision} measured with 2 threads "
-                                     f"(../shared/ENVIRONMENT.md)")
+        return matmul_peak(precision), (f"best of 10 torch.mm 1024^3 {precision} in this run, "
+                                        f"{torch.get_num_threads()} threads")
     for pattern, peaks in GPU_PEAKS:
         if re.search(pattern, name):
             kind = "bf16 dense tensor core" if precision == "bf16" else "TF32 dense tensor core (cuDNN fp32 convs)"
@@ -276,10 +291,10 @@ def parse_variant(name: str) -> dict[str, Any]:
     if name == "reference":
         return {"reference": True}
     tokens = [t for t in name.split("+") if t and t != "ours"]
-    bad = set(tokens) - {"bf16", "cl", "compile", "nofused", "noprefetch"}
+    bad = set(tokens) - {"bf16", "compile", "nocl", "nofused", "noprefetch"}
     if bad:
         raise UserError(f"unknown variant option(s) {', '.join(sorted(bad))} in {name!r}")
-    return {"reference": False, "bf16": "bf16" in tokens, "channels_last": "cl" in tokens,
+    return {"reference": False, "bf16": "bf16" in tokens, "channels_last": "nocl" not in tokens,
             "compile": "compile" in tokens, "fused_adam": "nofused" not in tokens,
             "prefetch": "noprefetch" not in tokens}
 
@@ -324,10 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="[the preset's: 64]")
     ap.add_argument("--sgld-steps", type=int, default=None, help="[quick: 5, paper: 20]")
     ap.add_argument("--variants", default=None,
-                    help="comma list: reference, ours, and ours with +bf16 +cl +compile +nofused +noprefetch "
-                         "[cpu: reference,ours,nofused,noprefetch,cl,bf16,bf16+cl; cuda: reference,ours,nofused,"
-                         "noprefetch,bf16,bf16+cl,"
-                         "bf16+cl+compile]")
+                    help="comma list: reference, ours (the trainer's defaults), and ours with +bf16 +compile "
+                         "+nocl +nofused +noprefetch [cpu: reference,ours,nocl,nofused,noprefetch,bf16; cuda: "
+                         "reference,ours,nocl,nofused,noprefetch,bf16,bf16+compile]")
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per loop per repeat")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per loop first (compile happens here)")
@@ -386,9 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.variants:
         names = [v.strip() for v in args.variants.split(",") if v.strip()]
     elif device.type == "cuda":
-        names = ["reference", "ours", "nofused", "noprefetch", "bf16", "bf16+cl", "bf16+cl+compile"]
+        names = ["reference", "ours", "nocl", "nofused", "noprefetch", "bf16", "bf16+compile"]
     else:
-        names = ["reference", "ours", "nofused", "noprefetch", "cl", "bf16", "bf16+cl"]
+        names = ["reference", "ours", "nocl", "nofused", "noprefetch", "bf16"]
     names = ["ours" if n in ("ours", "") else n for n in names]
     specs = {n: parse_variant(n) for n in names}
 
@@ -488,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "bench": "train_step", "created": now(), "git_sha": git_sha(), "torch": torch.__version__,
         "device": str(device), "device_name": dev_name, "threads": torch.get_num_threads(),
-        "note": ("machine shared with other processes (2 CPU cores, other helpers' jobs running): loops are "
+        "note": ("CPU shared with whatever else runs on the machine (see the load averages): loops are "
                  "interleaved in rotating order so contention hits each alike; absolute times are noisy, "
                  "ratios less so") if device.type == "cpu" else "single GPU; loops interleaved",
         "loadavg_start": load_start, "loadavg_end": load_end, "wall_s": wall,

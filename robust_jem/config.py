@@ -81,7 +81,7 @@ class TrainConfig:
     max_retries: int = 3
     divergence_gap: float = 1e4
     bf16: bool = False
-    channels_last: bool = False
+    channels_last: bool = True  # NHWC activations: 1.56x the NCHW step on this CPU (bench/results/train_step-cpu.md)
     compile: bool = False
     fused_adam: bool = True  # torch's fused Adam kernel (CUDA and CPU); False: the foreach implementation
     prefetch: bool = True  # gather the next batch on a background thread (pinned memory + side stream on CUDA)
