@@ -10,7 +10,9 @@ Three ways to run the same L∞ PGD (same ε, steps, step size, random start) on
 * ``loop``: one image at a time, the refined logits written like ``DummyModel.refined_logits`` in the
   JEM reference's ``attack_model.py`` (example-major duplication, ``x_k.data +=`` SGLD updates, so the
   gradient flows as BPDA) and a plain PGD loop per image, as foolbox ran it there;
-* ``bare``: ``torchattacks.PGD`` on the network without chain or copies.
+* ``bare``: ``torchattacks.PGD`` on the network without chain or copies;
+* ``batched_*_bf16`` / ``batched_bpda_compile``: the batched attack with the refined classifier under bf16
+  autocast / with its backbone torch.compile'd (compilation happens in the untimed warm-up call).
 
 Timed is the generation of adversarial examples only (no eval draws), after one warm-up call each. The
 FLOPs of one PGD step per image come from ``torch.utils.flop_counter`` so that the chain's slowdown can be
@@ -176,6 +178,13 @@ def main() -> None:
         results[f"batched_{mode}"] = entry(len(xc), timed(lambda: list(atk.candidates(xc, yc)), device),
                                            flops_per_step_per_image=step_flops(rc, xc[:1], yc[:1]))
 
+    # the same batched PGD with the refined classifier's speed options: bf16 autocast, torch.compile (bpda only:
+    # the full-gradient chain needs double backward, which compiled graphs lack)
+    for mode, option in (("bpda", "bf16"), ("full", "bf16"), ("bpda", "compile")):
+        rc = RefinedClassifier(model, k, n_chains=c, grad_mode=mode, **chain, **{option: True})
+        atk = PGD(rc, norm="linf", eps=eps, steps=steps, step_size=alpha, eval_draws=1)
+        results[f"batched_{mode}_{option}"] = entry(len(xc), timed(lambda: list(atk.candidates(xc, yc)), device))
+
     # one image at a time, reference style (BPDA-like gradient through `.data +=`)
     xl, yl = x_all[:args.n_loop], y_all[:args.n_loop]
     results["loop_reference"] = entry(len(xl), timed(
@@ -191,6 +200,9 @@ def main() -> None:
         "cpu_batched_bpda_over_loop": ipc["batched_bpda"] / ipc["loop_reference"],
         "cpu_bare_over_batched_bpda": ipc["bare"] / ipc["batched_bpda"],
         "cpu_bare_over_batched_full": ipc["bare"] / ipc["batched_full"],
+        "batched_bpda_bf16_over_fp32": ips["batched_bpda_bf16"] / ips["batched_bpda"],
+        "batched_full_bf16_over_fp32": ips["batched_full_bf16"] / ips["batched_full"],
+        "batched_bpda_compile_over_eager": ips["batched_bpda_compile"] / ips["batched_bpda"],
         "flops_batched_bpda_over_bare": results["batched_bpda"]["flops_per_step_per_image"]
         / results["bare"]["flops_per_step_per_image"],
         "flops_batched_full_over_bare": results["batched_full"]["flops_per_step_per_image"]

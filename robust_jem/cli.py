@@ -365,7 +365,8 @@ def certify(checkpoint: str, sigma: float | None, n: int, n0: int, alpha: float,
 # ------------------------------------------------------------------------------------------------
 def _load_variants(checkpoints: tuple[str, ...], sgld_steps: list[int], grad_modes: list[str], *, n_chains: int,
                    init_noise: float, sgld_step_size: float, sgld_noise: float, seed: int, dev: Any,
-                   data_dir: str | None, bf16: bool = False) -> tuple[Any, list[tuple[str, Any, Any, str, Any]]]:
+                   data_dir: str | None, bf16: bool = False,
+                   compile_: bool = False) -> tuple[Any, list[tuple[str, Any, Any, str, Any]]]:
     """Load every checkpoint (all before anything runs, same data set required) and label its variants.
 
     Returns the test split and ``(path, checkpoint_info, bare model, label, RefinedClassifier)`` per variant.
@@ -386,7 +387,7 @@ def _load_variants(checkpoints: tuple[str, ...], sgld_steps: list[int], grad_mod
             raise UserError(f"{path}: input shape {info['input_shape']} does not match {ds.name} {list(ds.shape)}")
         for label, rc in refined_variants(m, info["objective"], sgld_steps, grad_modes, n_chains=n_chains,
                                           init_noise=init_noise, step_size=sgld_step_size, noise=sgld_noise,
-                                          seed=seed, bf16=bf16):
+                                          seed=seed, bf16=bf16, compile=compile_):
             out.append((path, info, m, label, rc))
     return ds, out
 
@@ -425,6 +426,9 @@ def _whitebox_options(fn: Any) -> Any:
         click.option("--bf16", is_flag=True,
                      help="Run the chain and the classifier under bf16 autocast (fp32 inputs and logits); the "
                           "rows say precision=bf16. Check it against fp32: bench/attack_precision.py."),
+        click.option("--compile", "compile_", is_flag=True,
+                     help="torch.compile the backbone (rows say compiled=true). Only with --grad-mode bpda or "
+                          "--sgld-steps 0: the full-gradient chain needs double backward, which compile lacks."),
         click.option("--restarts", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Random restarts; an example is robust only if it survives all of them."),
         click.option("--eval-draws", type=click.IntRange(min=1), default=5, show_default=True,
@@ -458,7 +462,7 @@ def _run_name(command: str, checkpoints: tuple[str, ...], norms: list[str]) -> P
 
 def _whitebox(command: str, make_factory: Any, *, checkpoints: tuple[str, ...], norms: list[str], eps: list[float],
               sgld_steps: list[int], n_chains: int, init_noise: float, sgld_step_size: float, sgld_noise: float,
-              grad_modes: list[str], bf16: bool, n_examples: int | None, example_rule: str,
+              grad_modes: list[str], bf16: bool, compile_: bool, n_examples: int | None, example_rule: str,
               batch_size: int | None, seed: int, device: str, out: str | None, data_dir: str | None,
               no_progress: bool) -> None:
     """Load checkpoints -> labelled targets -> one sweep; print one line per row.
@@ -473,11 +477,14 @@ def _whitebox(command: str, make_factory: Any, *, checkpoints: tuple[str, ...], 
     eps = list(dict.fromkeys(eps))
     for norm in norms:
         parse_eps(",".join(repr(e) for e in eps), norm)  # L∞ ε > 1 is an error before anything runs
+    if compile_ and "full" in grad_modes and any(k > 0 for k in sgld_steps):
+        raise UserError("--compile needs --grad-mode bpda when --sgld-steps > 0 (the full-gradient chain is a "
+                        "double backward, which torch.compile does not support)")
     out_dir = Path(out) if out else _run_name(command, checkpoints, norms)
     with launch(resolve_device(device)) as (dist, dev):
         ds, variants = _load_variants(checkpoints, sgld_steps, grad_modes, n_chains=n_chains, init_noise=init_noise,
                                       sgld_step_size=sgld_step_size, sgld_noise=sgld_noise, seed=seed, dev=dev,
-                                      data_dir=data_dir, bf16=bf16)
+                                      data_dir=data_dir, bf16=bf16, compile_=compile_)
         targets = [Target(label, rc, str(path), {"objective": info["objective"], **rc.config()})
                    for path, info, _, label, rc in variants]
         rows = run_sweep(targets, make_factory(len(ds.classes)), norms, eps, ds.images, ds.labels, out_dir,

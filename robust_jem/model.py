@@ -24,6 +24,11 @@ def to_pixels(z: torch.Tensor) -> torch.Tensor:
     return (z + 1.0) * 0.5
 
 
+def energy_of_logits(logits: torch.Tensor) -> torch.Tensor:
+    """E = -logsumexp(logits) per row, in fp32 (or the logits' precision when higher)."""
+    return -torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)
+
+
 class EnergyModel(nn.Module):
     """A classifier read as an energy-based model (JEM).
 
@@ -41,8 +46,7 @@ class EnergyModel(nn.Module):
 
     def energy_z(self, z: torch.Tensor) -> torch.Tensor:
         """E(z) = -logsumexp(logits), shape (N,), in fp32 (or the input's precision when higher)."""
-        logits = self.net(z)
-        return -torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)
+        return energy_of_logits(self.net(z))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(to_internal(x))

@@ -333,3 +333,28 @@ def test_cli_autoattack_rand_rows(run_cli, tiny_run, tmp_path):
     assert row["attack"] == "APGD-CE+APGD-DLR" and row["eot_used"] == 2 and row["steps"] == 2
     assert [a["attack"] for a in row["attack_params"]["attacks"]] == ["APGD-CE", "APGD-DLR"]
     assert row["robust_acc"] <= row["clean_acc"]
+
+
+# --- precision and compile options of the refined classifier ---------------------------------------------
+def test_bf16_and_compiled_chains_compute_the_same_classifier(net, data):
+    x, y = data.images[:16].float() / 255, data.labels[:16]
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    eager = RefinedClassifier(net, 1, n_chains=2, grad_mode="bpda")
+    ref = eager(x, generator=g())
+    half = RefinedClassifier(net, 1, n_chains=2, grad_mode="bpda", bf16=True)
+    out = half(x, generator=g())
+    assert out.dtype == torch.float32 and half.config()["precision"] == "bf16" and "precision" not in eager.config()
+    rel = float((out - ref).norm() / ref.norm())  # bf16 keeps ~3 significant digits
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.9 and rel < 0.03, rel
+    compiled = RefinedClassifier(net, 1, n_chains=2, grad_mode="bpda", compile=True)
+    assert torch.allclose(compiled(x, generator=g()), ref, atol=1e-4) and compiled.config()["compiled"]
+    assert len(compiled.state_dict()) == len(eager.state_dict())  # the compiled net is not a second copy
+    with pytest.raises(ValueError, match="double backward"):
+        RefinedClassifier(net, 1, grad_mode="full", compile=True)
+
+
+def test_cli_compile_with_full_gradients_is_a_usage_error(run_cli, tiny_run, tmp_path):
+    res = run_cli("pgd", "--checkpoint", tiny_run / "final.pt", "--eps", "0.1", "--sgld-steps", "1", "--compile",
+                  "--out", tmp_path / "run", "--no-progress")
+    assert_usage_error(res)
+    assert "bpda" in res.err and not (tmp_path / "run").exists()
