@@ -108,7 +108,7 @@ class StudyPlan:
 
 PLANS = {
     "quick": StudyPlan(linf_eps=(0.0, 0.05, 0.1, 0.2, 0.5), l2_eps=(0.0, 1.0, 2.0, 6.0), linf_mid=0.1, l2_mid=2.0,
-                       n_bare=200, n_jem0=100, n_jem1=50, n_jem10=10, n_autoattack=50, n_blackbox=50, aa_steps=20,
+                       n_bare=200, n_jem0=100, n_jem1=50, n_jem10=50, n_autoattack=50, n_blackbox=50, aa_steps=20,
                        aa_eot=2, eval_draws=3, blackbox_steps=12, certify_n=500, certify_examples=20,
                        extras_examples=500),
     "tiny": StudyPlan(linf_eps=(0.0, 0.1, 0.5), l2_eps=(0.0, 2.0), linf_mid=0.1, l2_mid=2.0, n_bare=20, n_jem0=10,
