@@ -14,7 +14,7 @@ from attacks.black import (BlackboxConfig, FixedNoiseView, PerExampleNoise, accu
 from attacks.common import AttackInputError
 from attacks.distal import DistalConfig, optimise, run_distal
 from attacks.records import read_rows
-from conftest import TINY_MODEL, assert_usage_error
+from conftest import assert_usage_error, trained_tiny_classifier
 from robust_jem.data import load_dataset
 from robust_jem.model import EnergyModel
 from robust_jem.refined import RefinedClassifier
@@ -30,18 +30,7 @@ def data(fashion_available):
 @pytest.fixture(scope="module")
 def tiny_model(fashion_available) -> EnergyModel:
     """A tiny seeded classifier trained for a few seconds (undefended)."""
-    torch.manual_seed(0)
-    model = EnergyModel(TINY_MODEL)
-    train = load_dataset("fashion-mnist", "train")
-    g = torch.Generator().manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(120):
-        x, y = train.batch(torch.randint(0, len(train), (64,), generator=g))
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return trained_tiny_classifier(120, lr=1e-2)
 
 
 def bare(model: EnergyModel) -> RefinedClassifier:

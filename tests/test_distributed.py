@@ -221,20 +221,9 @@ with launch(torch.device("cpu")) as (dist, dev):
 
 
 def test_two_rank_blackbox_equals_one_rank(tmp_path, fashion_available):
-    from conftest import TINY_MODEL
-    from robust_jem import EnergyModel, load_dataset
+    from conftest import trained_tiny_classifier
 
-    torch.manual_seed(0)  # a tiny classifier trained for a second, so that most clean images are attacked
-    net = EnergyModel(TINY_MODEL)
-    train_set = load_dataset("fashion-mnist", "train")
-    g = torch.Generator().manual_seed(0)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(60):
-        x, y = train_set.batch(torch.randint(0, len(train_set), (64,), generator=g))
-        loss = torch.nn.functional.cross_entropy(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    net = trained_tiny_classifier(60, lr=1e-2)  # trained a little, so that most clean images are attacked
     torch.save(net.state_dict(), tmp_path / "net.pt")
     script = tmp_path / "blackbox_worker.py"
     script.write_text(BLACKBOX_WORKER)

@@ -7,9 +7,8 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import TINY_MODEL, assert_usage_error
+from conftest import assert_usage_error, trained_tiny_classifier
 from attacks.benchmark import Examples, Target, run_sweep
 from attacks.plots import plot_rows
 from attacks.records import read_rows
@@ -29,19 +28,7 @@ def data(fashion_available):
 @pytest.fixture(scope="module")
 def net(fashion_available) -> EnergyModel:
     """A tiny CE-trained classifier (seeded; about a second)."""
-    torch.manual_seed(0)
-    train = load_dataset("fashion-mnist", "train")
-    model = EnergyModel(TINY_MODEL)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(100):
-        idx = torch.randint(0, len(train), (64,), generator=g)
-        x, y = train.batch(idx)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return trained_tiny_classifier(100, lr=3e-3)
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +324,7 @@ def test_cli_autoattack_rand_rows(run_cli, tiny_run, tmp_path):
 
 # --- precision and compile options of the refined classifier ---------------------------------------------
 def test_bf16_and_compiled_chains_compute_the_same_classifier(net, data):
-    x, y = data.images[:16].float() / 255, data.labels[:16]
+    x = data.images[:16].float() / 255
     g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     eager = RefinedClassifier(net, 1, n_chains=2, grad_mode="bpda")
     ref = eager(x, generator=g())
