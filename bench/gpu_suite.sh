@@ -17,7 +17,8 @@
 #     this script installs .whl/*.whl with --no-index into /tmp/site. Without it the attack bench is skipped.
 #   * Fashion-MNIST (for the quick-model benches): copy the four IDX .gz files into an ignored .data/fashion-mnist/
 #     and carry .data; ROBUST_JEM_DATA points there. The paper-scale bench uses synthetic CIFAR-shaped data.
-# Device tool call:  run(command="bash bench/gpu_suite.sh", carry=[".whl", ".data"], timeout_s=600)
+# Device tool call:  run(command="bash bench/gpu_suite.sh", carry=[".whl", ".data", "runs/quick-ce", "runs/quick-pgd-at",
+#                      "runs/quick-jem"], timeout_s=600)   (the runs/ folders only for the bf16 attack check)
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -93,6 +94,15 @@ else
     # shellcheck disable=SC2086
     step attack-throughput 140 "$PY" bench/attack_throughput.py --device "$DEV" "${ATTACK[@]}" ${ATTACK_ARGS:-} \
         --out "$RES"
+fi
+
+# bf16 must not weaken the attack on the GPU either: needs the quick checkpoints (carry runs/quick-ce,
+# runs/quick-pgd-at, runs/quick-jem) and torchattacks
+if (( ! TINY )) && [[ -f runs/quick-jem/final.pt && -f runs/quick-ce/final.pt && -f runs/quick-pgd-at/final.pt ]] \
+        && "$PY" -c "import torchattacks" 2>/dev/null; then
+    step attack-precision 150 "$PY" bench/attack_precision.py --device "$DEV" --out "$RES"
+else
+    echo "=== attack-precision: skipped (needs runs/quick-{ce,pgd-at,jem}/final.pt and torchattacks)" | tee -a "$LOG"
 fi
 
 if (( ${#FAILED[@]} )); then
