@@ -17,8 +17,9 @@
 #     this script installs .whl/*.whl with --no-index into /tmp/site. Without it the attack bench is skipped.
 #   * Fashion-MNIST (for the quick-model benches): copy the four IDX .gz files into an ignored .data/fashion-mnist/
 #     and carry .data; ROBUST_JEM_DATA points there. The paper-scale bench uses synthetic CIFAR-shaped data.
-# Device tool call:  run(command="bash bench/gpu_suite.sh", carry=[".whl", ".data", "runs/quick-ce", "runs/quick-pgd-at",
-#                      "runs/quick-jem"], timeout_s=600)   (the runs/ folders only for the bf16 attack check)
+# Device tool call:  run(command="bash bench/gpu_suite.sh", carry=[".whl", ".data", "runs/quick-ce/final.pt",
+#                      "runs/quick-pgd-at/final.pt", "runs/quick-jem/final.pt"], timeout_s=600)
+#                    (the checkpoints, 47 MB, only for the bf16 attack check; carry allows 64 MiB in all)
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -96,8 +97,7 @@ else
         --out "$RES"
 fi
 
-# bf16 must not weaken the attack on the GPU either: needs the quick checkpoints (carry runs/quick-ce,
-# runs/quick-pgd-at, runs/quick-jem) and torchattacks
+# bf16 must not weaken the attack on the GPU either: needs the quick checkpoints (carried) and torchattacks
 if (( ! TINY )) && [[ -f runs/quick-jem/final.pt && -f runs/quick-ce/final.pt && -f runs/quick-pgd-at/final.pt ]] \
         && "$PY" -c "import torchattacks" 2>/dev/null; then
     step attack-precision 150 "$PY" bench/attack_precision.py --device "$DEV" --out "$RES"
