@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from .common import AttackInputError, barrier, check_images, wilson, world_position
-from .records import ROWS, Parts, append_row, done_keys, read_rows, row_key
+from .records import ROWS, Parts, append_row, done_keys, read_rows, row_key, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -660,12 +660,6 @@ def _json_dist(d: torch.Tensor) -> list[float | None]:
     return [float(v) if math.isfinite(float(v)) else None for v in d.tolist()]
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, allow_nan=False))
-    os.replace(tmp, path)
-
-
 def blackbox_keys(cfg: BlackboxConfig, identity: dict[str, Any], n_examples: int) -> dict[str, str]:
     """norm -> row key of each row a run of ``cfg`` writes (for resuming)."""
     return {norm: row_key({"kind": "blackbox", "attack": cfg.attack, "norm": norm, "n_examples": n_examples,
@@ -711,11 +705,11 @@ def run_blackbox(model: NoiseModel, x: torch.Tensor, y: torch.Tensor, cfg: Black
         if rank == 0:
             parts.remove()  # left by a kill between the last append and the clean-up
         return []
-    mine = [c for c in range(rank, n_chunks, world) if not parts.has(c)]
+    on_disk = {c for c in range(n_chunks) if parts.has(c)}
+    mine = [c for c in range(rank, n_chunks, world) if c not in on_disk]
     if rank == 0:
         log.info("%s %s: %d chunks of %d, %d on disk already%s", identity.get("model"), cfg.attack, n_chunks,
-                 cfg.batch_size, sum(map(parts.has, range(n_chunks))),
-                 f"; shared over {world} ranks" if world > 1 else "")
+                 cfg.batch_size, len(on_disk), f"; shared over {world} ranks" if world > 1 else "")
     for c, res in _run_chunks(model, x, y, cfg, mine, progress=progress and rank == 0):
         parts.write(c, {**res.to_part(), "shard": f"{rank}/{world}", "device": str(x.device)})
     barrier()
@@ -748,7 +742,7 @@ def _write_rows(model: NoiseModel, res: BlackboxResult, y: torch.Tensor, cfg: Bl
             continue
         d, d_fresh = res.distances[norm], res.distances_fresh(norm)
         side = out / f"distances-{key}.json"
-        _atomic_json(side, {
+        write_atomic(side, json.dumps({
             "key": key, "model": identity.get("model"), "attack": cfg.attack, "norm": norm,
             "indices": list(map(int, indices)) if indices is not None else list(range(n)),
             "labels": y.cpu().tolist(),
@@ -761,7 +755,7 @@ def _write_rows(model: NoiseModel, res: BlackboxResult, y: torch.Tensor, cfg: Bl
             "clean_correct_fresh_frac": res.clean_correct_fresh.tolist(),
             "queries": res.queries.tolist(),
             "note": "null distance = no adversarial found (counted robust at every ε)",
-        })
+        }, allow_nan=False))
         grid = [float(e) for e in grids[norm]]
         curve = accuracy_curve(d_fresh, grid)
         row = {

@@ -119,9 +119,19 @@ def export_csv(rows: Iterable[dict[str, Any]], path: str | os.PathLike) -> None:
     writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
     writer.writerows(flat)
+    write_atomic(path, buf.getvalue())
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never a part of it
+    (a temporary file beside it, fsynced, then renamed over it)."""
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(buf.getvalue())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -165,15 +175,8 @@ class Parts:
         return self.read(b) is not None
 
     def write(self, b: int, piece: dict[str, Any]) -> None:
-        """Store piece ``b`` atomically (fsynced before the rename)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.path(b)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(piece, allow_nan=False))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        """Store piece ``b`` atomically."""
+        write_atomic(self.path(b), json.dumps(piece, allow_nan=False))
 
     def read_all(self) -> list[dict[str, Any]] | None:
         """Every piece in batch order, or None while any is missing."""

@@ -16,7 +16,7 @@ from typing import Any
 from .checks import run_checks, worst_case
 from .plots import NORM_TITLES, collect_curves, plot_rows
 from .provenance import environment, file_sha256, now
-from .records import ROWS, export_csv, read_rows
+from .records import ROWS, export_csv, read_rows, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,5 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
     shas = sorted({r.get("git_sha") for r in rows if r.get("git_sha")})
     md += ["", f"Rows were produced by code at: {', '.join(shas) or 'unknown'}."]
     path = run_dir / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(md) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, "\n".join(md) + "\n")
     return path
