@@ -168,12 +168,14 @@ def run_sweep(targets: Sequence[Target], attack: AttackFactory, norms: Sequence[
     bar = tqdm(total=len(plan), desc="white-box sweep", unit="row", disable=not (progress and main))
     for (target, norm, e, atk), key in zip(plan, keys):
         bar.set_postfix_str(f"{target.label} {atk.name} {norm} ε={e:.4g}")
-        if key in done:
-            bar.update(1)
-            continue
         bs = batch_size or auto_batch_size(target.fields())
         batches = torch.split(index, bs)
         parts = Parts(out_dir, f"{key}-bs{bs}", len(batches))
+        if key in done:
+            if main:
+                parts.remove()  # left by a kill between the row's append and the clean-up
+            bar.update(1)
+            continue
         mine = [b for b in range(rank, len(batches), world) if not parts.has(b)]
         for b in tqdm(mine, desc=f"{target.label} {atk.name}", unit="batch", leave=False,
                       disable=not progress or len(mine) < 2):

@@ -11,7 +11,7 @@ import torch
 from conftest import assert_usage_error, trained_tiny_classifier
 from attacks.benchmark import Examples, Target, run_sweep
 from attacks.plots import plot_rows
-from attacks.records import read_rows
+from attacks.records import Parts, read_rows
 from attacks.white import APGD, PGD, WorstOf, autoattack_factory, delta_norm, pgd_factory
 from robust_jem import EnergyModel, RefinedClassifier, load_dataset
 from robust_jem.model import to_internal
@@ -251,6 +251,9 @@ def test_a_killed_row_keeps_its_finished_batches(net, data, tmp_path):
     row = run_sweep(target, dying_after(3), ["linf"], [0.05], data.images, data.labels, tmp_path / "a", **common)[0]
     assert len(batches) == 3 and batches[:2] == first_two  # only the third batch was attacked again
     assert not (tmp_path / "a" / "parts").exists()
+    Parts(tmp_path / "a", f"{row['key']}-bs8", 3).write(0, {})  # as if killed between the append and the clean-up
+    run_sweep(target, dying_after(3), ["linf"], [0.05], data.images, data.labels, tmp_path / "a", **common)
+    assert not (tmp_path / "a" / "parts").exists() and len(read_rows(tmp_path / "a")) == 1
     volatile = {"timestamp", "wall_s", "images_per_s"}
     assert {k: v for k, v in row.items() if k not in volatile} == {k: v for k, v in ref.items() if k not in volatile}
     rnd = Examples(n=10, rule="random", seed=1)
