@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 from attacks.benchmark import Examples, Target, run_sweep  # noqa: E402
 from attacks.provenance import device_name, file_sha256, git_sha, now  # noqa: E402
 from attacks.white import pgd_factory  # noqa: E402
-from robust_jem import RefinedClassifier, load, load_dataset  # noqa: E402
+from robust_jem import load, load_dataset  # noqa: E402
+from robust_jem.refined import refined_variants  # noqa: E402
 
 
 def main() -> None:
@@ -46,24 +47,20 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench/results"))
     args = ap.parse_args()
     device = torch.device(args.device)
-    models = {name: load(path, device).requires_grad_(False) for name, path in
-              (("CE", args.ce), ("PGD-AT", args.pgd_at), ("JEM", args.jem))}
     paths = {"CE": args.ce, "PGD-AT": args.pgd_at, "JEM": args.jem}
+    models = {name: load(path, device).requires_grad_(False) for name, path in paths.items()}
     ds = load_dataset(models["CE"].checkpoint_info["dataset"], "test")
-    plan = [("CE", "CE", 0, args.n_bare), ("PGD-AT", "PGD-AT", 0, args.n_bare), ("JEM", "JEM-0", 0, args.n_jem0),
-            ("JEM", "JEM-1", 1, args.n_jem1)]
+    plan = [("CE", 0, args.n_bare), ("PGD-AT", 0, args.n_bare), ("JEM", 0, args.n_jem0), ("JEM", 1, args.n_jem1)]
     factory = pgd_factory(steps=args.steps, eval_draws=5, seed=0)
     out_rows = []
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-precision-") as tmp:
-        for ckpt, label, k, n in plan:
-            bare = ckpt != "JEM"
+        for ckpt, k, n in plan:
+            objective = models[ckpt].checkpoint_info["objective"]
             rows = {}
-            for bf16 in (False, True):
-                rc = RefinedClassifier(models[ckpt], k, n_chains=1 if bare else 5, init_noise=0.0 if bare else 0.03,
-                                       grad_mode="full", bf16=bf16)
-                target = Target(label, rc, paths[ckpt], {"objective": "jem" if not bare else ckpt.lower(),
-                                                         **rc.config()})
+            for bf16 in (False, True):  # the suite's own variant: bare baselines, JEM-k with 5 chains
+                [(label, rc)] = refined_variants(models[ckpt], objective, [k], ["full"], bf16=bf16)
+                target = Target(label, rc, paths[ckpt], {"objective": objective, **rc.config()})
                 rows[bf16] = run_sweep([target], factory, ["linf"], [args.eps], ds.images, ds.labels,
                                        Path(tmp) / f"{label}-{bf16}", dataset=ds.name, examples=Examples(n=n),
                                        progress=False)[0]

@@ -645,12 +645,12 @@ def blackbox(attack: str, checkpoints: tuple[str, ...], sgld_steps: list[int], n
     per-example distances in RUN/distances-KEY.json."""
     from attacks.black import BlackboxConfig, run_blackbox
 
+    from .distributed import launch
+
     defaults = {"boundary": (30, 10), "pointwise": (30, 20)}[attack]
     cfg = BlackboxConfig(attack, steps=steps or defaults[0], init_steps=init_steps or defaults[1],
                          init_directions=init_directions, batch_size=batch_size, eval_draws=eval_draws, seed=seed,
                          source_step=source_step, spherical_step=spherical_step).validate()
-    from .distributed import launch
-
     out_dir = Path(out) if out else _run_name("blackbox", checkpoints, [attack])
     grids = {k: v for k, v in (("l2", eps_grid), ("l0", l0_grid)) if v}
     with launch(resolve_device(device)) as (dist, dev):  # under torchrun: chunks shared over ranks

@@ -201,15 +201,14 @@ class Prefetcher:
 
     def __init__(self, fetch: Callable[[int], tuple[torch.Tensor, torch.Tensor]], device: torch.device,
                  enabled: bool = True) -> None:
-        self.fetch, self.device, self.enabled = fetch, device, enabled
-        self.pin = enabled and device.type == "cuda"
+        self.fetch, self.device = fetch, device
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if enabled else None
-        self._stream = torch.cuda.Stream(device) if self.pin else None
+        self._stream = torch.cuda.Stream(device) if enabled and device.type == "cuda" else None
         self._ahead: tuple[int, Future] | None = None
 
     def _host(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.fetch(step)
-        return (x.pin_memory(), y.pin_memory()) if self.pin else (x, y)
+        return (x.pin_memory(), y.pin_memory()) if self._stream is not None else (x, y)
 
     def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch of ``step`` on the device."""
