@@ -1,7 +1,7 @@
 """The white-box sweep: (target, norm, ε) -> one result row each, appended to ``RUN/rows.jsonl``.
 
-A *target* is a labelled module mapping [0,1] images to logits (for JEM, a ``RefinedClassifier`` with
-its SGLD settings and gradient mode in ``info``). The attack comes from a factory ``(model, norm, ε) ->
+A *target* (:class:`attacks.target.Target`) is a labelled module mapping [0,1] images to logits and
+the defense it stands for. The attack comes from a factory ``(model, norm, ε) ->
 WhiteBoxAttack`` configured once (see :mod:`attacks.white`). Rows are appended atomically as they
 finish; a re-run skips rows whose key is already in the file. Examples follow a recorded rule (the
 first N test images, or N drawn with a seed) and are cut into batches (a pure function of the selection and the batch size). Each batch's per-example results
@@ -16,50 +16,34 @@ are stored as a *part* (``RUN/parts/KEY-bsB/``) the moment it finishes, and the 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .common import AttackInputError, barrier, wilson, world_position
-from .provenance import file_sha256
-from .records import ROWS, Parts, append_row, done_keys, export_csv, provenance_fields, read_rows, row_key
+from infra.records import ROWS, append_row, done_keys, export_csv, provenance_fields, read_rows, row_key
+
+from infra.io import atomic_write
+
+from . import code_hash
+from .black import BlackboxConfig, BlackboxResult, attack_chunk
+from .common import AttackInputError, barrier, check_images, wilson, world_position
+from .curves import DEFAULT_L0_GRID, DEFAULT_L2_GRID, accuracy_curve, distance_summary, json_distances
+from .rows import BlackboxRow, WhiteboxRow
+from .verdict import Verdict
+from .runner import PartsRunner
+from .target import Target
 from .white import WHITE_NORMS, AttackFactory, WhiteBoxAttack
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Target:
-    """A model under attack.
-
-    Args:
-        label: name in rows and plots (e.g. ``JEM-10``, ``CE``, ``PGD-AT``).
-        model: [0,1] images -> logits.
-        checkpoint: file it was loaded from (hashed into the row), if any.
-        info: fields describing it, copied into every row (objective, sgld_steps, n_chains, init_noise,
-            sgld_step_size, sgld_noise, grad_mode, ...). Filled from ``model.config()`` when empty.
-    """
-
-    label: str
-    model: nn.Module
-    checkpoint: str | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def fields(self) -> dict[str, Any]:
-        info = dict(self.info)
-        if not info and callable(getattr(self.model, "config", None)):
-            info = dict(self.model.config())
-        info.setdefault("sgld_steps", 0)
-        info.setdefault("grad_mode", "full")
-        info["deterministic"] = bool(getattr(self.model, "deterministic", False))
-        return info
 
 
 @dataclass(frozen=True)
@@ -107,24 +91,39 @@ def _ci(successes: float, n: int) -> tuple[float, float]:
     return wilson(int(round(successes)), n)
 
 
+def attack_family(attack: WhiteBoxAttack) -> str:
+    """The attack's family for the masking checks: PGD / PGDL2 / EOTPGD / EOTPGDL2 are all ``pgd`` (they
+    differ in norm and EOT, which rows record separately); APGD-CE, APGD-DLR, ... stay themselves."""
+    return "pgd" if attack.name.replace("EOT", "").startswith("PGD") else attack.name.lower()
+
+
+def step_rule(attack: WhiteBoxAttack) -> str | None:
+    """How the step size was chosen: ``2.5*eps/steps`` (the default) or ``fixed`` (given by the user)."""
+    p = attack.params()
+    if "step_size" not in p:
+        return None
+    return "fixed" if getattr(attack, "step_size_given", False) else "2.5*eps/steps"
+
+
 def attack_rows_key(target: Target, attack: WhiteBoxAttack, dataset: str, examples: dict[str, Any]) -> str:
-    """Key of one row: everything that defines the experiment (not the batch size or the device)."""
-    ckpt = file_sha256(target.checkpoint) if target.checkpoint and Path(target.checkpoint).is_file() else None
-    return row_key({"kind": "whitebox", "model": target.label, "checkpoint_sha256": ckpt,
-                    "info": target.fields(), "attack": repr(attack), "dataset": dataset, "examples": examples})
+    """Key of one row: everything that defines the experiment, and the code computing it (not the batch size
+    or the device)."""
+    return row_key({"kind": "whitebox", "target": target.fields(), "attack": repr(attack), "dataset": dataset,
+                    "examples": examples, "code": code_hash()})
 
 
 def run_sweep(targets: Sequence[Target], attack: AttackFactory, norms: Sequence[str], eps: Sequence[float],
               images: torch.Tensor, labels: torch.Tensor, out_dir: str | Path, *, dataset: str,
               examples: Examples = Examples(), seed: int = 0, batch_size: int | None = None,
-              progress: bool = True) -> list[dict[str, Any]]:
+              progress: bool = True) -> list[WhiteboxRow]:
     """Attack every target at every (norm, ε); one row each in ``out_dir/rows.jsonl`` (+ ``rows.csv``).
 
     Under ``torch.distributed`` (every rank calls this with the same arguments and its own targets on
-    its own device) the batches of each row are shared out over the ranks and rank 0 writes the rows.
+    its own device) the batches of each row are shared out over the ranks (:class:`PartsRunner`) and
+    rank 0 writes the rows.
 
     Args:
-        targets: models under attack (their device is the device used).
+        targets: defenses under attack (their device is the device used).
         attack: factory ``(model, norm, eps) -> WhiteBoxAttack`` (its seed should be ``seed``).
         norms, eps: the grid (ε as numbers, in [0,1] pixel units).
         images: the whole split, uint8 or float in [0,1], (N, C, H, W); labels: (N,).
@@ -153,52 +152,51 @@ def run_sweep(targets: Sequence[Target], attack: AttackFactory, norms: Sequence[
     index = torch.as_tensor(examples.indices(total), dtype=torch.long)
     ex_desc = examples.describe(total)
     # Build every attack first: bad settings fail here, before anything is written.
-    plan = [(t, norm, e, attack(t.model, norm, e)) for t in targets for norm in norms for e in eps]
+    plan = []
+    for t in targets:
+        for norm in norms:
+            for e in eps:
+                atk = attack(t.model, norm, e)
+                atk.scorer = t.scorer
+                plan.append((t, atk))
     out_dir = Path(out_dir)
     rows_path = out_dir / ROWS
     rank, world = world_position()
     main = rank == 0
     done = done_keys(rows_path)
-    keys = [attack_rows_key(t, a, dataset, ex_desc) for t, _, _, a in plan]
+    keys = [attack_rows_key(t, a, dataset, ex_desc) for t, a in plan]
     todo = sum(k not in done for k in keys)
     if main:
         log.info("%d rows in the sweep, %d already done in %s%s", len(plan), len(plan) - todo, rows_path,
                  f"; batches shared over {world} ranks" if world > 1 else "")
 
     bar = tqdm(total=len(plan), desc="white-box sweep", unit="row", disable=not (progress and main))
-    for (target, norm, e, atk), key in zip(plan, keys):
-        bar.set_postfix_str(f"{target.label} {atk.name} {norm} ε={e:.4g}")
+    for (target, atk), key in zip(plan, keys):
+        bar.set_postfix_str(f"{target.label} {atk.name} {atk.norm} ε={atk.eps:.4g}")
         bs = batch_size or auto_batch_size(target.fields())
         batches = torch.split(index, bs)
-        parts = Parts(out_dir, f"{key}-bs{bs}", len(batches))
+        runner = PartsRunner(out_dir, f"{key}-bs{bs}", len(batches))
         if key in done:
-            if main:
-                parts.remove()  # left by a kill between the row's append and the clean-up
+            runner.finish()
             bar.update(1)
             continue
-        mine = [b for b in range(rank, len(batches), world) if not parts.has(b)]
-        for b in tqdm(mine, desc=f"{target.label} {atk.name}", unit="batch", leave=False,
-                      disable=not progress or len(mine) < 2):
-            parts.write(b, attack_batch(target, atk, images, labels, batches[b], rank=rank, world=world))
-        barrier()
-        if main:
-            pieces = parts.read_all()
-            if pieces is None:  # a rank failed to write its part (it raised, so torchrun stops the job)
-                raise RuntimeError(f"parts of row {key} are missing in {parts.dir}")
+        pieces = runner.run(lambda b: attack_batch(target, atk, images, labels, batches[b]),
+                            desc=f"{target.label} {atk.name}", progress=progress)
+        if pieces is not None:
             row = merge_row(target, atk, pieces, dataset=dataset, examples=ex_desc, seed=seed, batch_size=bs)
-            row["key"] = key
-            append_row(rows_path, row)
-            parts.remove()
+            row.key = key
+            append_row(rows_path, row.to_dict())
+            runner.finish()
             export_csv(read_rows(rows_path), out_dir / "rows.csv")
             log.info("%s %s %s ε=%.4g: clean %.3f robust %.3f [%.3f, %.3f] (n=%d, %.1fs)", target.label, atk.name,
-                     norm, e, row["clean_acc"], row["robust_acc"], row["robust_ci_low"], row["robust_ci_high"],
-                     row["n"], row["wall_s"])
+                     atk.norm, atk.eps, row.clean_acc, row.robust_acc, row.robust_ci_low, row.robust_ci_high,
+                     row.n, row.wall_s)
         done.add(key)
         bar.update(1)
     bar.close()
     barrier()  # every row is in the file before anyone reads it back
     wanted = set(keys)
-    return [r for r in read_rows(rows_path) if r.get("key") in wanted]
+    return [WhiteboxRow.from_dict(r) for r in read_rows(rows_path) if r.get("key") in wanted]
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -209,7 +207,7 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def attack_batch(target: Target, atk: WhiteBoxAttack, images: torch.Tensor, labels: torch.Tensor,
-                 idx: torch.Tensor, *, rank: int = 0, world: int = 1) -> dict[str, Any]:
+                 idx: torch.Tensor) -> dict[str, Any]:
     """Attack the examples ``idx`` (one batch, seeded by its first index) and return their part: the
     per-example outcomes as JSON-able lists, plus the batch's wall time and where it ran."""
     device = _device(target.model)
@@ -220,12 +218,11 @@ def attack_batch(target: Target, atk: WhiteBoxAttack, images: torch.Tensor, labe
     return {"indices": idx.tolist(), "correct": res.robust.int().tolist(),
             "robust_frac": res.robust_frac.tolist(), "clean_correct": res.clean_correct.int().tolist(),
             "clean_frac": res.clean_frac.tolist(), "delta_norm": res.delta_norm.tolist(),
-            "in_bounds": bool(res.in_bounds), "wall_s": time.perf_counter() - t0, "device": str(device),
-            "shard": f"{rank}/{world}"}
+            "in_bounds": bool(res.in_bounds), "wall_s": time.perf_counter() - t0, "device": str(device)}
 
 
 def merge_row(target: Target, atk: WhiteBoxAttack, pieces: Sequence[dict[str, Any]], *, dataset: str,
-              examples: dict[str, Any], seed: int, batch_size: int) -> dict[str, Any]:
+              examples: dict[str, Any], seed: int, batch_size: int) -> WhiteboxRow:
     """One result row (without ``key``) from the parts of its batches, in batch order."""
     def cat(name: str) -> list[Any]:
         return [v for p in pieces for v in p[name]]
@@ -237,48 +234,152 @@ def merge_row(target: Target, atk: WhiteBoxAttack, pieces: Sequence[dict[str, An
     k_clean, k_rob = sum(clean), sum(robust)
     m_clean, m_rob = math.fsum(clean_frac), math.fsum(robust_frac)
     p = atk.params()
-    row: dict[str, Any] = {
-        "kind": "whitebox",
-        "model": target.label,
-        **target.fields(),
-        "attack": atk.name,
-        "attack_repr": repr(atk),
-        "attack_params": p,
-        "norm": atk.norm,
-        "eps": atk.eps,
-        "steps": p.get("steps"),
-        "step_size": p.get("step_size"),
-        "restarts": p.get("restarts", 1),
-        "eot": p.get("eot", 1),
-        "eot_used": p.get("eot_used", 1),
-        "eval_draws": atk.eval_draws,
-        "eval_draws_used": atk.eval_draws_used,
-        "n": n,
-        "clean_acc": k_clean / n if n else 0.0,
-        "clean_ci_low": wilson(k_clean, n)[0],
-        "clean_ci_high": wilson(k_clean, n)[1],
-        "clean_acc_mean": m_clean / n if n else 0.0,
-        "robust_acc": k_rob / n if n else 0.0,
-        "robust_ci_low": wilson(k_rob, n)[0],
-        "robust_ci_high": wilson(k_rob, n)[1],
-        "robust_acc_mean": m_rob / n if n else 0.0,
-        "robust_mean_ci_low": _ci(m_rob, n)[0],
-        "robust_mean_ci_high": _ci(m_rob, n)[1],
-        "max_delta_norm": max(dnorm, default=0.0),
-        "in_bounds": all(p["in_bounds"] for p in pieces),
-        "dataset": dataset,
-        "split": "test",
-        "examples": examples,
-        "seed": seed,
-        "batch_size": batch_size,
-        **provenance_fields(target.checkpoint, pieces[0]["device"] if pieces else _device(target.model)),
-        "wall_s": round(wall, 3),
-        "images_per_s": round(n / wall, 4) if wall > 0 else None,
-        "shards": sorted({p["shard"] for p in pieces}),
-        "example_indices": idx,
-        "correct": robust,
-        "clean_correct": clean,
-    }
-    if target.checkpoint is None:
-        row["checkpoint"], row["checkpoint_sha256"] = None, None
-    return row
+    fields = target.fields()
+    prov = provenance_fields(None, pieces[0]["device"] if pieces else _device(target.model))
+    return WhiteboxRow.build(
+        **fields, checkpoint=target.checkpoint, dataset=dataset, seed=seed, code=code_hash(),
+        attack=atk.name, attack_family=attack_family(atk), attack_repr=repr(atk), attack_code=code_hash(),
+        attack_params=p, norm=atk.norm, eps=atk.eps, steps=p.get("steps"), step_size=p.get("step_size"),
+        step_rule=step_rule(atk), restarts=p.get("restarts", 1), eot=p.get("eot", 1), eot_used=p.get("eot_used", 1),
+        **atk.verdict.params(atk.scorer),
+        n=n, clean_acc=k_clean / n if n else 0.0, clean_ci_low=wilson(k_clean, n)[0],
+        clean_ci_high=wilson(k_clean, n)[1], clean_acc_mean=m_clean / n if n else 0.0,
+        robust_acc=k_rob / n if n else 0.0, robust_ci_low=wilson(k_rob, n)[0], robust_ci_high=wilson(k_rob, n)[1],
+        robust_acc_mean=m_rob / n if n else 0.0, robust_mean_ci_low=_ci(m_rob, n)[0],
+        robust_mean_ci_high=_ci(m_rob, n)[1], max_delta_norm=max(dnorm, default=0.0),
+        in_bounds=all(p["in_bounds"] for p in pieces), split="test", examples=examples, batch_size=batch_size,
+        **{k: v for k, v in prov.items() if k not in ("checkpoint", "checkpoint_sha256")},
+        wall_s=round(wall, 3), images_per_s=round(n / wall, 4) if wall > 0 else None,
+        shards=sorted({p["shard"] for p in pieces}), example_indices=idx, correct=robust, clean_correct=clean,
+        robust_frac=robust_frac,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# the black-box sweep (foolbox minimisation attacks; one run gives every ε)
+# ------------------------------------------------------------------------------------------------
+def blackbox_keys(cfg: BlackboxConfig, target: Target, examples: str) -> dict[str, str]:
+    """norm -> row key of each row a run of ``cfg`` on ``target`` writes (for resuming)."""
+    fields = {k: v for k, v in target.fields().items() if k not in ("grad_mode", "precision", "compiled")}
+    return {norm: row_key({"kind": "blackbox", "attack": cfg.attack, "norm": norm, "examples": examples,
+                           "params": cfg.params(), "target": fields, "code": code_hash()}) for norm in cfg.norms}
+
+
+def run_blackbox(target: Target, x: torch.Tensor, y: torch.Tensor, cfg: BlackboxConfig, *,
+                 out_dir: str | Path, examples: str, dataset: str | None = None,
+                 eps_grids: dict[str, Sequence[float]] | None = None, indices: Sequence[int] | None = None,
+                 progress: bool = True) -> list[BlackboxRow]:
+    """Attack one defense with ``cfg``; one row per norm in ``out_dir/rows.jsonl`` and a distances side file.
+
+    The run's chunks go through the shared :class:`PartsRunner` (resume per chunk; under ``torchrun`` rank
+    r attacks the chunks c with c % world == r and rank 0 writes the rows, which are those of one process).
+
+    Args:
+        target: the defense (its ``model`` is queried through the fixed-noise view; its ``scorer`` gives
+            the fresh-noise verdict).
+        x, y: clean images in [0,1] (N, C, H, W) on the model's device, and labels (N,).
+        cfg: the attack and its budgets.
+        out_dir: the run directory.
+        examples: which examples ``x`` are (e.g. ``test[0:50]``), recorded and part of the row key.
+        dataset: recorded.
+        eps_grids: norm -> ε grid of the accuracy curves (defaults: :data:`DEFAULT_L2_GRID`, L0 grid).
+        indices: data-set indices of ``x`` (for the side file).
+        progress: tqdm bars (rank 0 only).
+
+    Returns:
+        The rows of this run (read back on every rank), also when they already existed.
+    """
+    cfg.validate()
+    check_images(x)
+    if x.shape[0] < 1 or y.shape != (x.shape[0],):
+        raise AttackInputError(f"need one label per image and at least one image, got {tuple(y.shape)}")
+    y = y.to(x.device)
+    out = Path(out_dir)
+    n = int(x.shape[0])
+    keys = blackbox_keys(cfg, target, examples)
+    n_chunks = math.ceil(n / cfg.batch_size)
+    runner = PartsRunner(out, f"{row_key({'blackbox_rows': sorted(keys.values())})}-bs{cfg.batch_size}", n_chunks)
+    wanted = set(keys.values())
+    if wanted <= done_keys(out / ROWS):
+        log.info("%s %s: rows already present, skipping", target.label, cfg.attack)
+        runner.finish()
+        return [BlackboxRow.from_dict(r) for r in read_rows(out / ROWS) if r.get("key") in wanted]
+    if runner.is_main:
+        log.info("%s %s: %d chunks of %d, %d on disk already", target.label, cfg.attack, n_chunks, cfg.batch_size,
+                 runner.on_disk())
+    bs = cfg.batch_size
+    per_chunk = (cfg.init_directions + cfg.init_steps + cfg.steps + cfg.steps // cfg.update_stats_every_k + 3
+                 if cfg.attack == "boundary" else cfg.init_steps + cfg.steps + 3)
+    bar = tqdm(total=per_chunk * n_chunks, desc=f"{target.label} {cfg.attack} queries", unit="q", leave=False,
+               disable=not (progress and runner.is_main))
+
+    def chunk(c: int) -> dict[str, Any]:
+        res = attack_chunk(target.model, x[c * bs:(c + 1) * bs], y[c * bs:(c + 1) * bs], cfg, c,
+                           on_call=lambda: bar.update(1), scorer=target.scorer)
+        return {**res.to_part(), "device": str(x.device)}
+
+    try:
+        pieces = runner.run(chunk)
+    finally:
+        bar.close()
+    if pieces is not None:
+        res = BlackboxResult.merge([BlackboxResult.from_part(p) for p in pieces])
+        _write_blackbox_rows(target, res, y, cfg, out, keys, examples=examples, dataset=dataset, eps_grids=eps_grids,
+                             indices=indices, shards=sorted({p["shard"] for p in pieces}),
+                             device=pieces[0]["device"])
+        runner.finish()
+    barrier()  # every row is in the file before anyone reads it back
+    return [BlackboxRow.from_dict(r) for r in read_rows(out / ROWS) if r.get("key") in wanted]
+
+
+def _write_blackbox_rows(target: Target, res: BlackboxResult, y: torch.Tensor, cfg: BlackboxConfig, out: Path,
+                         keys: dict[str, str], *, examples: str, dataset: str | None,
+                         eps_grids: dict[str, Sequence[float]] | None, indices: Sequence[int] | None,
+                         shards: list[str], device: str) -> None:
+    """Append the rows of ``keys`` not yet in ``out/rows.jsonl``, each after its distances side file."""
+    n = int(y.shape[0])
+    grids = {"l2": DEFAULT_L2_GRID, "l0": DEFAULT_L0_GRID, **(eps_grids or {})}
+    done = done_keys(out / ROWS)
+    verdict = Verdict(cfg.eval_draws, cfg.seed)
+    fields = {k: v for k, v in target.fields().items() if k not in ("grad_mode", "precision", "compiled")}
+    prov = provenance_fields(None, device)
+    for norm, key in keys.items():
+        if key in done:
+            continue
+        d, d_fresh = res.distances[norm], res.distances_fresh(norm)
+        side = out / f"distances-{key}.json"
+        atomic_write(side, json.dumps({
+            "key": key, "model": target.label, "defense_id": target.defense_id, "attack": cfg.attack, "norm": norm,
+            "indices": list(map(int, indices)) if indices is not None else list(range(n)),
+            "labels": y.cpu().tolist(),
+            "distance_fixed_noise": json_distances(d),
+            "distance_fresh_noise": json_distances(d_fresh),
+            "verdicts": "fixed_noise: what foolbox saw (noise a fixed function of the input); fresh_noise: "
+                        + verdict.rule(target.scorer),
+            "fresh_misclassified_frac": [None if math.isnan(v) else v for v in res.fresh_misclassified.tolist()],
+            "clean_correct_fixed_noise": res.clean_correct_fixed.tolist(),
+            "clean_correct_fresh_frac": res.clean_correct_fresh.tolist(),
+            "queries": res.queries.tolist(),
+            "note": "null distance = no adversarial found (counted robust at every ε)",
+        }, allow_nan=False))
+        grid = [float(e) for e in grids[norm]]
+        row = BlackboxRow.build(
+            key=key, **fields, checkpoint=target.checkpoint, dataset=dataset, seed=cfg.seed, code=code_hash(),
+            attack=cfg.attack, attack_code=code_hash(), norm=norm, n=n, n_examples=n, examples=examples,
+            attack_params=cfg.params(), attack_repr=[repr(a) for a in cfg.foolbox_attacks()], eps_grid=grid,
+            verdict="fresh_noise", verdict_rule=verdict.rule(target.scorer), acc_curve=accuracy_curve(d_fresh, grid),
+            distance_summary=distance_summary(d_fresh),
+            clean_acc=float((res.clean_correct_fresh == 1).double().mean()),
+            clean_acc_fresh_noise_mean=float(res.clean_correct_fresh.mean()),
+            n_adversarial_fresh_noise=int(res.fresh_verdict.sum()),
+            fresh_misclassified_frac_mean=(float(np.nanmean(res.fresh_misclassified.numpy()))
+                                           if bool(res.found.any()) else None),
+            acc_curve_fixed_noise=accuracy_curve(d, grid), distance_summary_fixed_noise=distance_summary(d),
+            clean_acc_fixed_noise=float(res.clean_correct_fixed.double().mean()),
+            n_adversarial_fixed_noise=int(res.found.sum()),
+            eval_draws=cfg.eval_draws, eval_draws_used=verdict.draws_for(target.scorer),
+            init_failed=res.init_failed, queries_per_example=float(res.queries.double().mean()),
+            queries_per_example_max=int(res.queries.max()), model_evals_per_example=res.model_evals / n,
+            wall_s=res.wall_s, wall_s_per_example=res.wall_s / n, distances_file=side.name, shards=shards,
+            notes=res.notes, **{k: v for k, v in prov.items() if k not in ("checkpoint", "checkpoint_sha256")})
+        append_row(out / ROWS, row.to_dict())

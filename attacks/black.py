@@ -2,202 +2,44 @@
 
 Both are minimization attacks (Brendel et al. 2018; Schott et al. 2019): one run gives each example's
 smallest adversarial distance, so accuracy at every ε is a threshold on those distances
-(:func:`accuracy_curve`). Examples where no adversarial is found keep an infinite distance and count as
+(:mod:`attacks.curves`). Examples where no adversarial is found keep an infinite distance and count as
 robust; examples the model already gets wrong have distance 0.
 
-Stochastic models (the SGLD-refined classifier) break foolbox's assumption that the same query gets the
-same answer. :class:`FixedNoiseView` therefore hands foolbox a deterministic view in which the noise of
-every example is a fixed function of (its pixel values, seed): each example's noise comes from its own
-``torch.Generator`` seeded with a hash of its bytes, so the answer does not depend on the rest of the batch,
-and repeated queries are served from an exact cache. Every adversarial found this way is then re-scored
-with FRESH noise (``eval_draws`` independent forward passes of the real stochastic model), and rows
-report both verdicts: ``acc_curve`` / ``distance_summary`` use the fresh-noise verdict with the white-box
-suite's rule (robust at ε only if the clean image and the adversarial within ε are classified correctly in
-every fresh pass), so black-box and white-box curves compare like with like; ``*_fixed_noise`` fields keep
+foolbox queries the deterministic fixed-noise view of the model (:mod:`attacks.fixed_noise`) through an
+oracle that counts queries. Every adversarial found this way is then re-scored with the suite's one
+:class:`attacks.verdict.Verdict` (fresh noise, the same rule as the white-box rows); rows report both
+verdicts: ``acc_curve`` / ``distance_summary`` use the fresh-noise verdict, ``*_fixed_noise`` fields keep
 what foolbox itself saw.
 
-Runs are cut into chunks of ``batch_size`` examples, and a chunk's whole outcome (distances, both verdicts,
-queries) comes from that chunk alone (:func:`attack_chunk`: foolbox's proposals and the fresh-noise draws
-are seeded by (seed, chunk position)). :func:`run_blackbox` stores each finished chunk as a part
-(``RUN/parts/KEY-bsB/``) and merges the parts into the rows, so:
-
-* a killed run loses at most the chunk in progress (a re-run attacks only the missing chunks);
-* under ``torchrun`` (any ``torch.distributed`` group) rank r attacks the chunks c with c % world == r and
-  rank 0 writes the rows, which are the rows of a single process whatever the world size.
-
-Model contract (no robust_jem import): ``model(x)`` maps [0,1] images (N, C, H, W) to logits (N, K);
-``model(x, noise_fn=fn)`` draws every Gaussian it needs from ``fn(like)``, which returns standard normal
-noise shaped like ``like``, whose leading dimension is ``copies * N`` in copy-major order (row ``r`` is a
-copy of example ``r % N``, the layout of ``x.repeat(copies, ...)``). A deterministic model may ignore
-``noise_fn``; a plain ``nn.Module`` without the keyword is adapted by :func:`as_noise_model`.
+A run is cut into chunks of ``batch_size`` examples, and a chunk's whole outcome (distances, both verdicts,
+queries) comes from that chunk alone (:func:`attack_chunk`: foolbox's proposals and the verdict's draws
+are seeded by (seed, chunk position)); the resumable, sharded sweep over chunks is
+:func:`attacks.benchmark.run_blackbox`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import inspect
-import json
 import logging
 import math
-import os
 import time
 import warnings
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-from .common import AttackInputError, barrier, check_images, wilson, world_position
-from .records import ROWS, Parts, append_row, done_keys, read_rows, row_key, write_atomic
+from infra.randomness import seeded
+
+from .common import AttackInputError, check_images
+from .curves import json_distances
+from .fixed_noise import FixedNoiseView, NoiseModel, as_noise_model
+from .verdict import Verdict
 
 log = logging.getLogger(__name__)
 
 ATTACKS = ("boundary", "pointwise")
 ATTACK_NORMS: dict[str, tuple[str, ...]] = {"boundary": ("l2",), "pointwise": ("l0", "l2")}
-NoiseFn = Callable[[torch.Tensor], torch.Tensor]
-NoiseModel = Callable[..., torch.Tensor]
-
-#: default ε grids (L2 in [0,1] pixel units; L0 in changed pixel values)
-DEFAULT_L2_GRID: tuple[float, ...] = tuple(round(0.1 * i, 2) for i in range(61))
-DEFAULT_L0_GRID: tuple[float, ...] = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 80, 100, 150, 200,
-                                      300, 400, 600, 800)
-
-
-# ------------------------------------------------------------------------------------------------
-# the fixed-noise view
-# ------------------------------------------------------------------------------------------------
-class PerExampleNoise:
-    """A ``noise_fn`` drawing each example's noise from its own generator.
-
-    Args:
-        seeds: one seed per example of the batch (N of them).
-        device: where the generators live.
-
-    Shape: called with ``like`` of shape (copies * N, ...) (copy-major) -> noise of the same shape, where
-    example ``j``'s rows depend only on ``seeds[j]`` and the sequence of shapes requested.
-    """
-
-    def __init__(self, seeds: Sequence[int], device: torch.device) -> None:
-        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-
-    def __call__(self, like: torch.Tensor) -> torch.Tensor:
-        n = len(self.generators)
-        if like.shape[0] % n:
-            raise ValueError(f"noise requested for {like.shape[0]} rows, not a multiple of the batch size {n}")
-        shape = (like.shape[0] // n, *like.shape[1:])
-        draws = [torch.randn(shape, generator=g, device=like.device, dtype=like.dtype) for g in self.generators]
-        return torch.stack(draws, 1).reshape(like.shape)
-
-
-def fresh_noise(generator: torch.Generator) -> NoiseFn:
-    """A ``noise_fn`` drawing ordinary fresh noise from ``generator`` (the model's real randomness)."""
-    return lambda like: torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-
-
-def as_noise_model(model: Callable[[torch.Tensor], torch.Tensor]) -> NoiseModel:
-    """Adapt a plain ``model(x)`` to the ``model(x, noise_fn=...)`` contract.
-
-    A model whose forward takes ``noise_fn`` is returned unchanged. Any other model cannot have its noise
-    fixed; it is wrapped as deterministic, with a warning unless it says ``deterministic = True``.
-    """
-    target = model.forward if isinstance(model, nn.Module) else model
-    try:
-        params = inspect.signature(target).parameters
-    except (TypeError, ValueError):
-        params = {}  # type: ignore[assignment]
-    if "noise_fn" in params:
-        return model
-    if not getattr(model, "deterministic", False):
-        warnings.warn(f"{type(model).__name__} takes no noise_fn: treated as deterministic; if it is random, "
-                      "decision-based attacks will see inconsistent answers", stacklevel=2)
-
-    def call(x: torch.Tensor, noise_fn: NoiseFn | None = None) -> torch.Tensor:
-        return model(x)
-
-    call.deterministic = True  # type: ignore[attr-defined]
-    return call
-
-
-class FixedNoiseView(nn.Module):
-    """Deterministic view of a stochastic model: the noise is a function of (example bytes, seed).
-
-    Each example is hashed (BLAKE2b of its float bytes, keyed by ``seed``); the hash seeds that example's
-    own generator (:class:`PerExampleNoise`), so the answer for an image never depends on the batch it
-    came with. Answers are cached by hash (LRU, ``cache_size`` entries), so a repeated query returns the
-    identical logits and costs nothing; foolbox's own success checks therefore hold exactly.
-
-    Args:
-        model: ``model(x, noise_fn=...) -> logits`` (see the module docstring).
-        seed: selects the fixed noise (another seed is another deterministic view).
-        cache_size: answers kept (0 disables the cache; attacks need it on).
-
-    Attributes:
-        calls: forward calls (each is one query per example of the batch).
-        evaluated: examples actually run through the model (cache misses).
-
-    Shape: (N, C, H, W) in [0,1] -> (N, K) logits.
-    """
-
-    def __init__(self, model: NoiseModel, seed: int = 0, cache_size: int = 100_000) -> None:
-        super().__init__()
-        self.model = model
-        self.seed = int(seed)
-        self.cache_size = int(cache_size)
-        self._key = hashlib.sha256(f"fixed-noise-view:{self.seed}".encode()).digest()[:32]
-        self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
-        self.calls = 0
-        self.evaluated = 0
-
-    def extra_repr(self) -> str:
-        return f"seed={self.seed}, cache_size={self.cache_size}"
-
-    def example_keys(self, x: torch.Tensor) -> list[bytes]:
-        """One 16-byte digest per example (``-0.0`` and ``0.0`` hash alike)."""
-        flat = (x.detach() + 0.0).reshape(x.shape[0], -1).cpu().contiguous().numpy()
-        return [hashlib.blake2b(row.tobytes(), digest_size=16, key=self._key).digest() for row in flat]
-
-    @staticmethod
-    def example_seed(key: bytes) -> int:
-        """The generator seed of an example with digest ``key``."""
-        return int.from_bytes(key[:8], "little") & (2**63 - 1)
-
-    def clear_cache(self) -> None:
-        self._cache.clear()
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        keys = self.example_keys(x)
-        first: dict[bytes, int] = {}
-        for i, k in enumerate(keys):
-            if k not in first and k not in self._cache:
-                first[k] = i
-        fresh: dict[bytes, torch.Tensor] = {}
-        if first:
-            idx = list(first.values())
-            seeds = [self.example_seed(keys[i]) for i in idx]
-            logits = self.model(x[idx], noise_fn=PerExampleNoise(seeds, x.device)).detach()
-            self.evaluated += len(idx)
-            for k, row in zip(first, logits):
-                fresh[k] = row.clone()
-        rows = []
-        for k in keys:
-            row = fresh.get(k)
-            if row is None:
-                row = self._cache[k]
-                self._cache.move_to_end(k)
-            rows.append(row)
-        if self.cache_size > 0:
-            for k, row in fresh.items():
-                self._cache[k] = row
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        return torch.stack(rows)
 
 
 class BudgetExhausted(Exception):
@@ -246,23 +88,6 @@ class _Oracle(nn.Module):
         if bool(better.any()):
             self._best_key = torch.where(better[:, None], key, best)
             self.best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x, self.best)
-
-
-@contextlib.contextmanager
-def seeded_global_rngs(seed: int) -> Iterator[None]:
-    """Seed torch's and numpy's global RNGs for a third-party call and restore them afterwards.
-
-    Foolbox draws its proposals from the global torch RNG and its pixel orders from ``np.random``.
-    """
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    state = np.random.get_state()
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        try:
-            yield
-        finally:
-            np.random.set_state(state)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,7 +222,7 @@ class BlackboxResult:
 
     def to_part(self) -> dict[str, Any]:
         """The outcome as JSON (``inf`` and NaN as null), without the adversarial images; exact for floats."""
-        return {"found": self.found.tolist(), "distances": {k: _json_dist(d) for k, d in self.distances.items()},
+        return {"found": self.found.tolist(), "distances": {k: json_distances(d) for k, d in self.distances.items()},
                 "fresh_misclassified": [None if math.isnan(v) else v for v in self.fresh_misclassified.tolist()],
                 "clean_correct_fixed": self.clean_correct_fixed.tolist(),
                 "clean_correct_fresh": self.clean_correct_fresh.tolist(), "queries": self.queries.tolist(),
@@ -446,21 +271,6 @@ def distances(x: torch.Tensor, x_adv: torch.Tensor, norm: str) -> torch.Tensor:
     raise AttackInputError(f"unknown norm {norm!r} for distances; use l0 or l2")
 
 
-@torch.no_grad()
-def fresh_misclassification(model: NoiseModel, x: torch.Tensor, y: torch.Tensor, draws: int,
-                            generator: torch.Generator, batch_size: int = 100) -> torch.Tensor:
-    """Fraction of ``draws`` fresh-noise forward passes that misclassify each example; shape (N,)."""
-    if getattr(model, "deterministic", False):
-        draws = 1
-    wrong = torch.zeros(x.shape[0], dtype=torch.float64)
-    fn = fresh_noise(generator)
-    for _ in range(draws):
-        for i in range(0, x.shape[0], batch_size):
-            pred = model(x[i:i + batch_size], noise_fn=fn).argmax(1)
-            wrong[i:i + batch_size] += (pred != y[i:i + batch_size]).double().cpu()
-    return wrong / draws
-
-
 def _foolbox_chunk(view: FixedNoiseView, x: torch.Tensor, y: torch.Tensor, cfg: BlackboxConfig, seed: int,
                    on_call: Callable[[], None] | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Run init + main attack on one batch. Returns (candidate adversarials, queries per example, init fails).
@@ -484,7 +294,7 @@ def _foolbox_chunk(view: FixedNoiseView, x: torch.Tensor, y: torch.Tensor, cfg: 
     oracle_t = _Oracle(view, ys, on_call=on_call).eval()
     fmodel = fb.PyTorchModel(oracle_t, bounds=(0, 1), device=x.device)
     criterion = fb.criteria.Misclassification(ys)
-    with seeded_global_rngs(seed), warnings.catch_warnings(record=True) as caught:
+    with seeded(seed), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         starts = init_attack.run(fmodel, xs, criterion).clamp(0, 1)
         ok = (oracle_t(starts).argmax(1) != ys)
@@ -515,19 +325,13 @@ def _foolbox_chunk(view: FixedNoiseView, x: torch.Tensor, y: torch.Tensor, cfg: 
     return adv, queries, int(todo.numel() - ok_idx.numel())
 
 
-def _fresh_seed(seed: int, chunk: int, offset: int) -> int:
-    """Seed of chunk ``chunk``'s fresh-noise stream ``offset``. Chunks are 2**32 apart, and chunk 0 keeps the
-    seed of the former whole-set stream (``seed + offset``), so a run in one chunk draws what it always did."""
-    return seed + offset + chunk * 2**32
-
-
 def attack_chunk(model: NoiseModel, x: torch.Tensor, y: torch.Tensor, cfg: BlackboxConfig, chunk: int, *,
-                 on_call: Callable[[], None] | None = None) -> BlackboxResult:
+                 on_call: Callable[[], None] | None = None, scorer: nn.Module | None = None) -> BlackboxResult:
     """Attack one chunk of a run and score it: the chunk's whole outcome, from the chunk alone.
 
     Chunk ``c`` holds examples ``c * cfg.batch_size`` onwards. It is seeded by (``cfg.seed``, ``c``) only:
-    foolbox's proposals by ``cfg.seed * 100_003 + c``, the fresh-noise re-scoring by ``cfg.seed + 1_000_003``
-    (adversarials) and ``cfg.seed + 2_000_003`` (clean images), each plus ``c * 2**32``. It has its own
+    foolbox's proposals by ``cfg.seed * 100_003 + c``, the verdict's fresh draws by stream ``c`` of
+    ``Verdict(cfg.eval_draws, cfg.seed)`` (the clean images and the adversarials see the same draws). It has its own
     fixed-noise view (an example's noise is a function of its bytes anyway), so its numbers do not depend
     on which process computes it or on what ran before.
 
@@ -537,6 +341,7 @@ def attack_chunk(model: NoiseModel, x: torch.Tensor, y: torch.Tensor, cfg: Black
         cfg: the attack and its budgets.
         chunk: the chunk's position in the run.
         on_call: called at every oracle query (progress).
+        scorer: what the verdict scores with (default: ``model``).
 
     Returns:
         The chunk's :class:`BlackboxResult` (``notes`` are left to :meth:`BlackboxResult.merge`).
@@ -553,13 +358,14 @@ def attack_chunk(model: NoiseModel, x: torch.Tensor, y: torch.Tensor, cfg: Black
     for norm in cfg.norms:
         d = distances(x, adv, norm).cpu()
         dists[norm] = torch.where(found, d, torch.full_like(d, math.inf))
-    # fresh noise: seeds that differ from the view's; the clean draws do not depend on the attack, so the
-    # clean verdict is the same in every row of a model
-    g_adv = torch.Generator(device=x.device).manual_seed(_fresh_seed(cfg.seed, chunk, 1_000_003))
-    fresh_adv = fresh_misclassification(model, adv, y, cfg.eval_draws, g_adv, cfg.batch_size)
+    # the suite's verdict (fresh noise); the clean draws do not depend on the attack, so the clean verdict is
+    # the same in every row of a model
+    verdict = Verdict(cfg.eval_draws, cfg.seed)
+    judge = scorer if scorer is not None else model
+    clean_ok, adv_ok = verdict.score(judge, x, y, stream=chunk), verdict.score(judge, adv, y, stream=chunk)
+    fresh_adv = (1.0 - adv_ok.double().mean(0)).cpu()
     fresh_adv = torch.where(found, fresh_adv, torch.full_like(fresh_adv, math.nan))
-    g_clean = torch.Generator(device=x.device).manual_seed(_fresh_seed(cfg.seed, chunk, 2_000_003))
-    fresh_clean = 1.0 - fresh_misclassification(model, x, y, cfg.eval_draws, g_clean, cfg.batch_size)
+    fresh_clean = clean_ok.double().mean(0).cpu()
     return BlackboxResult(adversarials=adv.detach(), found=found, distances=dists, fresh_misclassified=fresh_adv,
                           clean_correct_fixed=clean_fixed, clean_correct_fresh=fresh_clean, queries=queries,
                           model_evals=view.evaluated, wall_s=time.perf_counter() - t0, init_failed=init_failed)
@@ -616,175 +422,3 @@ def blackbox_attack(model: NoiseModel, x: torch.Tensor, y: torch.Tensor, cfg: Bl
     model, y = _checked(model, x, y, cfg)
     chunks = range(math.ceil(x.shape[0] / cfg.batch_size))
     return BlackboxResult.merge([res for _, res in _run_chunks(model, x, y, cfg, chunks, progress=progress)])
-
-
-# ------------------------------------------------------------------------------------------------
-# from distances to curves and rows
-# ------------------------------------------------------------------------------------------------
-def accuracy_curve(dist: torch.Tensor | Sequence[float], eps_grid: Sequence[float]) -> list[dict[str, float]]:
-    """Robust accuracy at each ε: the fraction of examples whose smallest adversarial distance exceeds ε.
-
-    An example with distance ``d`` is broken at every ε >= d (``inf``: never), so the curve is
-    non-increasing in ε. Each point carries a 95 % Wilson interval.
-    """
-    d = torch.as_tensor(dist, dtype=torch.float64).flatten()
-    n = int(d.numel())
-    out = []
-    for eps in eps_grid:
-        robust = int((d > float(eps)).sum())
-        lo, hi = wilson(robust, n)
-        out.append({"eps": float(eps), "acc": robust / n if n else 0.0, "ci_low": lo, "ci_high": hi})
-    return out
-
-
-def distance_summary(dist: torch.Tensor | Sequence[float]) -> dict[str, Any]:
-    """Median and quantiles over all examples (``inf`` = none found; an infinite quantile is None)."""
-    d = torch.as_tensor(dist, dtype=torch.float64).flatten().numpy()
-    finite = d[np.isfinite(d)]
-    n = int(d.size)
-    big = 1e300  # stands for inf, so that interpolating towards a missing adversarial gives "infinite"
-
-    def q(p: float) -> float | None:
-        if n == 0:
-            return None
-        v = float(np.quantile(np.where(np.isfinite(d), d, big), p))
-        return v if v < big / 10 else None
-
-    return {"n": n, "n_found": int(finite.size), "n_not_found": n - int(finite.size),
-            "median": q(0.5), "q10": q(0.1), "q25": q(0.25), "q75": q(0.75), "q90": q(0.9),
-            "mean_found": float(finite.mean()) if finite.size else None,
-            "min": float(finite.min()) if finite.size else None}
-
-
-def _json_dist(d: torch.Tensor) -> list[float | None]:
-    return [float(v) if math.isfinite(float(v)) else None for v in d.tolist()]
-
-
-def blackbox_keys(cfg: BlackboxConfig, identity: dict[str, Any], n_examples: int) -> dict[str, str]:
-    """norm -> row key of each row a run of ``cfg`` writes (for resuming)."""
-    return {norm: row_key({"kind": "blackbox", "attack": cfg.attack, "norm": norm, "n_examples": n_examples,
-                           **cfg.params(), **identity}) for norm in cfg.norms}
-
-
-def run_blackbox(model: NoiseModel, x: torch.Tensor, y: torch.Tensor, cfg: BlackboxConfig, *,
-                 out_dir: str | os.PathLike, identity: dict[str, Any], extra: dict[str, Any] | None = None,
-                 eps_grids: dict[str, Sequence[float]] | None = None, indices: Sequence[int] | None = None,
-                 progress: bool = True) -> list[dict[str, Any]]:
-    """Attack one model, write one row per norm to ``out_dir/rows.jsonl`` and its distances side file.
-
-    Each chunk's outcome is stored as a part (``out_dir/parts/KEY-bsB/``) as soon as it is done, so a
-    re-run attacks only the missing chunks. Under ``torch.distributed`` (every rank calls this with the
-    same arguments) rank r attacks the chunks c with c % world == r, and rank 0 merges the parts into the
-    rows; the rows are those of a single process whatever the world size (each chunk is seeded by its
-    position, see :func:`attack_chunk`).
-
-    Args:
-        model, x, y, cfg: as for :func:`blackbox_attack`.
-        out_dir: the run directory (``rows.jsonl``, ``distances-<key>.json``, ``parts/``).
-        identity: fields that define the model under attack (label ``model``, checkpoint sha256, SGLD
-            settings ...); they enter the row key, so a re-run skips finished rows.
-        extra: provenance fields for the row (git sha, device, timestamp, checkpoint path ...).
-        eps_grids: norm -> ε grid of the accuracy curves (defaults: :data:`DEFAULT_L2_GRID`, L0 grid).
-        indices: data-set indices of ``x`` (for the side file).
-        progress: tqdm bar of oracle calls (rank 0 only).
-
-    Returns:
-        The rows written, read back on every rank ([] when every row of this run already exists).
-    """
-    model, y = _checked(model, x, y, cfg)
-    out = Path(out_dir)
-    n = int(x.shape[0])
-    keys = blackbox_keys(cfg, identity, n)
-    n_chunks = math.ceil(n / cfg.batch_size)
-    parts = Parts(out, f"{row_key({'blackbox_rows': sorted(keys.values())})}-bs{cfg.batch_size}", n_chunks)
-    rank, world = world_position()
-    done = done_keys(out / ROWS)
-    pending = [k for k in keys.values() if k not in done]
-    if not pending:
-        log.info("%s %s: rows already present, skipping", identity.get("model"), cfg.attack)
-        if rank == 0:
-            parts.remove()  # left by a kill between the last append and the clean-up
-        return []
-    on_disk = {c for c in range(n_chunks) if parts.has(c)}
-    mine = [c for c in range(rank, n_chunks, world) if c not in on_disk]
-    if rank == 0:
-        log.info("%s %s: %d chunks of %d, %d on disk already%s", identity.get("model"), cfg.attack, n_chunks,
-                 cfg.batch_size, len(on_disk), f"; shared over {world} ranks" if world > 1 else "")
-    for c, res in _run_chunks(model, x, y, cfg, mine, progress=progress and rank == 0):
-        parts.write(c, {**res.to_part(), "shard": f"{rank}/{world}", "device": str(x.device)})
-    barrier()
-    if rank == 0:
-        pieces = parts.read_all()
-        if pieces is None:  # a rank failed to write its part (it raised, so torchrun stops the job)
-            raise RuntimeError(f"parts of the {cfg.attack} rows of {identity.get('model')} are missing in {parts.dir}")
-        res = BlackboxResult.merge([BlackboxResult.from_part(p) for p in pieces])
-        _write_rows(model, res, y, cfg, out, keys, identity=identity, extra=extra, eps_grids=eps_grids,
-                    indices=indices, shards=sorted({p["shard"] for p in pieces}))
-        parts.remove()
-    barrier()  # every row is in the file before anyone reads it back
-    wanted = set(pending)
-    return [r for r in read_rows(out / ROWS) if r.get("key") in wanted]
-
-
-def _write_rows(model: NoiseModel, res: BlackboxResult, y: torch.Tensor, cfg: BlackboxConfig, out: Path,
-                keys: dict[str, str], *, identity: dict[str, Any], extra: dict[str, Any] | None,
-                eps_grids: dict[str, Sequence[float]] | None, indices: Sequence[int] | None,
-                shards: list[str]) -> None:
-    """Append the rows of ``keys`` not yet in ``out/rows.jsonl``, each after its distances side file."""
-    n = int(y.shape[0])
-    out.mkdir(parents=True, exist_ok=True)
-    grids = {"l2": DEFAULT_L2_GRID, "l0": DEFAULT_L0_GRID, **(eps_grids or {})}
-    done = done_keys(out / ROWS)
-    fresh_conf = res.fresh_verdict
-    draws = 1 if getattr(model, "deterministic", False) else cfg.eval_draws
-    for norm, key in keys.items():
-        if key in done:
-            continue
-        d, d_fresh = res.distances[norm], res.distances_fresh(norm)
-        side = out / f"distances-{key}.json"
-        write_atomic(side, json.dumps({
-            "key": key, "model": identity.get("model"), "attack": cfg.attack, "norm": norm,
-            "indices": list(map(int, indices)) if indices is not None else list(range(n)),
-            "labels": y.cpu().tolist(),
-            "distance_fixed_noise": _json_dist(d),
-            "distance_fresh_noise": _json_dist(d_fresh),
-            "verdicts": "fixed_noise: what foolbox saw (noise a fixed function of the input); fresh_noise: "
-                        "robust only if clean and adversarial are correct in every fresh-noise pass",
-            "fresh_misclassified_frac": [None if math.isnan(v) else v for v in res.fresh_misclassified.tolist()],
-            "clean_correct_fixed_noise": res.clean_correct_fixed.tolist(),
-            "clean_correct_fresh_frac": res.clean_correct_fresh.tolist(),
-            "queries": res.queries.tolist(),
-            "note": "null distance = no adversarial found (counted robust at every ε)",
-        }, allow_nan=False))
-        grid = [float(e) for e in grids[norm]]
-        curve = accuracy_curve(d_fresh, grid)
-        row = {
-            "key": key, "kind": "blackbox", "attack": cfg.attack, "norm": norm, **identity,
-            "n": n, "n_examples": n, "attack_params": cfg.params(),
-            "attack_repr": [repr(a) for a in cfg.foolbox_attacks()],
-            "seed": cfg.seed, "eps_grid": grid,
-            # the verdict of the curve used by plots: fresh noise, same rule as the white-box rows
-            "verdict": "fresh_noise",
-            "verdict_rule": (f"robust at ε only if the clean image and the adversarial found within ε are "
-                             f"classified correctly in all {draws} fresh-noise forward passes"),
-            "acc_curve": curve,
-            "distance_summary": distance_summary(d_fresh),
-            "clean_acc": float((res.clean_correct_fresh == 1).double().mean()),
-            "clean_acc_fresh_noise_mean": float(res.clean_correct_fresh.mean()),
-            "n_adversarial_fresh_noise": int(fresh_conf.sum()),
-            "fresh_misclassified_frac_mean": (float(np.nanmean(res.fresh_misclassified.numpy()))
-                                              if bool(res.found.any()) else None),
-            # what foolbox saw: the fixed-noise view (noise a fixed function of the input)
-            "acc_curve_fixed_noise": accuracy_curve(d, grid),
-            "distance_summary_fixed_noise": distance_summary(d),
-            "clean_acc_fixed_noise": float(res.clean_correct_fixed.double().mean()),
-            "n_adversarial_fixed_noise": int(res.found.sum()),
-            "eval_draws": cfg.eval_draws, "eval_draws_used": draws,
-            "init_failed": res.init_failed,
-            "queries_per_example": float(res.queries.double().mean()),
-            "queries_per_example_max": int(res.queries.max()),
-            "model_evals_per_example": res.model_evals / n,
-            "wall_s": res.wall_s, "wall_s_per_example": res.wall_s / n,
-            "distances_file": side.name, "shards": shards, "notes": res.notes, **(extra or {}),
-        }
-        append_row(out / ROWS, row)

@@ -1,32 +1,39 @@
 """Gradient-masking checks (Carlini et al. 2019, "On Evaluating Adversarial Robustness", Sec. 5) and the
 per-example worst case over every attack.
 
-All functions read result rows only (see :mod:`attacks.records`). A *subject* is one model under test:
-its label (``CE``, ``PGD-AT``, ``JEM-10``) and checkpoint hash; how it was attacked (grad mode, EOT,
-steps, black-box ...) is part of the attack, so the headline of a subject is the per-example worst case
-over everything run against it. Each flag names the rows (by ``key``) that raised it.
+Everything here reads typed rows (:mod:`attacks.rows`) only. A *subject* is one defense (its
+``defense_id``: checkpoint + refinement); how it was attacked (grad mode, EOT, steps, black-box ...) is part
+of the attack, so the headline of a subject is the per-example worst case over everything run against it.
 
-Flags:
+Each check reports what it compared (:class:`CheckResult`): a check that found nothing to compare is
+"not run", never "passed" — a safeguard that cannot fire must not look like one that held. Pairs are rows
+of one attack family (PGD, PGDL2, EOTPGD and EOTPGDL2 are all ``pgd``) and one step-size rule on the same
+examples, differing in exactly the parameter under test; two rows are compared on their per-example
+outcomes with an exact McNemar test (two-sided, p < 0.05).
+
+Checks:
  1. ``large_eps_not_broken``: robust accuracy at the sweep's largest ε is above 1 %.
  2. ``blackbox_beats_whitebox``: on the examples both attacked, a black-box attack leaves fewer correct than
-    the white-box attack at the same norm and ε, beyond the white-box CI.
- 3. ``more_steps_help_model``: more PGD steps or restarts raise robust accuracy beyond the weaker row's CI.
- 4. ``bpda_full_disagree``: BPDA and full gradients disagree beyond their CIs (the stronger one is named;
-    the headline takes the per-example minimum anyway).
- 5. ``eot_not_converged``: doubling EOT draws changes robust accuracy beyond the CI.
- 6. ``eps0_not_clean``: at ε = 0 robust accuracy differs from clean accuracy beyond the CI.
+    the white-box attack at the same defense, norm and ε (paired test).
+ 3. ``more_steps_help_model``: more PGD steps leave more examples robust (paired test).
+ 4. ``more_restarts_help_model``: more restarts leave more examples robust (paired test).
+ 5. ``bpda_full_disagree``: BPDA and full gradients disagree (paired test; the headline takes the minimum).
+ 6. ``eot_not_converged``: more EOT draws change robust accuracy (paired test).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .common import wilson
+from .rows import BlackboxRow, Row, WhiteboxRow, of_kind
 
 LARGE_EPS_MAX_ACC = 0.01
+ALPHA = 0.05
 
 
 @dataclass
@@ -42,208 +49,232 @@ class Flag:
         return asdict(self)
 
 
-def subject(row: dict[str, Any]) -> str:
-    """Model under test: label plus a short checkpoint hash (``JEM-10@1a2b3c4d``)."""
-    sha = row.get("checkpoint_sha256") or ""
-    return f"{row['model']}@{sha[:8]}" if sha else str(row["model"])
+@dataclass
+class CheckResult:
+    """What one check looked at and what it found."""
+
+    check: str
+    description: str
+    compared: int
+    unit: str = "pairs"
+    flags: list[Flag] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        """``not run`` (nothing to compare), ``flagged`` or ``passed``."""
+        return "not run" if self.compared == 0 else ("flagged" if self.flags else "passed")
+
+    def summary(self) -> str:
+        """e.g. ``4 pairs compared, 0 flags`` or ``not run (0 pairs to compare)``."""
+        if self.compared == 0:
+            return f"not run (0 {self.unit} to compare)"
+        return f"{self.compared} {self.unit} compared, {len(self.flags)} flag{'s' if len(self.flags) != 1 else ''}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"check": self.check, "description": self.description, "compared": self.compared, "unit": self.unit,
+                "status": self.status, "flags": [f.to_dict() for f in self.flags]}
 
 
-def _white(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in rows if r.get("kind") == "whitebox"]
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value from the discordant counts ``b`` and ``c`` (1.0 when both are 0)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    from scipy.stats import binomtest
+
+    return float(binomtest(min(b, c), n, 0.5).pvalue)
+
+
+def paired(a: WhiteboxRow, b: WhiteboxRow) -> tuple[int, int, int]:
+    """On the examples both rows attacked: (n common, robust only under ``a``, robust only under ``b``)."""
+    va = dict(zip(a.example_indices, a.correct))
+    common = [(bool(va[i]), bool(c)) for i, c in zip(b.example_indices, b.correct) if i in va]
+    return len(common), sum(x and not y for x, y in common), sum(y and not x for x, y in common)
+
+
+def _label(r: Row) -> str:
+    return f"{r.model} [{r.defense_id}]" if r.defense_id else r.model
 
 
 def _same_eps(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
-def _disjoint(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return a["robust_ci_high"] < b["robust_ci_low"] or b["robust_ci_high"] < a["robust_ci_low"]
+def _pair_key(r: WhiteboxRow, vary: str) -> tuple:
+    """Everything that must agree for two rows to form a pair in ``vary``."""
+    fields = {"subject": r.subject, "family": r.attack_family or r.attack, "norm": r.norm,
+              "eps": round(float(r.eps), 12), "grad_mode": r.grad_mode, "step_rule": r.step_rule,
+              "steps": r.steps, "restarts": r.restarts, "eot": r.eot_used, "precision": r.precision,
+              "eval_draws": r.eval_draws_used, "examples": json.dumps(r.examples, sort_keys=True), "n": r.n}
+    fields.pop(vary)
+    return tuple(sorted(fields.items()))
 
 
-def _params_without(row: dict[str, Any], *names: str) -> tuple:
-    p = dict(row.get("attack_params") or {})
-    for n in names:
-        p.pop(n, None)
-    p.pop("eot_used", None)
-    return (subject(row), row.get("attack"), row.get("norm"), round(float(row["eps"]), 12),
-            tuple(sorted((k, str(v)) for k, v in p.items())), row.get("n"))
+def pairs_differing_in(rows: Iterable[WhiteboxRow], vary: str) -> list[tuple[WhiteboxRow, WhiteboxRow]]:
+    """Pairs (smaller value, larger value) of rows identical but for ``vary`` (steps, restarts, eot, grad_mode)."""
+    attr = {"eot": "eot_used"}.get(vary, vary)
+    groups: dict[tuple, list[WhiteboxRow]] = defaultdict(list)
+    for r in rows:
+        if r.eps > 0:
+            groups[_pair_key(r, vary)].append(r)
+    out = []
+    for rs in groups.values():
+        rs = sorted(rs, key=lambda r: str(getattr(r, attr)))
+        if vary != "grad_mode":
+            rs = sorted(rs, key=lambda r: getattr(r, attr) or 0)
+        out += [(a, b) for a, b in zip(rs, rs[1:]) if getattr(a, attr) != getattr(b, attr)]
+    return out
 
 
-def check_large_eps(rows: list[dict[str, Any]]) -> list[Flag]:
-    """Flag 1: every white-box row at the sweep's largest ε of its norm must leave ≤ 1 % robust accuracy.
-
-    Rows run at smaller budgets only (spot checks, AutoAttack at one ε) are not judged by this check.
-    """
-    white = _white(rows)
+def check_large_eps(rows: list[Row]) -> CheckResult:
+    """Every white-box row at the sweep's largest ε of its norm must leave ≤ 1 % robust accuracy."""
+    white = of_kind(rows, WhiteboxRow)
     top: dict[str, float] = {}
     for r in white:
-        top[r["norm"]] = max(top.get(r["norm"], 0.0), float(r["eps"]))
-    flags = []
-    for r in white:
-        eps = top[r["norm"]]
-        if eps > 0 and _same_eps(r["eps"], eps) and r["robust_acc"] > LARGE_EPS_MAX_ACC:
-            flags.append(Flag("large_eps_not_broken", subject(r),
-                              f"{r.get('attack')} ({r.get('grad_mode')}) {r['norm']} ε={eps:.4g} leaves "
-                              f"{r['robust_acc']:.1%} robust (> {LARGE_EPS_MAX_ACC:.0%}): attack too weak or "
-                              f"gradients masked", [r.get("key", "")]))
-    return flags
+        top[r.norm] = max(top.get(r.norm, 0.0), float(r.eps))
+    at_top = [r for r in white if top[r.norm] > 0 and _same_eps(r.eps, top[r.norm])]
+    res = CheckResult("large_eps_not_broken", "accuracy → 0 as ε grows: rows at each norm's largest ε", len(at_top),
+                      unit="rows")
+    for r in at_top:
+        if r.robust_acc > LARGE_EPS_MAX_ACC:
+            res.flags.append(Flag(res.check, _label(r),
+                                  f"{r.attack} ({r.grad_mode}) {r.norm} ε={r.eps:.4g} leaves {r.robust_acc:.1%} robust "
+                                  f"(> {LARGE_EPS_MAX_ACC:.0%}): attack too weak or gradients masked", [r.key]))
+    return res
 
 
-def _black_robust(d: dict[str, Any], eps: float) -> dict[int, bool]:
+def black_robust(d: dict[str, Any], eps: float) -> dict[int, bool]:
     """Per-example black-box verdict at ε from a side file (fresh-noise distances)."""
     clean_ok = d.get("clean_correct_fresh_frac") or [1.0] * len(d["indices"])
     return {i: ok >= 1.0 and (dist is None or dist > eps)
             for i, dist, ok in zip(d["indices"], d["distance_fresh_noise"], clean_ok)}
 
 
-def check_blackbox(rows: list[dict[str, Any]], side: dict[str, dict[str, Any]] | None = None) -> list[Flag]:
-    """Flag 2: on the examples both attacked, a black-box attack leaves fewer correct than the white-box
-    attack at the same subject, norm and ε > 0, beyond the white-box 95 % CI on those examples."""
-    side = side or {}
-    white = _white(rows)
-    flags = []
-    for b in (r for r in rows if r.get("kind") == "blackbox" and r.get("key") in side):
+def check_blackbox(rows: list[Row], side: dict[str, dict[str, Any]]) -> CheckResult:
+    """On the examples both attacked, a black-box attack must not leave fewer correct than a white-box attack
+    at the same defense, norm and ε > 0 (paired test)."""
+    white = of_kind(rows, WhiteboxRow)
+    res = CheckResult("blackbox_beats_whitebox", "black-box no stronger than white-box: (black-box row, white-box "
+                      "row) pairs on common examples", 0)
+    for b in of_kind(rows, BlackboxRow):
+        if b.key not in side:
+            continue
         for w in white:
-            if subject(w) != subject(b) or w["norm"] != b["norm"] or w["eps"] <= 0 or "correct" not in w:
+            if w.subject != b.subject or w.norm != b.norm or w.eps <= 0:
                 continue
-            black = _black_robust(side[b["key"]], w["eps"])
-            common = [(c, black[i]) for i, c in zip(w["example_indices"], w["correct"]) if i in black]
+            black = black_robust(side[b.key], w.eps)
+            common = [(bool(c), black[i]) for i, c in zip(w.example_indices, w.correct) if i in black]
             if not common:
                 continue
+            res.compared += 1
+            only_white = sum(wc and not bc for wc, bc in common)  # robust to white-box, broken by black-box
+            only_black = sum(bc and not wc for wc, bc in common)
             n = len(common)
-            k_white = sum(bool(c) for c, _ in common)
-            k_black = sum(v for _, v in common)
-            lo, hi = wilson(k_white, n)
-            if k_black / n < lo:
-                flags.append(Flag("blackbox_beats_whitebox", subject(b),
-                                  f"{b.get('attack')} leaves {k_black / n:.1%} at {b['norm']} ε={w['eps']:.4g}, below "
-                                  f"white-box {w.get('attack')} ({w.get('grad_mode')}) {k_white / n:.1%} "
-                                  f"[{lo:.1%}, {hi:.1%}] on the same {n} examples",
-                                  [b.get("key", ""), w.get("key", "")]))
-    return flags
+            if only_white > only_black and mcnemar_p(only_white, only_black) < ALPHA:
+                k_w, k_b = sum(wc for wc, _ in common), sum(bc for _, bc in common)
+                res.flags.append(Flag(res.check, _label(b),
+                                      f"{b.attack} leaves {k_b / n:.1%} at {b.norm} ε={w.eps:.4g}, below white-box "
+                                      f"{w.attack} ({w.grad_mode}) {k_w / n:.1%} on the same {n} examples "
+                                      f"(McNemar p = {mcnemar_p(only_white, only_black):.3g})", [b.key, w.key]))
+    return res
 
 
-def _pairs_differing_in(rows: list[dict[str, Any]], param: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in _white(rows):
-        groups[(r.get("grad_mode"),) + _params_without(r, param)].append(r)
-    pairs = []
-    for rs in groups.values():
-        rs = sorted(rs, key=lambda r: (r.get("attack_params") or {}).get(param) or 0)
-        pairs.extend(zip(rs, rs[1:]))
-    return pairs
+def _paired_check(rows: list[Row], vary: str, check: str, description: str,
+                  flag_if: Callable[[int, int], bool], what: str) -> CheckResult:
+    white = of_kind(rows, WhiteboxRow)
+    pairs = pairs_differing_in(white, vary)
+    res = CheckResult(check, description, len(pairs))
+    attr = {"eot": "eot_used"}.get(vary, vary)
+    for a, b in pairs:
+        n, only_a, only_b = paired(a, b)
+        if n and flag_if(only_a, only_b):
+            res.flags.append(Flag(check, _label(b),
+                                  f"{b.attack_family} {b.norm} ε={b.eps:.4g} ({b.grad_mode}): {vary} "
+                                  f"{getattr(a, attr)}→{getattr(b, attr)} {what} {a.robust_acc:.1%}→{b.robust_acc:.1%} "
+                                  f"on {n} common examples (McNemar p = {mcnemar_p(only_a, only_b):.3g})",
+                                  [a.key, b.key]))
+    return res
 
 
-def check_more_steps(rows: list[dict[str, Any]]) -> list[Flag]:
-    """Flag 3: a row with more steps (or restarts) than an otherwise identical row is more robust beyond CI."""
-    flags = []
-    for param in ("steps", "restarts"):
-        for weak, strong in _pairs_differing_in(rows, param):
-            pw, ps = weak["attack_params"].get(param), strong["attack_params"].get(param)
-            if pw == ps:
-                continue
-            if strong["robust_acc"] > weak["robust_ci_high"]:
-                flags.append(Flag("more_steps_help_model", subject(strong),
-                                  f"{strong.get('attack')} {strong['norm']} ε={strong['eps']:.4g}: {param} {pw}→{ps} "
-                                  f"raises robust accuracy {weak['robust_acc']:.1%}→{strong['robust_acc']:.1%}",
-                                  [weak.get("key", ""), strong.get("key", "")]))
-    return flags
+def check_more_steps(rows: list[Row]) -> CheckResult:
+    """More PGD steps must not leave significantly more examples robust."""
+    return _paired_check(rows, "steps", "more_steps_help_model", "more steps never help the model: row pairs "
+                         "differing only in steps", lambda a, b: b > a and mcnemar_p(a, b) < ALPHA,
+                         "raises robust accuracy")
 
 
-def check_bpda_full(rows: list[dict[str, Any]]) -> list[Flag]:
-    """Flag 4: full and BPDA gradients disagree beyond their CIs."""
-    groups: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
-    for r in _white(rows):
-        if r.get("sgld_steps"):
-            groups[_params_without(r)][r.get("grad_mode")] = r
-    flags = []
-    for g in groups.values():
-        if "full" in g and "bpda" in g and _disjoint(g["full"], g["bpda"]):
-            full, bpda = g["full"], g["bpda"]
-            stronger = "full" if full["robust_acc"] < bpda["robust_acc"] else "bpda"
-            flags.append(Flag("bpda_full_disagree", subject(full),
-                              f"{full.get('attack')} {full['norm']} ε={full['eps']:.4g}: full {full['robust_acc']:.1%} "
-                              f"vs BPDA {bpda['robust_acc']:.1%}; {stronger} is stronger (headline takes the "
-                              f"per-example minimum)", [full.get("key", ""), bpda.get("key", "")]))
-    return flags
+def check_more_restarts(rows: list[Row]) -> CheckResult:
+    """More restarts must not leave significantly more examples robust."""
+    return _paired_check(rows, "restarts", "more_restarts_help_model", "more restarts never help the model: row "
+                         "pairs differing only in restarts", lambda a, b: b > a and mcnemar_p(a, b) < ALPHA,
+                         "raises robust accuracy")
 
 
-def check_eot(rows: list[dict[str, Any]]) -> list[Flag]:
-    """Flag 5: EOT E vs 2E (or more) changes robust accuracy beyond the CI."""
-    flags = []
-    for weak, strong in _pairs_differing_in(rows, "eot"):
-        ew, es = weak["attack_params"].get("eot"), strong["attack_params"].get("eot")
-        if ew and es and es >= 2 * ew and _disjoint(weak, strong):
-            flags.append(Flag("eot_not_converged", subject(strong),
-                              f"{strong.get('attack')} ({strong.get('grad_mode')}) {strong['norm']} "
-                              f"ε={strong['eps']:.4g}: EOT {ew}→{es} moves robust accuracy "
-                              f"{weak['robust_acc']:.1%}→{strong['robust_acc']:.1%}",
-                              [weak.get("key", ""), strong.get("key", "")]))
-    return flags
+def check_bpda_full(rows: list[Row]) -> CheckResult:
+    """Full and BPDA gradients through the chain should agree; a disagreement names the stronger one."""
+    return _paired_check(rows, "grad_mode", "bpda_full_disagree", "BPDA vs full gradients through the chain: row "
+                         "pairs differing only in gradient mode", lambda a, b: mcnemar_p(a, b) < ALPHA,
+                         "moves robust accuracy (the headline takes the per-example minimum)")
 
 
-def check_eps0(rows: list[dict[str, Any]]) -> list[Flag]:
-    """Flag 6: ε = 0 must reproduce clean accuracy (within the CI of the clean estimate)."""
-    flags = []
-    for r in _white(rows):
-        if r["eps"] != 0:
-            continue
-        lo, hi = wilson(round(r["clean_acc"] * r["n"]), r["n"])
-        if not lo <= r["robust_acc"] <= hi:
-            flags.append(Flag("eps0_not_clean", subject(r),
-                              f"{r.get('attack')} {r['norm']} ε=0: robust {r['robust_acc']:.1%} vs clean "
-                              f"{r['clean_acc']:.1%} [{lo:.1%}, {hi:.1%}]", [r.get("key", "")]))
-    return flags
+def check_eot(rows: list[Row]) -> CheckResult:
+    """More EOT draws must not change robust accuracy significantly (else EOT has not converged)."""
+    return _paired_check(rows, "eot", "eot_not_converged", "EOT converged: row pairs differing only in EOT draws",
+                         lambda a, b: mcnemar_p(a, b) < ALPHA, "moves robust accuracy")
 
 
-CHECKS = (check_large_eps, check_blackbox, check_more_steps, check_bpda_full, check_eot, check_eps0)
+def run_checks(rows: list[Row], side: dict[str, dict[str, Any]] | None = None) -> list[CheckResult]:
+    """Every check over typed ``rows`` (``side``: black-box side files by row key)."""
+    return [check_large_eps(rows), check_blackbox(rows, side or {}), check_more_steps(rows),
+            check_more_restarts(rows), check_bpda_full(rows), check_eot(rows)]
 
 
-def run_checks(rows: list[dict[str, Any]], side: dict[str, dict[str, Any]] | None = None) -> list[Flag]:
-    """Every check over ``rows`` (``side``: black-box side files by row key); the raised flags."""
-    flags: list[Flag] = []
-    for check in CHECKS:
-        flags.extend(check(rows, side) if check is check_blackbox else check(rows))
-    return flags
+def all_flags(results: Iterable[CheckResult]) -> list[Flag]:
+    return [f for r in results for f in r.flags]
 
 
-def worst_case(rows: list[dict[str, Any]], side: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Headline robust accuracy: per (subject, norm, ε) the per-example worst case over every attack.
+def worst_case(rows: list[Row], side: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Headline robust accuracy: per (defense, norm, ε) the per-example worst case over every attack.
 
     White-box rows contribute their per-example ``correct`` vectors. Black-box rows contribute through
     their side files (``side``: row key -> the ``distances-KEY.json`` content): an example is robust at ε
     when it is classified correctly under fresh noise and no adversarial was found within ε. Only
-    examples attacked by every contributing row are counted.
+    examples attacked by every contributing row are counted. Two defenses (different ``defense_id``) are
+    never merged, even when they share a label.
     """
     side = side or {}
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in _white(rows):
-        if "correct" in r and "example_indices" in r:
-            groups[(subject(r), r["model"], r["norm"], round(float(r["eps"]), 12))].append(r)
-    black = [r for r in rows if r.get("kind") == "blackbox" and r.get("key") in side]
+    groups: dict[tuple, list[WhiteboxRow]] = defaultdict(list)
+    for r in of_kind(rows, WhiteboxRow):
+        if r.correct and r.example_indices:
+            groups[(r.subject, r.model, r.norm, round(float(r.eps), 12))].append(r)
+    black = [b for b in of_kind(rows, BlackboxRow) if b.key in side]
     out = []
     for (subj, label, norm, eps), rs in sorted(groups.items()):
         verdict: dict[int, bool] = {}
         counts: dict[int, int] = defaultdict(int)
         contributors = []
+        families = set()
         for r in rs:
-            contributors.append(r.get("key", ""))
-            for i, c in zip(r["example_indices"], r["correct"]):
+            contributors.append(r.key)
+            families.add(r.attack_family or r.attack)
+            for i, c in zip(r.example_indices, r.correct):
                 verdict[i] = verdict.get(i, True) and bool(c)
                 counts[i] += 1
         for b in black:
-            if subject(b) != subj or b["norm"] != norm:
+            if b.subject != subj or b.norm != norm:
                 continue
-            contributors.append(b["key"])
-            for i, robust in _black_robust(side[b["key"]], eps).items():
+            contributors.append(b.key)
+            families.add(b.attack)
+            for i, robust in black_robust(side[b.key], eps).items():
                 verdict[i] = verdict.get(i, True) and robust
                 counts[i] += 1
         sources = len(contributors)
-        common = [i for i in verdict if counts[i] == sources]
+        common = sorted(i for i in verdict if counts[i] == sources)
         k = sum(verdict[i] for i in common)
         n = len(common)
         lo, hi = wilson(k, n)
         out.append({"subject": subj, "model": label, "norm": norm, "eps": eps, "n": n,
                     "robust_acc": k / n if n else float("nan"), "ci_low": lo, "ci_high": hi,
-                    "attacks": sources, "rows": contributors})
+                    "attacks": sources, "families": sorted(families), "rows": contributors,
+                    "example_indices": common, "correct": [int(verdict[i]) for i in common]})
     return out

@@ -7,10 +7,12 @@ from fractions import Fraction
 
 import torch
 
+from infra.errors import InputError
+
 NORMS = ("linf", "l2", "l0")
 
 
-class AttackInputError(ValueError):
+class AttackInputError(InputError):
     """Bad attack input (ε, budgets, images); the CLI reports it as one line with exit code 2."""
 
 

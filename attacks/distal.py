@@ -27,8 +27,10 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from infra.energy import log_density_of_logits
+
 from .common import AttackInputError, check_images
-from .records import ROWS, append_row, done_keys, row_key
+from infra.records import ROWS, append_row, done_keys, row_key
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +157,7 @@ def predict(model: Model, x: torch.Tensor, batch_size: int = 500) -> torch.Tenso
 @torch.no_grad()
 def log_density(density: Model, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """``logsumexp`` of the logits (= -energy in JEM's reading), shape (N,)."""
-    return torch.cat([torch.logsumexp(density(x[i:i + batch_size]).float(), 1)
+    return torch.cat([log_density_of_logits(density(x[i:i + batch_size]))
                       for i in range(0, x.shape[0], batch_size)])
 
 

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from infra.energy import log_density_of_logits
+
 from .common import AttackInputError, check_images
 from .plots import save_figure
 
@@ -115,13 +117,13 @@ def ood_scores(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, b
             xb = xb.clone().requires_grad_(True)
             with torch.enable_grad():
                 logits = model(xb).float()
-                logp = torch.logsumexp(logits, 1)
+                logp = log_density_of_logits(logits)
                 (grad,) = torch.autograd.grad(logp.sum(), xb)
             out["grad_norm"].append(grad.flatten(1).norm(dim=1).cpu().double().numpy())
         else:
             with torch.no_grad():
                 logits = model(xb).float()
-                logp = torch.logsumexp(logits, 1)
+                logp = log_density_of_logits(logits)
         logits, logp = logits.detach(), logp.detach()
         if "logp" in scores:
             out["logp"].append(logp.cpu().double().numpy())

@@ -14,21 +14,22 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
+from infra.io import atomic_write
+
 log = logging.getLogger(__name__)
 
 NORM_TITLES = {"linf": "L∞", "l2": "L2", "l0": "L0"}
 
 
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Save a matplotlib figure atomically (temp file + rename) and close it."""
+    """Save a matplotlib figure atomically (:func:`infra.io.atomic_write`) and close it."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=dpi, format=path.suffix.lstrip(".") or "png"))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -67,9 +68,14 @@ def _points(row: dict[str, Any]) -> list[dict[str, float]]:
     return []
 
 
-def collect_curves(rows: Iterable[dict[str, Any]]) -> dict[str, dict[tuple, dict[str, Any]]]:
+def as_dicts(rows: Iterable[Any]) -> list[dict[str, Any]]:
+    """Rows as flat dicts (typed rows of :mod:`attacks.rows` or dicts read from ``rows.jsonl``)."""
+    return [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in rows]
+
+
+def collect_curves(rows: Iterable[Any]) -> dict[str, dict[tuple, dict[str, Any]]]:
     """Group rows into curves: norm -> curve key -> {label, dashed, points (sorted by ε), rows}."""
-    rows = [dict(r) for r in rows if r.get("norm") and _points(r)]
+    rows = [r for r in as_dicts(rows) if r.get("norm") and _points(r)]
     # the same label from different checkpoints gets the checkpoint hash in its legend
     shas: dict[str, set] = defaultdict(set)
     for r in rows:
@@ -124,7 +130,7 @@ def plot_rows(rows: Iterable[dict[str, Any]], out_png: str | os.PathLike) -> tup
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(rows)
+    rows = as_dicts(rows)
     curves = collect_curves(rows)
     if not curves:
         raise ValueError("no plottable rows (need norm and eps/robust_acc, or acc_curve)")
@@ -154,7 +160,7 @@ def plot_rows(rows: Iterable[dict[str, Any]], out_png: str | os.PathLike) -> tup
     fig.tight_layout()
     out_png = save_figure(fig, out_png, dpi=120)
     md = out_png.with_suffix(".md")
-    md.write_text(f"# Robust accuracy vs ε\n\n![plot]({out_png.name})\n\n" + markdown_table(rows))
+    atomic_write(md, f"# Robust accuracy vs ε\n\n![plot]({out_png.name})\n\n" + markdown_table(rows))
     return out_png, md
 
 

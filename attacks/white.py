@@ -21,9 +21,6 @@ and the attack records what it actually did (``eot_used``, ``eval_draws_used``).
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -32,7 +29,10 @@ import torch
 import torchattacks
 from torch import nn
 
-from .common import AttackInputError
+from infra.randomness import derive_seed, seeded
+
+from .common import AttackInputError, check_images
+from .verdict import Verdict, is_deterministic
 
 log = logging.getLogger(__name__)
 
@@ -44,34 +44,8 @@ TOL = 1e-6  # slack allowed on ‖δ‖ ≤ ε before a candidate is re-projecte
 
 
 # ------------------------------------------------------------------------------------------------
-# seeds and the randomized-model protocol
+# the threat model
 # ------------------------------------------------------------------------------------------------
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any JSON-able parts (stable across runs and platforms)."""
-    digest = hashlib.sha256(json.dumps(parts, default=str).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def is_deterministic(model: nn.Module) -> bool:
-    """True only if the model says so (``model.deterministic``); unknown modules count as randomized."""
-    return bool(getattr(model, "deterministic", False))
-
-
-@contextlib.contextmanager
-def seeded(model: nn.Module, seed: int, device: torch.device) -> Iterator[None]:
-    """Run a block with the global RNG (CPU and the CUDA devices) forked and seeded, and the model's own
-    noise stream (``model.reseed``) restarted from ``seed``. The caller's global RNG state is untouched."""
-    devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.random.default_generator.manual_seed(seed)
-        for d in devices:
-            torch.cuda.default_generators[d].manual_seed(seed)
-        reseed = getattr(model, "reseed", None)
-        if callable(reseed):
-            reseed(seed)
-        yield
-
-
 def delta_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-example ‖δ‖ (``linf`` or ``l2``), shape (N,)."""
     flat = delta.flatten(1)
@@ -166,14 +140,13 @@ class AttackResult:
 
     @property
     def robust(self) -> torch.Tensor:
-        """(N,) bool: correct in every draw of the clean input and of every candidate."""
-        return self.clean_correct & self.adv.all(1).all(0)
+        """(N,) bool: the verdict (:meth:`Verdict.robust`)."""
+        return Verdict.robust(self.clean, self.adv)
 
     @property
     def robust_frac(self) -> torch.Tensor:
         """(N,) float: fraction of draws correct for the worst candidate (clean input included)."""
-        worst = self.adv.float().mean(1).amin(0) if self.adv.shape[0] else self.clean_frac
-        return torch.minimum(self.clean_frac, worst)
+        return Verdict.robust_frac(self.clean, self.adv)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,8 +180,10 @@ class WhiteBoxAttack:
         _positive(restarts=restarts, eval_draws=eval_draws)
         self.model, self.norm, self.eps = model, norm, eps
         self.restarts, self.eval_draws, self.seed = int(restarts), int(eval_draws), int(seed)
+        self.verdict = Verdict(self.eval_draws, self.seed)
+        self.scorer: nn.Module = model  # the sweep sets the fp32 view of the defense here
         self.deterministic = is_deterministic(model)
-        self.eval_draws_used = 1 if self.deterministic else self.eval_draws
+        self.eval_draws_used = self.verdict.draws_for(model)
 
     # -- configuration --------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
@@ -229,7 +204,7 @@ class WhiteBoxAttack:
             return
         for r in range(self.restarts):
             seed = derive_seed(self.seed, "attack", self.name, r, stream)
-            with seeded(self.model, seed, x.device):
+            with seeded(seed, self.model):
                 x_adv = self._perturb(x, y, seed).detach()
             yield self._checked(x, x_adv)
 
@@ -241,33 +216,24 @@ class WhiteBoxAttack:
         return x_adv
 
     # -- verdict --------------------------------------------------------------------------------
-    @torch.no_grad()
-    def verdict(self, x: torch.Tensor, y: torch.Tensor, stream: int = 0) -> torch.Tensor:
-        """(M, N) bool correctness under the eval draws. Their seeds depend only on (seed, draw, stream),
-        never on the attack, so the clean input and every candidate see the same fresh noise."""
-        out = []
-        for m in range(self.eval_draws_used):
-            with seeded(self.model, derive_seed(self.seed, "eval", m, stream), x.device):
-                out.append(self.model(x).argmax(1) == y)
-        return torch.stack(out)
+    def verdict_of(self, x: torch.Tensor, y: torch.Tensor, stream: int = 0) -> torch.Tensor:
+        """(M, N) bool correctness of ``x`` under the verdict's fresh draws, scored by :attr:`scorer`."""
+        return self.verdict.score(self.scorer, x, y, stream)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, stream: int = 0) -> AttackResult:
         """Attack a batch: (N, C, H, W) images in [0,1], (N,) labels -> :class:`AttackResult`."""
-        if x.dim() != 4 or not x.is_floating_point():
-            raise AttackInputError(f"images must be a float tensor (N, C, H, W), got {tuple(x.shape)} {x.dtype}")
-        if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
-            raise AttackInputError("images must lie in [0, 1]; normalisation belongs inside the model")
+        check_images(x)
         was_training = self.model.training
         self.model.eval()
         try:
-            clean = self.verdict(x, y, stream)
+            clean = self.verdict_of(x, y, stream)
             worst_frac = clean.float().mean(0)
             x_worst = x.clone()
             dnorm = torch.zeros(x.shape[0], device=x.device)
             advs = []
             in_bounds = True
             for x_adv in self.candidates(x, y, stream):
-                ok = self.verdict(x_adv, y, stream)
+                ok = self.verdict_of(x_adv, y, stream)
                 advs.append(ok)
                 frac = ok.float().mean(0)
                 worse = frac < worst_frac
@@ -325,6 +291,7 @@ class PGD(_TorchAttack):
             raise AttackInputError(f"step size must be positive, got {step_size}")
         self.steps, self.eot, self.random_start = int(steps), int(eot), bool(random_start)
         self.step_size = float(step_size) if step_size is not None else 2.5 * self.eps / self.steps
+        self.step_size_given = step_size is not None
         self.eot_used = 1 if self.deterministic else self.eot
         self.name = {("linf", False): "PGD", ("linf", True): "EOTPGD", ("l2", False): "PGDL2",
                      ("l2", True): "EOTPGDL2"}[(self.norm, self.eot_used > 1)]

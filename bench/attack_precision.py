@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from attacks.benchmark import Examples, Target, run_sweep  # noqa: E402
-from attacks.provenance import device_name, file_sha256, git_sha, now  # noqa: E402
+from infra.provenance import device_name, file_sha256, git_sha, now  # noqa: E402
 from attacks.white import pgd_factory  # noqa: E402
 from robust_jem import load, load_dataset  # noqa: E402
 from robust_jem.refined import refined_variants  # noqa: E402

@@ -37,7 +37,7 @@ from torch.utils.flop_counter import flop_registry
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from attacks.provenance import device_name, file_sha256, git_sha, now  # noqa: E402
+from infra.provenance import device_name, file_sha256, git_sha, now  # noqa: E402
 from attacks.white import PGD  # noqa: E402
 from robust_jem import EnergyModel, ModelConfig, RefinedClassifier, load, load_dataset  # noqa: E402
 from robust_jem.model import to_internal  # noqa: E402

@@ -49,7 +49,8 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from attacks.provenance import device_name, git_sha, now  # noqa: E402
+from infra.energy import log_density_of_logits  # noqa: E402
+from infra.provenance import device_name, git_sha, now  # noqa: E402
 from robust_jem.config import TrainConfig, preset_config  # noqa: E402
 from robust_jem.data import ImageDataset, load_dataset  # noqa: E402
 from robust_jem.errors import UserError  # noqa: E402
@@ -82,7 +83,7 @@ class _CCF(nn.Module):
         return self.f(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(x).logsumexp(1)
+        return log_density_of_logits(self.classify(x))
 
 
 class ReferenceLoop:
@@ -223,7 +224,7 @@ def paper_step_flops(cfg: TrainConfig) -> int:
     def step() -> None:
         zq = sgld(model.energy_z, x, cfg.sgld.steps, cfg.sgld.step_size, 0.0)
         logits = model.logits_z(torch.cat([x, zq]))
-        loss = F.cross_entropy(logits[: len(y)], y) + logits.logsumexp(1).mean()
+        loss = F.cross_entropy(logits[: len(y)], y) + log_density_of_logits(logits).mean()
         loss.backward()
 
     return count_flops(step)

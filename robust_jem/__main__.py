@@ -1,4 +1,6 @@
-from .cli import main
+"""``python -m robust_jem``: the robust-jem command line (:mod:`suite.cli`)."""
+
+from suite.cli import main
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,7 @@
-"""The one exception type for bad input: the CLI turns it into one line on stderr and exit code 2."""
+"""Bad input on the model side: the CLI turns it into one line on stderr and exit code 2."""
+
+from infra.errors import InputError
 
 
-class UserError(Exception):
+class UserError(InputError):
     """Bad input from the user (arguments, files, data). The message is one line, shown as is."""

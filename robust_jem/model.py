@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from infra.energy import energy_of_logits
+
 from .config import ModelConfig
 from .nets import make_net
 
@@ -22,11 +24,6 @@ def to_internal(x: torch.Tensor) -> torch.Tensor:
 def to_pixels(z: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`to_internal` (no clamping)."""
     return (z + 1.0) * 0.5
-
-
-def energy_of_logits(logits: torch.Tensor) -> torch.Tensor:
-    """E = -logsumexp(logits) per row, in fp32 (or the logits' precision when higher)."""
-    return -torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)
 
 
 class EnergyModel(nn.Module):

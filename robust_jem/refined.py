@@ -12,10 +12,16 @@ final states are averaged over chains. The gradient an attacker sees is explicit
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import Any
+
 import torch
 from torch import nn
 
-from .model import EnergyModel, energy_of_logits, to_internal
+from infra.energy import energy_of_logits
+
+from .model import EnergyModel, to_internal
+from .errors import UserError
 from .sgld import NoiseFn, sgld
 
 GRAD_MODES = ("full", "bpda")
@@ -49,8 +55,7 @@ class RefinedClassifier(nn.Module):
         super().__init__()
         if grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
-        if sgld_steps < 0 or n_chains < 1 or init_noise < 0 or step_size < 0 or noise < 0:
-            raise ValueError("sgld_steps, init_noise, step_size, noise must be >= 0 and n_chains >= 1")
+        Refinement(sgld_steps, n_chains, init_noise, step_size, noise)  # validates
         if compile and sgld_steps > 0 and grad_mode == "full":
             raise ValueError("compile needs grad_mode='bpda' or sgld_steps=0: backpropagating through the chain "
                              "is a double backward, which torch.compile'd graphs do not support")
@@ -63,10 +68,22 @@ class RefinedClassifier(nn.Module):
         # a plain attribute, not a submodule: the weights are ``model.net``'s, registered through ``self.model``
         self.__dict__["_net"] = torch.compile(model.net) if compile else model.net
 
+    @classmethod
+    def from_refinement(cls, model: EnergyModel, refinement: Refinement, **kwargs: Any) -> "RefinedClassifier":
+        """The classifier of ``refinement`` (``kwargs``: grad_mode, seed, bf16, compile)."""
+        r = refinement
+        return cls(model, r.sgld_steps, n_chains=r.n_chains, init_noise=r.init_noise, step_size=r.step_size,
+                   noise=r.noise, **kwargs)
+
+    @property
+    def refinement(self) -> Refinement:
+        """The defense this module computes (without the attacker's gradient mode and precision)."""
+        return Refinement(self.sgld_steps, self.n_chains, self.init_noise, self.step_size, self.noise)
+
     @property
     def deterministic(self) -> bool:
         """True when the forward pass draws no noise (the bare classifier)."""
-        return self.init_noise == 0 and (self.sgld_steps == 0 or self.noise == 0)
+        return self.refinement.deterministic
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The module's noise source on ``device`` (created from ``seed`` on first use)."""
@@ -85,14 +102,16 @@ class RefinedClassifier(nn.Module):
                 + (", bf16=True" if self.bf16 else "") + (", compile=True" if self.compiled else ""))
 
     def config(self) -> dict:
-        """Settings for result rows (``precision`` / ``compiled`` only when set, so default rows keep their keys)."""
-        out = {"sgld_steps": self.sgld_steps, "n_chains": self.n_chains, "init_noise": self.init_noise,
-               "sgld_step_size": self.step_size, "sgld_noise": self.noise, "grad_mode": self.grad_mode}
-        if self.bf16:
-            out["precision"] = "bf16"
-        if self.compiled:
-            out["compiled"] = True
-        return out
+        """The refinement's row fields plus the attacker's gradient mode, precision and compilation."""
+        return {**self.refinement.fields(), "grad_mode": self.grad_mode, "precision": "bf16" if self.bf16 else "fp32",
+                "compiled": self.compiled}
+
+    def scorer(self) -> "RefinedClassifier":
+        """The same defense in fp32 and eager mode (its own noise stream): what verdicts are scored with, so
+        bf16 or compilation only ever changes the attacker's arithmetic."""
+        if not (self.bf16 or self.compiled):
+            return self
+        return RefinedClassifier.from_refinement(self.model, self.refinement, grad_mode=self.grad_mode, seed=self.seed)
 
     def logits_z(self, z: torch.Tensor) -> torch.Tensor:
         """The backbone's logits on internal-space inputs (compiled when asked)."""
@@ -141,32 +160,81 @@ class RefinedClassifier(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# labelled variants of a checkpoint for the attack suites
+# the defense identity: which refinement, and its one label
 # ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Refinement:
+    """The SGLD refinement in front of a classifier (JEM-k): everything that defines the defense's forward
+    pass besides the weights. The attacker's gradient path (``grad_mode``) and arithmetic (bf16) are not
+    part of it: they change the attack, not the defense.
+
+    Args:
+        sgld_steps: k in JEM-k.
+        n_chains: noisy copies per input whose logits are averaged.
+        init_noise: std of the Gaussian added before the chain ([-1,1] model space).
+        step_size, noise: SGLD settings ([-1,1] model space).
+    """
+
+    sgld_steps: int = 0
+    n_chains: int = 5
+    init_noise: float = 0.03
+    step_size: float = 1.0
+    noise: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.sgld_steps < 0 or self.n_chains < 1 or self.init_noise < 0 or self.step_size < 0 or self.noise < 0:
+            raise UserError("SGLD steps, init noise, step size and noise must be >= 0 and chains >= 1")
+        for name in ("init_noise", "step_size", "noise"):  # 0 and 0.0 are one defense
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    @classmethod
+    def bare(cls) -> "Refinement":
+        """No chain, one copy, no noise: the classifier itself."""
+        return cls(sgld_steps=0, n_chains=1, init_noise=0.0)
+
+    @property
+    def is_bare(self) -> bool:
+        return self == Refinement.bare()
+
+    @property
+    def deterministic(self) -> bool:
+        """True when the forward pass draws no noise."""
+        return self.init_noise == 0 and (self.sgld_steps == 0 or self.noise == 0)
+
+    def fields(self) -> dict[str, Any]:
+        """The refinement as row fields (the names rows have always used)."""
+        return {"sgld_steps": self.sgld_steps, "n_chains": self.n_chains, "init_noise": self.init_noise,
+                "sgld_step_size": self.step_size, "sgld_noise": self.noise}
+
+    def label(self, objective: str) -> str:
+        """The one name of (objective, refinement) in rows, tables and plots.
+
+        Baselines: ``CE``, ``PGD-AT``, ``Gauss-aug``. JEM: ``JEM-k`` for the reference chain (5 copies, init
+        noise 0.03, step 1, noise 0.01; Grathwohl et al.'s attack code), ``JEM-bare`` for the classifier
+        without chain and noise; any other setting lists what differs from the reference, e.g.
+        ``JEM-1[chains=1]``. Two different refinements never share a label.
+        """
+        base = BASELINE_LABELS.get(objective, objective)
+        if objective == "jem":
+            if self.is_bare:
+                return "JEM-bare"
+            base = f"JEM-{self.sgld_steps}"
+            ref = replace(Refinement(), sgld_steps=self.sgld_steps)
+        else:
+            if self.is_bare:
+                return base
+            ref = replace(Refinement.bare(), sgld_steps=self.sgld_steps)
+            base = f"{base}+SGLD-{self.sgld_steps}" if self.sgld_steps else base
+        diffs = [f"{short}={getattr(self, name):g}" for name, short in
+                 (("n_chains", "chains"), ("init_noise", "init_noise"), ("step_size", "step"), ("noise", "noise"))
+                 if getattr(self, name) != getattr(ref, name)]
+        return base + (f"[{', '.join(diffs)}]" if diffs else "")
+
+
 BASELINE_LABELS = {"ce": "CE", "pgd-at": "PGD-AT", "gaussian-aug": "Gauss-aug"}
 
 
-def model_label(objective: str, sgld_steps: int) -> str:
-    """``JEM-k`` for JEM checkpoints, ``CE`` / ``PGD-AT`` / ``Gauss-aug`` for the baselines."""
-    return f"JEM-{sgld_steps}" if objective == "jem" else BASELINE_LABELS.get(objective, objective)
-
-
-def refined_variants(model: EnergyModel, objective: str, sgld_steps: list[int], grad_modes: list[str], *,
-                     n_chains: int = 5, init_noise: float = 0.03, step_size: float = 1.0, noise: float = 0.01,
-                     seed: int = 0, bf16: bool = False, compile: bool = False) -> list[tuple[str, RefinedClassifier]]:
-    """The classifiers to attack for one checkpoint, labelled.
-
-    A JEM checkpoint gives one ``RefinedClassifier`` per (sgld_steps, grad_mode) (k = 0 once: the chain is
-    empty, so both modes coincide). Any other objective is a baseline, attacked as the bare classifier
-    (``sgld_steps=0, n_chains=1, init_noise=0``) once, whatever ``sgld_steps`` says.
-    """
-    if objective != "jem":
-        return [(model_label(objective, 0), RefinedClassifier(model, 0, n_chains=1, init_noise=0.0, seed=seed,
-                                                              bf16=bf16, compile=compile))]
-    out = []
-    for k in dict.fromkeys(sgld_steps):
-        for mode in (["full"] if k == 0 else list(dict.fromkeys(grad_modes))):
-            out.append((model_label("jem", k), RefinedClassifier(model, k, n_chains=n_chains, init_noise=init_noise,
-                                                                 step_size=step_size, noise=noise, grad_mode=mode,
-                                                                 seed=seed, bf16=bf16, compile=compile)))
-    return out
+def refinement_for(objective: str, refinement: Refinement) -> Refinement:
+    """The refinement a checkpoint is evaluated with: JEM checkpoints as asked, every baseline bare (a
+    classifier not trained as an energy model has no sampler worth running)."""
+    return refinement if objective == "jem" else Refinement.bare()

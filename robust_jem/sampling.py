@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
-from attacks.records import append_row, provenance_fields
-from .checkpoint import atomic_write, model_from_checkpoint, read_checkpoint
+from infra.records import append_row, provenance_fields
+from infra.energy import energy_of_logits
+from infra.io import atomic_write
+from .checkpoint import model_from_checkpoint, read_checkpoint
 from .data import load_dataset
 from .errors import UserError
 from .model import EnergyModel, to_internal, to_pixels
@@ -62,7 +64,7 @@ def sample_chains(model: EnergyModel, z0: torch.Tensor, steps: int, step_size: f
 def energy_stats(model: EnergyModel, z: torch.Tensor) -> dict[str, Any]:
     """Mean / std / min / max of the marginal energy E = -logsumexp f, and the predicted-class histogram."""
     logits = model.logits_z(z).float()
-    e = -torch.logsumexp(logits, 1)
+    e = energy_of_logits(logits)
     pred = torch.bincount(logits.argmax(1), minlength=logits.shape[1])
     return {"n": int(z.shape[0]), "energy_mean": float(e.mean()), "energy_std": float(e.std()) if z.shape[0] > 1
             else 0.0, "energy_min": float(e.min()), "energy_max": float(e.max()),
@@ -171,7 +173,7 @@ def run_sampling(checkpoint: str | os.PathLike, out: str | os.PathLike, *, class
         log.info("%s has no replay buffer (objective %s): no buffer grid", checkpoint, cfg.objective)
     summary["grids"] = {k2: str(v) for k2, v in grids.items()}
     text = json.dumps(summary, indent=2)
-    atomic_write(out / "samples.json", lambda f: f.write(text.encode()))
+    atomic_write(out / "samples.json", text)
 
     prov = provenance_fields(checkpoint, device)
     base = {"kind": "sample", "model": cfg.objective, **prov, "seed": seed, "steps": steps,

@@ -22,7 +22,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write, model_from_checkpoint, read_checkpoint, save_checkpoint
+from infra.energy import energy_of_logits
+from infra.io import atomic_write
+from infra.records import append_row
+from .checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import ImageDataset, Prefetcher, load_dataset
 from .distributed import RANK_SEED_STRIDE, SINGLE, DistContext, shard, shard_size
@@ -75,8 +78,7 @@ class Context:
 
     def sample_energy_z(self, z: torch.Tensor) -> torch.Tensor:
         """Inner-loop energy ``-logsumexp(logits)``, as :meth:`EnergyModel.energy_z` computes it."""
-        logits = self.sample_net(z)  # type: ignore[misc]
-        return -torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)
+        return energy_of_logits(self.sample_net(z))  # type: ignore[misc]
 
 
 LossFn = Callable[[Context, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
@@ -126,8 +128,8 @@ def jem_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tens
         logits = ctx.logits_z(torch.cat([z, zq]))
     logits = logits.float()
     n = x.shape[0]
-    e_data = -torch.logsumexp(logits[:n], 1)
-    e_sample = -torch.logsumexp(logits[n:], 1)
+    e_data = energy_of_logits(logits[:n])
+    e_sample = energy_of_logits(logits[n:])
     ce, terms = _ce_terms(ctx, logits[:n], y)
     l_px = e_data.mean() - e_sample.mean()
     loss = ce + cfg.px_weight * l_px
@@ -508,9 +510,7 @@ class Trainer:
 
 
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
+    append_row(path, row)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -526,7 +526,7 @@ def truncate_metrics(path: Path, step: int) -> None:
         if row.get("step", 0) <= step:
             keep.append(line)
     text = "".join(line + "\n" for line in keep)
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, text)
 
 
 def check_out_dir(out: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from robust_jem.cli import main
+from suite.cli import main
 from robust_jem.config import ModelConfig, preset_config
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))

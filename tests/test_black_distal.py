@@ -8,12 +8,16 @@ import math
 import pytest
 import torch
 
+import attacks.benchmark as benchmark
 import attacks.black as black
-from attacks.black import (BlackboxConfig, FixedNoiseView, PerExampleNoise, accuracy_curve, blackbox_attack,
-                           distance_summary, distances, run_blackbox)
+from attacks.benchmark import run_blackbox
+from attacks.target import Target
+from attacks.black import BlackboxConfig, blackbox_attack, distances
+from attacks.curves import accuracy_curve, distance_summary
+from attacks.fixed_noise import FixedNoiseView, PerExampleNoise
 from attacks.common import AttackInputError
 from attacks.distal import DistalConfig, optimise, run_distal
-from attacks.records import read_rows
+from infra.records import read_rows
 from conftest import assert_usage_error, trained_tiny_classifier
 from robust_jem.data import load_dataset
 from robust_jem.model import EnergyModel
@@ -117,7 +121,8 @@ def test_killed_run_keeps_finished_chunks_and_resumes_to_the_same_rows(tiny_mode
     cfg = BlackboxConfig("pointwise", steps=10, init_steps=5, batch_size=4, eval_draws=2)  # 3 chunks, 2 rows
 
     def run(out):
-        return run_blackbox(model, x, y, cfg, out_dir=out, identity={"model": "tiny"}, progress=False)
+        rows = run_blackbox(Target("tiny", model), x, y, cfg, out_dir=out, examples="test[0:12]", progress=False)
+        return [r.to_dict() for r in rows]
 
     whole = run(tmp_path / "whole")
     assert len(whole) == 2 and all(r["shards"] == ["0/1"] for r in whole)
@@ -129,7 +134,7 @@ def test_killed_run_keeps_finished_chunks_and_resumes_to_the_same_rows(tiny_mode
             raise KeyboardInterrupt  # like Ctrl-C in the middle of chunk 2
         return real(model, x, y, cfg, chunk, **kwargs)
 
-    monkeypatch.setattr(black, "attack_chunk", attack_chunk)
+    monkeypatch.setattr(benchmark, "attack_chunk", attack_chunk)  # what the sweep calls
     out, kill_at = tmp_path / "killed", 2
     with pytest.raises(KeyboardInterrupt):
         run(out)
@@ -140,13 +145,13 @@ def test_killed_run_keeps_finished_chunks_and_resumes_to_the_same_rows(tiny_mode
     resumed = run(out)
     assert attacked == [2]  # only the missing chunk
     assert not (out / "parts").exists()
-    volatile = {"wall_s", "wall_s_per_example"}
+    volatile = {"wall_s", "wall_s_per_example", "timestamp"}
     assert [{k: v for k, v in r.items() if k not in volatile} for r in resumed] == \
         [{k: v for k, v in r.items() if k not in volatile} for r in whole]
     for r in whole:
         side = r["distances_file"]
         assert json.loads((out / side).read_text()) == json.loads((tmp_path / "whole" / side).read_text())
-    assert run(out) == [] and attacked == [2]  # done: nothing attacked
+    assert run(out) == resumed and attacked == [2]  # done: nothing attacked, the same rows read back
 
 
 def test_accuracy_from_distances_is_non_increasing():
@@ -203,15 +208,16 @@ def test_blackbox_and_distal_cli(tiny_run, run_cli, tmp_path):
     res = run_cli(*args)
     assert res.code == 0, res.err
     rows = read_rows(out)
-    assert sorted(r["model"] for r in rows) == ["JEM-0", "JEM-1"]
+    assert sorted(r["model"] for r in rows) == ["JEM-0[chains=2]", "JEM-1[chains=2]"]  # not the reference chain
     for r in rows:
         assert r["kind"] == "blackbox" and r["norm"] == "l2" and r["n"] == 4 and r["checkpoint_sha256"]
         accs = [p["acc"] for p in r["acc_curve"]]
         assert all(a >= b for a, b in zip(accs, accs[1:]))
         side = json.loads((out / r["distances_file"]).read_text())
         assert side["key"] == r["key"] and len(side["distance_fresh_noise"]) == 4
-    res = run_cli(*args)  # resume: nothing new
-    assert res.code == 0 and "already done" in res.out and len(read_rows(out)) == 2
+    before = (out / "rows.jsonl").read_bytes()
+    res = run_cli(*args)  # resume: nothing new, the same rows printed
+    assert res.code == 0 and res.out.count(" boundary l2: ") == 2 and (out / "rows.jsonl").read_bytes() == before
 
     res = run_cli("distal", "--checkpoint", ckpt, "--sgld-steps", "1", "--n-chains", "2", "--steps", "2",
                   "--seeds", "1", "--n-real", "20", "--out", out, "--device", "cpu", "--no-progress")

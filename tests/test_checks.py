@@ -14,11 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from attacks.benchmark import Examples, Target, run_sweep
-from attacks.black import BlackboxConfig, run_blackbox
-from attacks.checks import (check_bpda_full, check_eot, check_eps0, check_more_steps, run_checks, worst_case)
-from attacks.records import read_rows
+from attacks.benchmark import Examples, run_blackbox, run_sweep
+from attacks.target import Target
+from attacks.black import BlackboxConfig
+from attacks.checks import all_flags, check_bpda_full, check_eot, check_more_steps, run_checks, worst_case
 from attacks.report import load_side_files, write_report
+from attacks.rows import WhiteboxRow, read_typed
 from attacks.white import pgd_factory
 
 
@@ -48,19 +49,34 @@ def toy_data(n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def study_rows(model: nn.Module, out, label: str) -> list[dict]:
+class Noisy(nn.Module):
+    """A randomized model: Gaussian noise (std 0.02, from the global RNG) on the input of ``base``."""
+
+    deterministic = False
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base((x + 0.02 * torch.randn_like(x)).clamp(0, 1))
+
+
+def study_rows(model: nn.Module, out, label: str) -> list:
+    """The study's spot checks on a toy: PGD sweeps, 4x steps, 2x restarts, 2x EOT (on a noisy view), Boundary."""
     x, y = toy_data()
-    target = Target(label, model, None, {"objective": "toy", "sgld_steps": 0, "grad_mode": "full"})
-    for steps in (10, 40):
-        eps = [0.0, 0.1, 0.5] if steps == 10 else [0.5]
-        run_sweep([target], pgd_factory(steps=steps, eval_draws=1, seed=0), ["linf"], eps, x, y, out,
-                  dataset="toy", examples=Examples(), progress=False)
-    run_sweep([target], pgd_factory(steps=10, eval_draws=1, seed=0), ["l2"], [0.0, 8.0], x, y, out, dataset="toy",
-              examples=Examples(), progress=False)
+    target = Target(label, model, {"objective": "toy", "sgld_steps": 0})
+    common = dict(dataset="toy", examples=Examples(), progress=False)
+    run_sweep([target], pgd_factory(steps=10, eval_draws=1, seed=0), ["linf"], [0.0, 0.1, 0.5], x, y, out, **common)
+    run_sweep([target], pgd_factory(steps=40, eval_draws=1, seed=0), ["linf"], [0.1, 0.5], x, y, out, **common)
+    run_sweep([target], pgd_factory(steps=10, restarts=2, eval_draws=1, seed=0), ["linf"], [0.1], x, y, out, **common)
+    noisy = Target(f"{label}+noise", Noisy(model), {"objective": "toy", "input_noise": 0.02})
+    for eot in (1, 2):
+        run_sweep([noisy], pgd_factory(steps=10, eot=eot, eval_draws=3, seed=0), ["linf"], [0.1], x, y, out, **common)
+    run_sweep([target], pgd_factory(steps=10, eval_draws=1, seed=0), ["l2"], [0.0, 8.0], x, y, out, **common)
     cfg = BlackboxConfig(attack="boundary", steps=50, init_steps=20, batch_size=40, eval_draws=1, seed=0)
-    run_blackbox(model, x, y, cfg, out_dir=out, identity={"model": label, "checkpoint_sha256": None}, progress=False,
-                 eps_grids={"l2": [0.0, 8.0]})
-    return read_rows(out)
+    run_blackbox(target, x, y, cfg, out_dir=out, examples="toy[0:40]", progress=False, eps_grids={"l2": [0.0, 8.0]})
+    return read_typed(out)
 
 
 @pytest.fixture(scope="module")
@@ -77,60 +93,62 @@ def honest_rows(tmp_path_factory):
 
 def test_masked_model_raises_large_eps_and_blackbox_flags(masked_rows):
     out, rows = masked_rows
-    flags = {f.check for f in run_checks(rows, load_side_files(out, rows))}
+    flags = {f.check for f in all_flags(run_checks(rows, load_side_files(out, [r.to_dict() for r in rows])))}
     assert "large_eps_not_broken" in flags
     assert "blackbox_beats_whitebox" in flags
 
 
-def test_honest_model_raises_no_flag(honest_rows):
+def test_honest_model_every_check_compares_rows_and_none_fires(honest_rows):
     out, rows = honest_rows
-    flags = run_checks(rows, load_side_files(out, rows))
-    assert flags == [], [f.message for f in flags]
+    results = run_checks(rows, load_side_files(out, [r.to_dict() for r in rows]))
+    compared = {c.check: c.compared for c in results}
+    # steps (10 vs 40 at two ε), restarts, EOT, black-box vs white-box: real rows of the same family and rule
+    assert compared["more_steps_help_model"] == 2 and compared["more_restarts_help_model"] == 1
+    assert compared["eot_not_converged"] == 1 and compared["blackbox_beats_whitebox"] >= 1
+    assert compared["bpda_full_disagree"] == 0 and {c.status for c in results if c.compared == 0} == {"not run"}
+    assert all_flags(results) == [], [f.message for f in all_flags(results)]
 
 
 def test_worst_case_takes_blackbox_into_account(masked_rows):
     out, rows = masked_rows
-    head = {(h["norm"], h["eps"]): h for h in worst_case(rows, load_side_files(out, rows))}
-    white_l2 = next(r for r in rows if r.get("kind") == "whitebox" and r["norm"] == "l2" and r["eps"] == 8.0)
-    assert white_l2["robust_acc"] > 0.9  # PGD is stuck on the masked model ...
-    assert head[("l2", 8.0)]["robust_acc"] < white_l2["robust_acc"]  # ... the headline is not
+    head = {(h["norm"], h["eps"]): h for h in worst_case(rows, load_side_files(out, [r.to_dict() for r in rows]))
+            if h["model"] == "masked"}
+    white_l2 = next(r for r in rows if r.kind == "whitebox" and r.norm == "l2" and r.eps == 8.0)
+    assert white_l2.robust_acc > 0.9  # PGD is stuck on the masked model ...
+    assert head[("l2", 8.0)]["robust_acc"] < white_l2.robust_acc  # ... the headline is not
     assert head[("l2", 8.0)]["attacks"] == 2
 
 
-def test_report_numbers_equal_rows(honest_rows):
+def test_report_numbers_equal_rows_and_checks_say_what_they_compared(honest_rows):
     out, rows = honest_rows
-    path = write_report(out, preset="toy", dataset="toy")
-    text = path.read_text()
+    text = write_report(out, preset="toy", dataset="toy").read_text()
     for r in rows:
-        if r.get("kind") == "whitebox" and r["eps"] == 0.5 and r["attack_params"]["steps"] == 10:
-            assert f"{100 * r['robust_acc']:.1f} %" in text
-    assert (out / "flags.json").read_text().strip() == "[]"
+        if r.kind == "whitebox" and r.eps == 0.5 and r.steps == 10:
+            assert f"{100 * r.robust_acc:.1f} %" in text
+    assert "| more_steps_help_model | " in text and "2 pairs compared, 0 flags" in text
+    assert "| bpda_full_disagree | " in text and "not run (0 pairs to compare)" in text
 
 
-# The remaining checks need pairs of rows that differ in one setting; they are tested on rows built from
-# an honest row by changing only the fields the check reads.
-def _variant(row: dict, **changes) -> dict:
-    r = copy.deepcopy(row)
-    params = changes.pop("params", {})
-    r["attack_params"].update(params)
-    r.update(changes)
-    r["key"] = r["key"] + "-" + "-".join(f"{k}{v}" for k, v in {**params, **changes}.items())
-    return r
+# The pair checks' decision rules, on rows the pipeline produced with only their per-example outcomes changed.
+def _variant(row: WhiteboxRow, robust: int, **changes) -> WhiteboxRow:
+    d = copy.deepcopy(row.to_dict())
+    d.update(changes, key=row.key + "-" + "-".join(f"{k}{v}" for k, v in changes.items()) + f"-r{robust}")
+    d["correct"] = [1] * robust + [0] * (len(d["correct"]) - robust)
+    d["robust_acc"] = robust / len(d["correct"])
+    return WhiteboxRow.from_dict(d)
 
 
-def test_more_steps_eot_bpda_eps0_checks(honest_rows):
+def test_pair_checks_fire_on_significant_differences_only(honest_rows):
     _, rows = honest_rows
-    base = next(r for r in rows if r.get("kind") == "whitebox" and r["eps"] == 0.1 and r["norm"] == "linf")
-    weak = dict(base, robust_acc=0.10, robust_ci_low=0.04, robust_ci_high=0.23)
-    strong = _variant(weak, params={"steps": 40}, steps=40, robust_acc=0.6, robust_ci_low=0.45, robust_ci_high=0.74)
-    assert [f.check for f in check_more_steps([weak, strong])] == ["more_steps_help_model"]
-    assert check_more_steps([weak, dict(strong, robust_acc=0.05)]) == []
-    eot2 = _variant(weak, params={"eot": 2}, robust_acc=0.6, robust_ci_low=0.45, robust_ci_high=0.74)
-    assert [f.check for f in check_eot([weak, eot2])] == ["eot_not_converged"]
-    full = dict(weak, sgld_steps=10, grad_mode="full")
-    bpda = _variant(full, grad_mode="bpda", robust_acc=0.6, robust_ci_low=0.45, robust_ci_high=0.74)
-    flags = check_bpda_full([full, bpda])
-    assert len(flags) == 1 and "full is stronger" in flags[0].message
-    eps0 = dict(base, eps=0.0, clean_acc=0.9, robust_acc=0.5)
-    assert [f.check for f in check_eps0([eps0])] == ["eps0_not_clean"]
-    assert check_eps0([dict(eps0, robust_acc=0.9)]) == []
+    base = next(r for r in rows if r.kind == "whitebox" and r.eps == 0.1 and r.norm == "linf" and r.steps == 10
+                and r.restarts == 1)
+    weak, strong = _variant(base, 4), _variant(base, 30, steps=40)
+    assert [f.check for f in check_more_steps([weak, strong]).flags] == ["more_steps_help_model"]
+    assert check_more_steps([weak, _variant(base, 5, steps=40)]).flags == []  # 1 example: noise
+    assert check_more_steps([weak, _variant(base, 30, steps=40, step_rule="fixed")]).compared == 0  # other rule
+    eot2 = _variant(base, 30, eot_used=2, attack="EOTPGD")  # PGD and EOTPGD are one family
+    assert [f.check for f in check_eot([weak, eot2]).flags] == ["eot_not_converged"]
+    full = _variant(base, 4, sgld_steps=10, grad_mode="full")
+    bpda = _variant(base, 30, sgld_steps=10, grad_mode="bpda")
+    res = check_bpda_full([full, bpda])
+    assert res.compared == 1 and len(res.flags) == 1

@@ -298,10 +298,10 @@ def test_resume_missing(run_cli, tmp_path):
 
 def test_study_refuses_a_run_directory_of_other_checkpoints(tmp_path):
     """A fresh clone's study must not resume the committed reference run (its stages would be skipped)."""
-    from attacks.provenance import file_sha256
-    from attacks.records import append_row
+    from infra.provenance import file_sha256
+    from infra.records import append_row
     from robust_jem.errors import UserError
-    from robust_jem.study import _check_same_checkpoints
+    from suite.study import _check_same_checkpoints
 
     ours, theirs = tmp_path / "ours.pt", tmp_path / "theirs.pt"
     ours.write_bytes(b"ours")

@@ -151,12 +151,12 @@ import attacks.benchmark as bm
 torch.set_num_threads(1)
 crash_eps = float(os.environ.get("CRASH_EPS", "nan"))
 real = bm.attack_batch
-def attack_batch(target, atk, *args, rank=0, world=1, **kwargs):
-    if rank == 1 and atk.eps == crash_eps:
+def attack_batch(target, atk, *args, **kwargs):
+    if os.environ.get("RANK") == "1" and atk.eps == crash_eps:
         os._exit(3)
-    return real(target, atk, *args, rank=rank, world=world, **kwargs)
+    return real(target, atk, *args, **kwargs)
 bm.attack_batch = attack_batch
-from robust_jem.cli import main
+from suite.cli import main
 main(sys.argv[1:])
 """
 
@@ -178,7 +178,7 @@ def test_two_rank_sweep_equals_one_rank_and_survives_a_dead_rank(tiny_run, tmp_p
     one = run([sys.executable], tmp_path / "one")  # a plain process: world size 1
     assert one.returncode == 0, one.stderr[-3000:]
     ref = _rows(tmp_path / "one" / "rows.jsonl")
-    assert len(ref) == 4 and {r["model"] for r in ref} == {"JEM-0", "JEM-1"}
+    assert len(ref) == 4 and {r["model"] for r in ref} == {"JEM-0[chains=2]", "JEM-1[chains=2]"}
 
     # rank 1 dies at the first ε = 0.1 row: torchrun stops the job, the finished row is kept
     crashed = run(TORCHRUN, tmp_path / "two", CRASH_EPS="0.1")
@@ -203,7 +203,9 @@ def test_two_rank_sweep_equals_one_rank_and_survives_a_dead_rank(tiny_run, tmp_p
 BLACKBOX_WORKER = """
 import sys
 import torch
-from attacks.black import BlackboxConfig, run_blackbox
+from attacks.benchmark import run_blackbox
+from attacks.black import BlackboxConfig
+from attacks.target import Target
 from robust_jem import EnergyModel, ModelConfig, RefinedClassifier, load_dataset
 from robust_jem.distributed import launch
 torch.set_num_threads(1)
@@ -215,7 +217,7 @@ x, y = load_dataset("fashion-mnist", "test").batch(slice(0, 12))
 with launch(torch.device("cpu")) as (dist, dev):
     for attack, steps in (("boundary", 5), ("pointwise", 10)):
         cfg = BlackboxConfig(attack, steps=steps, init_steps=5, batch_size=4, eval_draws=2)
-        rows = run_blackbox(model, x, y, cfg, out_dir=out, identity={"model": "JEM-1"}, progress=False)
+        rows = run_blackbox(Target("JEM-1", model), x, y, cfg, out_dir=out, examples="test[0:12]", progress=False)
         assert len(rows) == len(cfg.norms), rows  # every rank reads the rows back
 """
 

@@ -14,7 +14,7 @@ from torch import nn
 from attacks.calibration import calibration_from_logits, calibration_stats, reliability_diagram
 from attacks.common import AttackInputError
 from attacks.ood import auroc, fpr_at_tpr, match_shape, ood_scores, synthetic_ood, SYNTHETIC
-from attacks.records import read_rows
+from infra.records import read_rows
 from attacks.smoothing import ABSTAIN, SmoothedClassifier, certify_summary
 from conftest import assert_usage_error
 
@@ -240,7 +240,9 @@ def test_calibrate_ood_certify_cli(run_cli, tiny_run, tmp_path):
     cert = [r for r in rows if r["kind"] == "certify"]
     assert [("empirical_robust_accuracy" in r) for r in cert] == [False, True]  # attacked at 0.5 only
     assert all(r["certified_accuracy"] <= r["empirical_robust_accuracy"] or "sanity" in r for r in cert[1:])
-    for name in ("reliability.png", "ood-" + tiny_run.name + ".png", "certify.json"):
+    assert {r["model"] for r in cal} == {"JEM-0", "JEM-1"} and {r["model"] for r in rows if r["kind"] == "ood"} == \
+        {"JEM-bare"}  # one label per defense: the chain for calibration, the bare network for OOD scores
+    for name in ("reliability.png", "ood-JEM-bare.png", "certify.json"):
         assert (out / name).exists(), name
     # a re-run skips finished rows
     res = run_cli("calibrate", "--checkpoint", ck, "--sgld-steps", "0", "--n-examples", "40", "--bins", "10",

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from conftest import assert_usage_error, trained_tiny_classifier
-from attacks.benchmark import Examples, Target, run_sweep
+from attacks.benchmark import Examples, run_sweep
+from attacks.target import Target
 from attacks.plots import plot_rows
-from attacks.records import Parts, read_rows
+from infra.records import Parts, read_rows
 from attacks.white import APGD, PGD, WorstOf, autoattack_factory, delta_norm, pgd_factory
 from robust_jem import EnergyModel, RefinedClassifier, load_dataset
 from robust_jem.model import to_internal
@@ -167,17 +168,17 @@ def test_deterministic_model_uses_one_draw_and_no_eot(net):
 
 # --- sweep --------------------------------------------------------------------------------------------
 def _targets(net):
-    return [Target("CE", bare(net)), Target("JEM-1", jem1(net), info={"objective": "jem", **jem1(net).config()})]
+    return [Target("CE", bare(net)), Target("JEM-1", jem1(net), {"objective": "jem", **jem1(net).refinement.fields()})]
 
 
 def test_sweep_rows_same_seed_same_numbers_and_resume(net, data, tmp_path):
     factory = pgd_factory(steps=2, eval_draws=2, seed=3)
     ex = Examples(n=24)
     common = dict(dataset="fashion-mnist", examples=ex, seed=3, batch_size=16, progress=False)
-    rows_a = run_sweep(_targets(net), factory, ["linf"], [0.0, 0.05], data.images, data.labels, tmp_path / "a",
-                       **common)
-    rows_b = run_sweep(_targets(net), factory, ["linf"], [0.0, 0.05], data.images, data.labels, tmp_path / "b",
-                       **common)
+    rows_a = [r.to_dict() for r in run_sweep(_targets(net), factory, ["linf"], [0.0, 0.05], data.images, data.labels,
+                                             tmp_path / "a", **common)]
+    rows_b = [r.to_dict() for r in run_sweep(_targets(net), factory, ["linf"], [0.0, 0.05], data.images, data.labels,
+                                             tmp_path / "b", **common)]
     assert len(rows_a) == 4
     for ra, rb in zip(rows_a, rows_b):
         for k in ("key", "clean_acc", "robust_acc", "robust_acc_mean", "correct", "example_indices"):
@@ -224,8 +225,8 @@ def test_a_killed_row_keeps_its_finished_batches(net, data, tmp_path):
     factory = pgd_factory(steps=2, eval_draws=2, seed=5)
     common = dict(dataset="fashion-mnist", examples=Examples(n=24, rule="random", seed=2), seed=5, batch_size=8,
                   progress=False)
-    target = [Target("JEM-1", jem1(net), info={"objective": "jem", **jem1(net).config()})]
-    ref = run_sweep(target, factory, ["linf"], [0.05], data.images, data.labels, tmp_path / "ref", **common)[0]
+    target = [Target("JEM-1", jem1(net), {"objective": "jem", **jem1(net).refinement.fields()})]
+    ref = run_sweep(target, factory, ["linf"], [0.05], data.images, data.labels, tmp_path / "ref", **common)[0].to_dict()
 
     batches: list[int] = []
 
@@ -248,7 +249,8 @@ def test_a_killed_row_keeps_its_finished_batches(net, data, tmp_path):
         run_sweep(target, dying_after(2), ["linf"], [0.05], data.images, data.labels, tmp_path / "a", **common)
     assert read_rows(tmp_path / "a") == [] and len(list((tmp_path / "a" / "parts").glob("*/*.json"))) == 2
     first_two = list(batches)
-    row = run_sweep(target, dying_after(3), ["linf"], [0.05], data.images, data.labels, tmp_path / "a", **common)[0]
+    row = run_sweep(target, dying_after(3), ["linf"], [0.05], data.images, data.labels, tmp_path / "a",
+                    **common)[0].to_dict()
     assert len(batches) == 3 and batches[:2] == first_two  # only the third batch was attacked again
     assert not (tmp_path / "a" / "parts").exists()
     Parts(tmp_path / "a", f"{row['key']}-bs8", 3).write(0, {})  # as if killed between the append and the clean-up
@@ -300,7 +302,8 @@ def test_cli_pgd_rows_resume_and_plot(run_cli, tiny_run, tmp_path):
     assert res.code == 0, res.err
     rows = read_rows(out)
     assert len(rows) == 6  # JEM-0 once + JEM-1 x {full, bpda}, times 2 ε
-    assert {(r["model"], r["grad_mode"]) for r in rows} == {("JEM-0", "full"), ("JEM-1", "full"), ("JEM-1", "bpda")}
+    assert {(r["model"], r["grad_mode"]) for r in rows} == {("JEM-0[chains=2]", "full"), ("JEM-1[chains=2]", "full"),
+                                                        ("JEM-1[chains=2]", "bpda")}
     r = rows[1]
     assert r["eps"] == pytest.approx(8 / 255) and r["checkpoint_sha256"] and r["objective"] == "jem"
     assert r["attack"] == "PGD" and r["step_size"] == pytest.approx(2.5 * (8 / 255) / 2)
@@ -333,7 +336,7 @@ def test_bf16_and_compiled_chains_compute_the_same_classifier(net, data):
     ref = eager(x, generator=g())
     half = RefinedClassifier(net, 1, n_chains=2, grad_mode="bpda", bf16=True)
     out = half(x, generator=g())
-    assert out.dtype == torch.float32 and half.config()["precision"] == "bf16" and "precision" not in eager.config()
+    assert out.dtype == torch.float32 and half.config()["precision"] == "bf16" and eager.config()["precision"] == "fp32"
     rel = float((out - ref).norm() / ref.norm())  # bf16 keeps ~3 significant digits
     assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.9 and rel < 0.03, rel
     compiled = RefinedClassifier(net, 1, n_chains=2, grad_mode="bpda", compile=True)

@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 import torch
 
+from .io import atomic_write
 from .provenance import environment, file_sha256, now
 
 log = logging.getLogger(__name__)
@@ -119,20 +120,7 @@ def export_csv(rows: Iterable[dict[str, Any]], path: str | os.PathLike) -> None:
     writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
     writer.writerows(flat)
-    write_atomic(path, buf.getvalue())
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never a part of it
-    (a temporary file beside it, fsynced, then renamed over it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, buf.getvalue())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,7 +132,7 @@ PARTS = "parts"
 class Parts:
     """The pieces of one row on disk, one JSON file per batch: ``RUN/parts/NAME/BBBBB.json``.
 
-    Each file is written atomically (temporary file + ``os.replace``), so a piece is either whole or
+    Each file is written atomically (:func:`infra.io.atomic_write`), so a piece is either whole or
     absent; a kill loses only the batch in progress. Whoever finds every piece present merges them into
     the row and calls :meth:`remove`. An unreadable piece counts as absent (it is recomputed).
 
@@ -176,7 +164,7 @@ class Parts:
 
     def write(self, b: int, piece: dict[str, Any]) -> None:
         """Store piece ``b`` atomically."""
-        write_atomic(self.path(b), json.dumps(piece, allow_nan=False))
+        atomic_write(self.path(b), json.dumps(piece, allow_nan=False))
 
     def read_all(self) -> list[dict[str, Any]] | None:
         """Every piece in batch order, or None while any is missing."""

@@ -10,16 +10,26 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write, read_checkpoint
-from .config import TrainConfig, preset_config
-from .errors import UserError
-from .train import train
+from attacks.black import BlackboxConfig
+from attacks.report import write_report
+from infra.io import atomic_write
+from infra.provenance import file_sha256
+from infra.records import ROWS, append_row, read_rows
+from robust_jem.checkpoint import read_checkpoint
+from robust_jem.config import TrainConfig, preset_config
+from robust_jem.errors import UserError
+from robust_jem.train import train
+
+from .evaluate import (AutoAttackSettings, BlackboxJob, CalibrationJob, CertifyJob, DistalJob, OODJob, PGDSettings,
+                       SampleJob, WhiteboxJob, job_record, run_job)
+from .targets import Chain
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +40,7 @@ _CODE_FILES = ("config.py", "data.py", "model.py", "nets.py", "sgld.py", "train.
 def code_hash() -> str:
     """Hash of the source files that determine a trained model."""
     h = hashlib.sha256()
-    here = Path(__file__).parent
+    here = Path(__file__).resolve().parent.parent / "robust_jem"
     for name in _CODE_FILES:
         h.update((here / name).read_bytes())
     return h.hexdigest()[:16]
@@ -67,15 +77,13 @@ def train_or_reuse(cfg: TrainConfig, out: Path, device: torch.device, data_dir: 
 
 @dataclass(frozen=True)
 class Stage:
-    """One command of the study: a name, the CLI arguments (``--out RUN`` is appended), and a group."""
+    """One step of the study: a name, a group (for ``only``), the folder it writes into (relative to the run
+    folder) and its job (a typed :mod:`suite.evaluate` job, run by :func:`suite.evaluate.run_job`)."""
 
     name: str
-    args: tuple[str, ...]
     group: str
-
-
-def _fmt(values) -> str:
-    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+    job: Any
+    subdir: str = ""
 
 
 @dataclass(frozen=True)
@@ -123,65 +131,54 @@ PLANS = {
 
 
 def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
-    """The study's commands, in order (every one resumable by itself)."""
+    """The study's jobs, in order (every one resumable by itself: it skips rows that exist under its keys)."""
     ce, at, jem, ga = (str(ckpt[k]) for k in ("ce", "pgd-at", "jem", "gaussian-aug"))
-    base = ("--checkpoint", ce, "--checkpoint", at)
-    common = ("--eval-draws", str(plan.eval_draws), "--no-progress")
+    base = (ce, at)
+    pgd = PGDSettings(eval_draws=plan.eval_draws)
 
-    def pgd(name: str, models: tuple[str, ...], norm: str, eps, n: int, *extra: str, group: str = "whitebox"):
-        return Stage(name, ("pgd", *models, "--norm", norm, "--eps", _fmt(eps), "--n-examples", str(n), *extra,
-                            *common), group)
-
-    def jem_k(k: str, modes: str = "full,bpda") -> tuple[str, ...]:
-        return ("--checkpoint", jem, "--sgld-steps", k, "--grad-mode", modes)
+    def white(name: str, models: tuple[str, ...], norm: str, eps: tuple[float, ...], n: int, *, k: int = 0,
+              modes: tuple[str, ...] = ("full", "bpda"), attack: Any = pgd, group: str = "whitebox") -> Stage:
+        return Stage(name, group, WhiteboxJob(models, (norm,), tuple(eps), attack, Chain((k,)), modes, n_examples=n))
 
     st: list[Stage] = []
     for norm, grid, mid in (("linf", plan.linf_eps, plan.linf_mid), ("l2", plan.l2_eps, plan.l2_mid)):
-        st += [pgd(f"pgd-{norm}-baselines", base, norm, grid, plan.n_bare),
-               pgd(f"pgd-{norm}-jem0", jem_k("0"), norm, grid, plan.n_jem0),
-               pgd(f"pgd-{norm}-jem1", jem_k("1"), norm, grid, plan.n_jem1)]
+        st += [white(f"pgd-{norm}-baselines", base, norm, grid, plan.n_bare),
+               white(f"pgd-{norm}-jem0", (jem,), norm, grid, plan.n_jem0, k=0),
+               white(f"pgd-{norm}-jem1", (jem,), norm, grid, plan.n_jem1, k=1)]
     # JEM-10: full gradients at the middle and the largest L-inf budget, BPDA and L2 at the middle one.
-    st += [pgd("pgd-linf-jem10-full", jem_k("10", "full"), "linf", (plan.linf_mid, plan.linf_eps[-1]), plan.n_jem10),
-           pgd("pgd-linf-jem10-bpda", jem_k("10", "bpda"), "linf", (plan.linf_mid,), plan.n_jem10),
-           pgd("pgd-l2-jem10-full", jem_k("10", "full"), "l2", (plan.l2_mid,), plan.n_jem10)]
-    # Carlini et al. spot checks at the middle L-inf budget: 4x steps, 2x EOT.
+    st += [white("pgd-linf-jem10-full", (jem,), "linf", (plan.linf_mid, plan.linf_eps[-1]), plan.n_jem10, k=10,
+                 modes=("full",)),
+           white("pgd-linf-jem10-bpda", (jem,), "linf", (plan.linf_mid,), plan.n_jem10, k=10, modes=("bpda",)),
+           white("pgd-l2-jem10-full", (jem,), "l2", (plan.l2_mid,), plan.n_jem10, k=10, modes=("full",))]
+    # Carlini et al. spot checks at the middle L-inf budget: 4x steps, 2x restarts, 2x EOT.
     mid = (plan.linf_mid,)
-    st += [pgd("pgd-linf-steps-x4", base, "linf", mid, plan.n_bare, "--steps", "40", group="checks"),
-           pgd("pgd-linf-steps-x4-jem0", jem_k("0"), "linf", mid, plan.n_jem0, "--steps", "40", group="checks"),
-           pgd("pgd-linf-steps-x4-jem1", jem_k("1", "full"), "linf", mid, plan.n_jem1, "--steps", "40",
-               group="checks"),
-           pgd("pgd-linf-eot-x2-jem1", jem_k("1", "full"), "linf", mid, plan.n_jem1, "--eot", "2", group="checks")]
+    x4, r2, eot2 = replace(pgd, steps=40), replace(pgd, restarts=2), replace(pgd, eot=2)
+    st += [white("pgd-linf-steps-x4", base, "linf", mid, plan.n_bare, attack=x4, group="checks"),
+           white("pgd-linf-restarts-x2", base, "linf", mid, plan.n_bare, attack=r2, group="checks"),
+           white("pgd-linf-steps-x4-jem0", (jem,), "linf", mid, plan.n_jem0, k=0, attack=x4, group="checks"),
+           white("pgd-linf-steps-x4-jem1", (jem,), "linf", mid, plan.n_jem1, k=1, modes=("full",), attack=x4,
+                 group="checks"),
+           white("pgd-linf-eot-x2-jem1", (jem,), "linf", mid, plan.n_jem1, k=1, modes=("full",), attack=eot2,
+                 group="checks")]
+    aa = AutoAttackSettings(version="rand", steps=plan.aa_steps, eot=plan.aa_eot, eval_draws=plan.eval_draws)
     for norm, e in (("linf", plan.linf_mid), ("l2", plan.l2_mid)):
-        st.append(Stage(f"autoattack-{norm}", ("autoattack", *base, "--checkpoint", jem, "--sgld-steps", "0",
-                                               "--version", "rand", "--steps", str(plan.aa_steps), "--eot",
-                                               str(plan.aa_eot), "--norm", norm, "--eps", _fmt((e,)),
-                                               "--n-examples", str(plan.n_autoattack), *common), "autoattack"))
-    for attack in ("boundary", "pointwise"):
-        st.append(Stage(f"blackbox-{attack}", ("blackbox", "--attack", attack, *base, "--checkpoint", jem,
-                                               "--sgld-steps", "0,1,10", "--n-examples", str(plan.n_blackbox),
-                                               "--steps", str(plan.blackbox_steps), "--no-progress"), "blackbox"))
+        st.append(white(f"autoattack-{norm}", (*base, jem), norm, (e,), plan.n_autoattack, k=0, modes=("full",),
+                        attack=aa, group="autoattack"))
+    for name in ("boundary", "pointwise"):
+        defaults = {"boundary": 10, "pointwise": 20}[name]
+        cfg = BlackboxConfig(name, steps=plan.blackbox_steps, init_steps=defaults)
+        st.append(Stage(f"blackbox-{name}", "blackbox",
+                        BlackboxJob((*base, jem), cfg, Chain((0, 1, 10)), n_examples=plan.n_blackbox)))
     st += [
-        Stage("distal", ("distal", *base, "--checkpoint", jem, "--sgld-steps", "0,1", "--no-progress"), "distal"),
-        Stage("calibrate", ("calibrate", *base, "--checkpoint", jem, "--sgld-steps", "0,1", "--n-examples",
-                            str(plan.extras_examples)), "extras"),
-        Stage("ood", ("ood", *base, "--checkpoint", jem, "--n-examples", str(plan.extras_examples)), "extras"),
-        Stage("sample", ("sample", "--checkpoint", jem, "--n", "4"), "extras"),
-        Stage("certify", ("certify", "--checkpoint", ga, "--n", str(plan.certify_n), "--n-examples",
-                          str(plan.certify_examples), "--attack-radii", "0.25", "--attack-steps", "5",
-                          "--eot-draws", "4"), "extras"),
+        Stage("distal", "distal", DistalJob((*base, jem), chain=Chain((0, 1)))),
+        Stage("calibrate", "extras", CalibrationJob((*base, jem), chain=Chain((0, 1)),
+                                                    n_examples=plan.extras_examples)),
+        Stage("ood", "extras", OODJob((*base, jem), n_examples=plan.extras_examples)),
+        Stage("sample", "extras", SampleJob(jem, n=4), subdir="samples"),
+        Stage("certify", "extras", CertifyJob(ga, n=plan.certify_n, n_examples=plan.certify_examples,
+                                              attack_radii=(0.25,), attack_steps=5, forward_draws=4)),
     ]
     return st
-
-
-def run_stage(stage: Stage, run_dir: Path, device: torch.device, data_dir: str | None = None) -> None:
-    """Run one CLI command in-process with ``--out`` pointing into the run directory."""
-    from .cli import cli
-
-    out = run_dir / "samples" if stage.name == "sample" else run_dir
-    argv = [*stage.args, "--device", str(device), "--out", str(out)]
-    if data_dir:
-        argv += ["--data-dir", data_dir]
-    cli.main(args=argv, prog_name="robust-jem", standalone_mode=False)
 
 
 def run_study(preset: str = "quick", dataset: str | None = None, name: str | None = None,
@@ -189,9 +186,10 @@ def run_study(preset: str = "quick", dataset: str | None = None, name: str | Non
               runs_dir: Path = Path("runs"), progress: bool = True, only: tuple[str, ...] = ()) -> Path:
     """Run the study for ``preset`` and return its results directory.
 
-    Stages already recorded as done in ``RUN/stages.jsonl`` with the same arguments are skipped; a stage
-    interrupted midway is re-run, and its command skips the rows it had finished. The log goes to
-    ``RUN/log.txt`` as well.
+    Every stage's job runs each time; it skips the rows that exist under their current keys (which include
+    the code that computes them), so a finished stage costs seconds and a stage interrupted midway resumes
+    from its last finished row or batch. ``RUN/stages.jsonl`` records each stage's job and wall time. The log
+    goes to ``RUN/log.txt`` as well.
     """
     if preset not in PLANS:
         raise UserError(f"unknown preset {preset!r}; choose from {', '.join(PLANS)}")
@@ -212,11 +210,8 @@ def run_study(preset: str = "quick", dataset: str | None = None, name: str | Non
 def _check_same_checkpoints(run_dir: Path, models: dict[str, Path]) -> None:
     """Refuse to resume a run directory whose rows were computed on other checkpoints: its finished stages
     would be skipped and the report would mix two runs."""
-    from attacks.provenance import file_sha256
-    from attacks.records import read_rows
-
     ours = {file_sha256(p) for p in models.values()}
-    foreign = {r["checkpoint_sha256"] for r in read_rows(run_dir / "rows.jsonl")
+    foreign = {r["checkpoint_sha256"] for r in read_rows(run_dir / ROWS)
                if r.get("checkpoint_sha256") and r["checkpoint_sha256"] not in ours}
     if foreign:
         raise UserError(f"{run_dir} holds rows of {len(foreign)} other checkpoint(s) (another run's results); "
@@ -225,35 +220,32 @@ def _check_same_checkpoints(run_dir: Path, models: dict[str, Path]) -> None:
 
 def _run_study(preset: str, dataset: str, run_dir: Path, device: torch.device, data_dir: str | None,
                runs_dir: Path, progress: bool, only: tuple[str, ...]) -> Path:
-    from attacks.records import append_row, read_rows
-    from attacks.report import write_report
-
     t0 = time.perf_counter()
     stage_log = run_dir / "stages.jsonl"
-    done = {(r["stage"], tuple(r["args"])) for r in read_rows(stage_log) if r.get("status") == "done"}
+    logged = {(r["stage"], json.dumps(r.get("job"), sort_keys=True)) for r in read_rows(stage_log)}
     models = {}
     for objective in STUDY_OBJECTIVES:
         t = time.perf_counter()
         cfg = preset_config(preset, objective, dataset)
         models[objective] = train_or_reuse(cfg, runs_dir / f"{preset}-{dataset}" / objective, device, data_dir,
                                            progress)
-        args = ["train", "--preset", preset, "--objective", objective, "--dataset", dataset]
-        if (f"train-{objective}", tuple(args)) not in done:
-            append_row(stage_log, {"stage": f"train-{objective}", "args": args, "status": "done",
+        record = {"train": cfg.to_dict(), "code": code_hash()}
+        if (f"train-{objective}", json.dumps(record, sort_keys=True)) not in logged:
+            append_row(stage_log, {"stage": f"train-{objective}", "job": record, "status": "done",
                                    "wall_s": round(time.perf_counter() - t, 2), "checkpoint": str(models[objective])})
     _check_same_checkpoints(run_dir, models)
     stages = study_stages(PLANS[preset], models)
     for stage in tqdm(stages, desc="study", unit="stage", disable=not progress):
         if only and stage.group not in only:
             continue
-        if (stage.name, stage.args) in done:
-            log.info("stage %s already done", stage.name)
-            continue
-        log.info("stage %s: robust-jem %s", stage.name, " ".join(stage.args))
+        record = job_record(stage.job)
+        log.info("stage %s: %s", stage.name, json.dumps(record))
         t = time.perf_counter()
-        run_stage(stage, run_dir, device, data_dir)
-        append_row(stage_log, {"stage": stage.name, "args": list(stage.args), "status": "done",
-                               "wall_s": round(time.perf_counter() - t, 2)})
+        run_job(stage.job, run_dir / stage.subdir if stage.subdir else run_dir, device=device, data_dir=data_dir,
+                progress=False)
+        wall = round(time.perf_counter() - t, 2)
+        if (stage.name, json.dumps(record, sort_keys=True)) not in logged:
+            append_row(stage_log, {"stage": stage.name, "job": record, "status": "done", "wall_s": wall})
     plan = PLANS[preset]
     write_report(run_dir, preset=preset, dataset=dataset, device=str(device),
                  checkpoints={k: str(v) for k, v in models.items()}, mids={"linf": plan.linf_mid, "l2": plan.l2_mid})

@@ -1,4 +1,6 @@
-"""Command line: parse -> config -> one library call. Bad input is one line on stderr and exit code 2."""
+"""Command line: parse -> a typed job -> one library call (:mod:`suite.evaluate`, :mod:`suite.study`,
+:func:`robust_jem.train.train`). Bad input is one line on stderr and exit code 2. The only module that imports
+click."""
 
 from __future__ import annotations
 
@@ -9,8 +11,11 @@ from typing import Any
 
 import click
 
-from attacks.common import AttackInputError, parse_eps
-from .errors import UserError
+from attacks.common import parse_eps
+from infra.errors import InputError
+from robust_jem.errors import UserError
+
+from .targets import Chain
 
 log = logging.getLogger("robust_jem")
 
@@ -28,7 +33,7 @@ class EpsList(click.ParamType):
             return value
         try:
             return parse_eps(value)
-        except AttackInputError as exc:
+        except InputError as exc:
             self.fail(str(exc), param, ctx)
 
 
@@ -120,7 +125,7 @@ DISTRIBUTED_COMMANDS = ("train", "pgd", "autoattack", "blackbox")
 def cli(ctx: click.Context, verbose: bool) -> None:
     """robust-jem: train JEM and its baselines, then attack them honestly."""
     setup_logging(verbose)
-    from .distributed import env_rank
+    from robust_jem.distributed import env_rank
 
     command = ctx.invoked_subcommand
     if command and command not in DISTRIBUTED_COMMANDS and env_rank().enabled:
@@ -133,7 +138,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)
 def data_check(dataset: str, data_dir: str | None) -> None:
     """Check that a data set can be loaded; print its size."""
-    from .data import load_dataset
+    from robust_jem.data import load_dataset
 
     for split in ("train", "test"):
         ds = load_dataset(dataset, split, data_dir)
@@ -193,9 +198,9 @@ def train(objective: str, dataset: str, preset: str, out: str | None, resume_dir
     Under torchrun (`torchrun --nproc-per-node N -m robust_jem train ...`) this is DDP training: --batch-size
     is the global batch (each rank trains on batch/N), the replay buffer is sharded over ranks, rank 0 writes.
     """
-    from .config import preset_config
-    from .distributed import launch
-    from .train import train as run_train
+    from robust_jem.config import preset_config
+    from robust_jem.distributed import launch
+    from robust_jem.train import train as run_train
 
     dev = resolve_device(device)
     cfg = None if resume_dir else preset_config(preset, objective, dataset, compile=compile_, **overrides)
@@ -250,13 +255,12 @@ _POS = click.IntRange(min=1)
 def calibrate(checkpoints: tuple[str, ...], sgld_steps: list[int], bins: int, n_examples: int, batch_size: int,
               seed: int, out: str, data_dir: str | None, device: str) -> None:
     """ECE, NLL, Brier score and reliability diagrams (rows of kind "calibration")."""
-    from .extras import run_calibration
+    from .evaluate import CalibrationJob, calibrate as run
 
-    rows = run_calibration(list(checkpoints), out, sgld_steps=sgld_steps, bins=bins, n_examples=n_examples,
-                           batch_size=batch_size, seed=seed, device=resolve_device(device), data_dir=data_dir)
-    for r in rows:
-        click.echo(f"{r['model']}: accuracy {r['accuracy']:.4f}  ECE {r['ece']:.4f}  NLL {r['nll']:.4f}  "
-                   f"Brier {r['brier']:.4f}")
+    job = CalibrationJob(tuple(checkpoints), Chain(tuple(sgld_steps)), bins=bins, n_examples=n_examples,
+                         batch_size=batch_size, seed=seed)
+    for r in run(job, out, device=resolve_device(device), data_dir=data_dir):
+        click.echo(f"{r.model}: accuracy {r.accuracy:.4f}  ECE {r.ece:.4f}  NLL {r.nll:.4f}  Brier {r.brier:.4f}")
     click.echo(str(Path(out) / "rows.jsonl"))
 
 
@@ -278,10 +282,11 @@ def calibrate(checkpoints: tuple[str, ...], sgld_steps: list[int], bins: int, n_
 def ood(checkpoints: tuple[str, ...], in_set: str | None, out_sets: list[str], n_examples: int, tpr: float,
         batch_size: int, seed: int, out: str, data_dir: str | None, device: str) -> None:
     """OOD detection: AUROC / FPR@95%TPR of log p(x), max softmax and gradient norm (rows of kind "ood")."""
-    from .extras import run_ood
+    from .evaluate import OODJob, ood as run
 
-    summary = run_ood(list(checkpoints), out, in_set=in_set, out_sets=out_sets, n_examples=n_examples,
-                      batch_size=batch_size, tpr=tpr, seed=seed, device=resolve_device(device), data_dir=data_dir)
+    job = OODJob(tuple(checkpoints), in_set=in_set, out_sets=tuple(out_sets), n_examples=n_examples, tpr=tpr,
+                 batch_size=batch_size, seed=seed)
+    summary = run(job, out, device=resolve_device(device), data_dir=data_dir)
     for label, m in summary["models"].items():
         for name, metrics in m["table"].items():
             click.echo(f"{label} vs {name}: " + "  ".join(f"{s} AUROC {v['auroc']:.3f}" for s, v in metrics.items()))
@@ -310,11 +315,11 @@ def sample(checkpoint: str, classes: list[int] | None, steps: int, n: int, init:
            noise: float | None, clamp: bool | None, n_data: int, seed: int, out: str, data_dir: str | None,
            device: str) -> None:
     """Unconditional and class-conditional SGLD samples and the replay buffer, as PNG grids, with energies."""
-    from .sampling import run_sampling
+    from .evaluate import SampleJob, sample as run
 
-    s = run_sampling(checkpoint, out, classes=classes, n=n, steps=steps, step_size=step_size, noise=noise,
-                     init=init, seed=seed, n_data=n_data, device=resolve_device(device), data_dir=data_dir,
-                     clamp=clamp)
+    job = SampleJob(checkpoint, classes=tuple(classes) if classes else None, steps=steps, n=n, init=init,
+                    step_size=step_size, noise=noise, clamp=clamp, n_data=n_data, seed=seed)
+    s = run(job, out, device=resolve_device(device), data_dir=data_dir)
     click.echo(f"energy: data {s['data']['energy_mean']:.3f}, unconditional samples "
                f"{s['unconditional']['energy_mean']:.3f}, start {s['start']['energy_mean']:.3f}"
                + (f", buffer {s['buffer']['energy_mean']:.3f}" if "buffer" in s else ""))
@@ -347,51 +352,22 @@ def certify(checkpoint: str, sigma: float | None, n: int, n0: int, alpha: float,
             attack_radii: list[float], attack_steps: int, eot_draws: int, batch_size: int, seed: int, out: str,
             data_dir: str | None, device: str) -> None:
     """Randomized smoothing (Cohen et al. 2019): certified L2 accuracy beside empirical robust accuracy."""
-    from .extras import run_certify
+    from .evaluate import CertifyJob, certify as run
 
-    rows = run_certify(checkpoint, out, sigma=sigma, n=n, n0=n0, alpha=alpha, n_examples=n_examples,
-                       radii=radii, attack_radii=attack_radii, attack_steps=attack_steps, forward_draws=eot_draws,
-                       batch_size=batch_size, seed=seed, device=resolve_device(device), data_dir=data_dir)
-    for r in rows:
-        emp = r.get("empirical_robust_accuracy")
-        click.echo(f"radius {r['radius']:g}: certified {r['certified_accuracy']:.3f}"
+    job = CertifyJob(checkpoint, sigma=sigma, n=n, n0=n0, alpha=alpha, n_examples=n_examples, radii=tuple(radii),
+                     attack_radii=tuple(attack_radii), attack_steps=attack_steps, forward_draws=eot_draws,
+                     batch_size=batch_size, seed=seed)
+    for r in run(job, out, device=resolve_device(device), data_dir=data_dir):
+        emp = r.empirical_robust_accuracy
+        click.echo(f"radius {r.radius:g}: certified {r.certified_accuracy:.3f}"
                    + (f", empirical {emp:.3f}" if emp is not None else "")
-                   + f"  (abstain {r['abstain_rate']:.3f}, mean radius {r['mean_radius']:.3f})")
+                   + f"  (abstain {r.abstain_rate:.3f}, mean radius {r.extra.get('mean_radius', 0):.3f})")
     click.echo(str(Path(out) / "rows.jsonl"))
 
 
 # ------------------------------------------------------------------------------------------------
 # white-box suite: pgd, autoattack, plot (attacks.white / attacks.benchmark / attacks.plots)
 # ------------------------------------------------------------------------------------------------
-def _load_variants(checkpoints: tuple[str, ...], sgld_steps: list[int], grad_modes: list[str], *, n_chains: int,
-                   init_noise: float, sgld_step_size: float, sgld_noise: float, seed: int, dev: Any,
-                   data_dir: str | None, bf16: bool = False,
-                   compile_: bool = False) -> tuple[Any, list[tuple[str, Any, Any, str, Any]]]:
-    """Load every checkpoint (all before anything runs, same data set required) and label its variants.
-
-    Returns the test split and ``(path, checkpoint_info, bare model, label, RefinedClassifier)`` per variant.
-    """
-    from .checkpoint import load
-    from .data import load_dataset
-    from .refined import refined_variants
-
-    models = [(path, load(path, dev).requires_grad_(False)) for path in checkpoints]  # input gradients only
-    names = {m.checkpoint_info["dataset"] for _, m in models}  # type: ignore[attr-defined]
-    if len(names) != 1:
-        raise UserError(f"the checkpoints were trained on different data sets ({', '.join(sorted(names))})")
-    ds = load_dataset(names.pop(), "test", data_dir)
-    out = []
-    for path, m in models:
-        info = m.checkpoint_info  # type: ignore[attr-defined]
-        if tuple(info["input_shape"]) != tuple(ds.shape):
-            raise UserError(f"{path}: input shape {info['input_shape']} does not match {ds.name} {list(ds.shape)}")
-        for label, rc in refined_variants(m, info["objective"], sgld_steps, grad_modes, n_chains=n_chains,
-                                          init_noise=init_noise, step_size=sgld_step_size, noise=sgld_noise,
-                                          seed=seed, bf16=bf16, compile=compile_):
-            out.append((path, info, m, label, rc))
-    return ds, out
-
-
 def _refinement_options() -> list[Any]:
     """The JEM-k chain settings every attack command takes (RefinedClassifier's arguments)."""
     return [
@@ -460,43 +436,38 @@ def _run_name(command: str, checkpoints: tuple[str, ...], norms: list[str]) -> P
     return Path("results") / "-".join([command, "+".join(dict.fromkeys(names)), *norms])
 
 
-def _whitebox(command: str, make_factory: Any, *, checkpoints: tuple[str, ...], norms: list[str], eps: list[float],
+def _chain(sgld_steps: list[int], n_chains: int, init_noise: float, sgld_step_size: float,
+           sgld_noise: float) -> Chain:
+    return Chain(tuple(sgld_steps), n_chains, init_noise, sgld_step_size, sgld_noise)
+
+
+def _whitebox(command: str, attack: Any, *, checkpoints: tuple[str, ...], norms: list[str], eps: list[float],
               sgld_steps: list[int], n_chains: int, init_noise: float, sgld_step_size: float, sgld_noise: float,
               grad_modes: list[str], bf16: bool, compile_: bool, n_examples: int | None, example_rule: str,
               batch_size: int | None, seed: int, device: str, out: str | None, data_dir: str | None,
               no_progress: bool) -> None:
-    """Load checkpoints -> labelled targets -> one sweep; print one line per row.
+    """Build the white-box job, run it (under ``torchrun``: batches shared over ranks), print one line per row."""
+    from robust_jem.distributed import launch
 
-    Under ``torchrun`` every rank loads the models on its own device and attacks its share of each
-    row's batches; rank 0 merges them into RUN/rows.jsonl and prints.
-    """
-    from attacks.benchmark import Examples, Target, run_sweep
-
-    from .distributed import launch
+    from .evaluate import WhiteboxJob, whitebox
 
     eps = list(dict.fromkeys(eps))
     for norm in norms:
         parse_eps(",".join(repr(e) for e in eps), norm)  # L∞ ε > 1 is an error before anything runs
-    if compile_ and "full" in grad_modes and any(k > 0 for k in sgld_steps):
-        raise UserError("--compile needs --grad-mode bpda when --sgld-steps > 0 (the full-gradient chain is a "
-                        "double backward, which torch.compile does not support)")
+    job = WhiteboxJob(tuple(checkpoints), tuple(norms), tuple(eps), attack,
+                      _chain(sgld_steps, n_chains, init_noise, sgld_step_size, sgld_noise), tuple(grad_modes),
+                      n_examples=n_examples, example_rule=example_rule, batch_size=batch_size, seed=seed, bf16=bf16,
+                      compile=compile_)
     out_dir = Path(out) if out else _run_name(command, checkpoints, norms)
     with launch(resolve_device(device)) as (dist, dev):
-        ds, variants = _load_variants(checkpoints, sgld_steps, grad_modes, n_chains=n_chains, init_noise=init_noise,
-                                      sgld_step_size=sgld_step_size, sgld_noise=sgld_noise, seed=seed, dev=dev,
-                                      data_dir=data_dir, bf16=bf16, compile_=compile_)
-        targets = [Target(label, rc, str(path), {"objective": info["objective"], **rc.config()})
-                   for path, info, _, label, rc in variants]
-        rows = run_sweep(targets, make_factory(len(ds.classes)), norms, eps, ds.images, ds.labels, out_dir,
-                         dataset=ds.name, examples=Examples(n_examples, example_rule, seed), seed=seed,
-                         batch_size=batch_size, progress=not no_progress and dist.is_main)
+        rows = whitebox(job, out_dir, device=dev, data_dir=data_dir, progress=not no_progress and dist.is_main)
     if not dist.is_main:
         return
     for r in rows:
-        mode = f" {r['grad_mode']}" if r.get("sgld_steps") else ""
-        click.echo(f"{r['model']}{mode} {r['attack']} {r['norm']} eps={r['eps']:.4g}: clean {r['clean_acc']:.3f}  "
-                   f"robust {r['robust_acc']:.3f} [{r['robust_ci_low']:.3f}, {r['robust_ci_high']:.3f}]  "
-                   f"mean over draws {r['robust_acc_mean']:.3f}  n={r['n']}  {r['wall_s']:.1f}s")
+        mode = f" {r.grad_mode}" if r.sgld_steps else ""
+        click.echo(f"{r.model}{mode} {r.attack} {r.norm} eps={r.eps:.4g}: clean {r.clean_acc:.3f}  "
+                   f"robust {r.robust_acc:.3f} [{r.robust_ci_low:.3f}, {r.robust_ci_high:.3f}]  "
+                   f"mean over draws {r.robust_acc_mean:.3f}  n={r.n}  {r.wall_s:.1f}s")
     click.echo(str(out_dir / "rows.jsonl"))
 
 
@@ -510,13 +481,13 @@ def pgd(steps: int, step_size: float | None, eot: int, restarts: int, eval_draws
         **kwargs: Any) -> None:
     """PGD (torchattacks PGD / PGDL2 / EOTPGD) through the SGLD-refined classifier: one row per
     (checkpoint, sgld steps, grad mode, norm, ε) in RUN/rows.jsonl."""
-    from attacks.white import pgd_factory
+    from .evaluate import PGDSettings
 
     if step_size is not None and step_size <= 0:
         raise UserError("--step-size must be positive")
-    factory = pgd_factory(steps=steps, step_size=step_size, restarts=restarts, eot=eot, eval_draws=eval_draws,
-                          seed=seed)
-    _whitebox("pgd", lambda n_classes: factory, seed=seed, **kwargs)
+    settings = PGDSettings(steps=steps, step_size=step_size, eot=eot, restarts=restarts, eval_draws=eval_draws)
+    settings.factory(10, seed)  # validate before loading anything
+    _whitebox("pgd", settings, seed=seed, **kwargs)
 
 
 @cli.command()
@@ -533,14 +504,12 @@ def autoattack(attack_names: list[str] | None, version: str, steps: int, eot: in
                restarts: int, eval_draws: int, seed: int, **kwargs: Any) -> None:
     """AutoAttack from torchattacks components (rand version with EOT for refined classifiers), per-sample
     worst case over components and restarts under a fresh-noise verdict; the same rows as pgd."""
-    from attacks.white import autoattack_factory
+    from .evaluate import AutoAttackSettings
 
-    def make(n_classes: int) -> Any:
-        return autoattack_factory(attacks=attack_names, version=version, steps=steps, eot=eot, restarts=restarts,
-                                  eval_draws=eval_draws, seed=seed, n_queries=n_queries, n_classes=n_classes)
-
-    make(10)  # validate before loading anything
-    _whitebox("autoattack", make, seed=seed, **kwargs)
+    settings = AutoAttackSettings(attacks=tuple(attack_names) if attack_names else None, version=version, steps=steps,
+                                  eot=eot, n_queries=n_queries, restarts=restarts, eval_draws=eval_draws)
+    settings.factory(10, seed)  # validate before loading anything
+    _whitebox("autoattack", settings, seed=seed, **kwargs)
 
 
 @cli.command()
@@ -550,7 +519,7 @@ def autoattack(attack_names: list[str] | None, version: str, steps: int, eot: in
 def plot(runs: tuple[str, ...], out: str | None) -> None:
     """Robust accuracy vs ε from the rows of one or more runs (white-box and black-box curves)."""
     from attacks.plots import plot_rows
-    from attacks.records import ROWS, read_rows
+    from infra.records import ROWS, read_rows
 
     rows = []
     for run in runs:
@@ -590,25 +559,6 @@ def _chain_options(fn: Any) -> Any:
     return fn
 
 
-def _subjects(checkpoints: tuple[str, ...], sgld_steps: list[int], grad_modes: list[str], *, n_chains: int,
-              init_noise: float, sgld_step_size: float, sgld_noise: float, seed: int, dev: Any,
-              data_dir: str | None) -> tuple[Any, list[dict[str, Any]]]:
-    """Load every checkpoint (all before anything runs) -> test set and labelled models with row fields."""
-    from attacks.records import provenance_fields
-
-    ds, variants = _load_variants(checkpoints, sgld_steps, grad_modes, n_chains=n_chains, init_noise=init_noise,
-                                  sgld_step_size=sgld_step_size, sgld_noise=sgld_noise, seed=seed, dev=dev,
-                                  data_dir=data_dir)
-    out = []
-    for path, info, m, label, rc in variants:
-        prov = provenance_fields(path, dev)
-        ident = {"model": label, "objective": info["objective"], "checkpoint_sha256": prov["checkpoint_sha256"],
-                 "dataset": ds.name, **rc.config(), "deterministic": rc.deterministic}
-        out.append({"label": label, "bare": m, "model": rc, "identity": ident,
-                    "extra": {**prov, "checkpoint_step": info.get("step")}})
-    return ds, out
-
-
 @cli.command()
 @click.option("--attack", type=click.Choice(["boundary", "pointwise"]), required=True,
               help="foolbox BoundaryAttack (L2) or PointwiseAttack (L0 and L2).")
@@ -643,41 +593,30 @@ def blackbox(attack: str, checkpoints: tuple[str, ...], sgld_steps: list[int], n
     """Decision-based attacks (foolbox Boundary / Pointwise) on a fixed-noise view of each model; every
     adversarial re-scored with fresh noise. One row per (model, norm) with the whole accuracy-vs-ε curve,
     per-example distances in RUN/distances-KEY.json."""
-    from attacks.black import BlackboxConfig, run_blackbox
+    from attacks.black import BlackboxConfig
+    from robust_jem.distributed import launch
 
-    from .distributed import launch
+    from .evaluate import BlackboxJob, blackbox as run
 
     defaults = {"boundary": (30, 10), "pointwise": (30, 20)}[attack]
     cfg = BlackboxConfig(attack, steps=steps or defaults[0], init_steps=init_steps or defaults[1],
                          init_directions=init_directions, batch_size=batch_size, eval_draws=eval_draws, seed=seed,
                          source_step=source_step, spherical_step=spherical_step).validate()
+    job = BlackboxJob(tuple(checkpoints), cfg, _chain(sgld_steps, n_chains, init_noise, sgld_step_size, sgld_noise),
+                      n_examples=n_examples, eps_grid=tuple(eps_grid) if eps_grid else None,
+                      l0_grid=tuple(l0_grid) if l0_grid else None)
     out_dir = Path(out) if out else _run_name("blackbox", checkpoints, [attack])
-    grids = {k: v for k, v in (("l2", eps_grid), ("l0", l0_grid)) if v}
     with launch(resolve_device(device)) as (dist, dev):  # under torchrun: chunks shared over ranks
-        ds, subjects = _subjects(checkpoints, sgld_steps, ["full"], n_chains=n_chains, init_noise=init_noise,
-                                 sgld_step_size=sgld_step_size, sgld_noise=sgld_noise, seed=seed, dev=dev,
-                                 data_dir=data_dir)
-        n = min(n_examples, len(ds))
-        x, y = ds.batch(slice(0, n))
-        results = []
-        for s in subjects:
-            ident = {k: v for k, v in s["identity"].items() if k != "grad_mode"}  # no gradients used
-            ident["examples"] = f"test[0:{n}]"
-            results.append((s, run_blackbox(s["model"], x.to(dev), y.to(dev), cfg, out_dir=out_dir, identity=ident,
-                                            extra=s["extra"], eps_grids=grids, indices=range(n),
-                                            progress=not no_progress and dist.is_main)))
+        rows = run(job, out_dir, device=dev, data_dir=data_dir, progress=not no_progress and dist.is_main)
     if not dist.is_main:
         return
-    for s, rows in results:
-        for r in rows:
-            med, med_fixed = r["distance_summary"]["median"], r["distance_summary_fixed_noise"]["median"]
-            fmt = lambda v: "inf" if v is None else f"{v:.4g}"  # noqa: E731
-            click.echo(f"{r['model']} {attack} {r['norm']}: clean {r['clean_acc']:.3f}  median distance "
-                       f"{fmt(med)} (fixed noise {fmt(med_fixed)})  adversarials {r['n_adversarial_fresh_noise']}"
-                       f"/{r['n']} fresh, {r['n_adversarial_fixed_noise']}/{r['n']} fixed  "
-                       f"{r['queries_per_example']:.0f} queries/example  {r['wall_s']:.1f}s")
-        if not rows:
-            click.echo(f"{s['label']} {attack}: already done")
+    fmt = lambda v: "inf" if v is None else f"{v:.4g}"  # noqa: E731
+    for r in rows:
+        med, med_fixed = r.distance_summary["median"], r.distance_summary_fixed_noise["median"]
+        click.echo(f"{r.model} {attack} {r.norm}: clean {r.clean_acc:.3f}  median distance "
+                   f"{fmt(med)} (fixed noise {fmt(med_fixed)})  adversarials {r.n_adversarial_fresh_noise}"
+                   f"/{r.n} fresh, {r.n_adversarial_fixed_noise}/{r.n} fixed  "
+                   f"{r.queries_per_example:.0f} queries/example  {r.wall_s:.1f}s")
     click.echo(str(out_dir / "rows.jsonl"))
 
 
@@ -707,34 +646,21 @@ def distal(checkpoints: tuple[str, ...], sgld_steps: list[int], n_chains: int, i
            mean_noise: float, threshold: float, n_real: int, out: str | None) -> None:
     """Distal adversarials: optimise noise towards every class through each model; confidence, fraction
     above --threshold and log-density (rows of kind "distal") and a PNG grid per model (rows = classes)."""
-    from attacks.distal import DistalConfig, run_distal
-    from .data import load_dataset
-    from .train import save_grid
+    from attacks.distal import DistalConfig
+
+    from .evaluate import DistalJob, distal as run
 
     cfg = DistalConfig(steps=steps, step_size=step_size, seeds=seeds, starts=tuple(dict.fromkeys(starts)),
                        mean_noise=mean_noise, threshold=threshold, method=method, seed=seed).validate()
-    dev = resolve_device(device)
-    ds, subjects = _subjects(checkpoints, sgld_steps, grad_modes, n_chains=n_chains, init_noise=init_noise,
-                             sgld_step_size=sgld_step_size, sgld_noise=sgld_noise, seed=seed, dev=dev,
-                             data_dir=data_dir)
-    mean_image = load_dataset(ds.name, "train", data_dir).x.mean(0).to(dev)
-    real = ds.batch(slice(0, min(n_real, len(ds))))[0].to(dev)
+    job = DistalJob(tuple(checkpoints), cfg, _chain(sgld_steps, n_chains, init_noise, sgld_step_size, sgld_noise),
+                    tuple(grad_modes), n_real=n_real)
     out_dir = Path(out) if out else _run_name("distal", checkpoints, [])
-    for s in subjects:
-        ident = {**s["identity"], "density_model": "bare network (logsumexp of its logits)"}
-        rows = run_distal(s["model"], n_classes=len(ds.classes), mean_image=mean_image, real_images=real, cfg=cfg,
-                          out_dir=out_dir, identity=ident, extra=s["extra"], density=s["bare"],
-                          save_grid=lambda imgs, path, nrow: save_grid(  # 4x nearest upscale: a few columns
-                              imgs.repeat_interleave(4, -1).repeat_interleave(4, -2), path, nrow=nrow),
-                          progress=not no_progress)
-        for r in rows:
-            mode = f" {r['grad_mode']}" if r.get("sgld_steps") else ""
-            click.echo(f"{r['model']}{mode} {r['start']}: confidence {r['conf_start']:.3f} -> {r['conf_result']:.3f}"
-                       f"  target >= {threshold:g}: {r['frac_target_above_threshold']:.3f}  log-density "
-                       f"{r['log_density_start']:.2f} -> {r['log_density_result']:.2f} (real "
-                       f"{r['log_density_real']:.2f})  {r['wall_s']:.1f}s")
-        if not rows:
-            click.echo(f"{s['label']} distal: already done")
+    for r in run(job, out_dir, device=resolve_device(device), data_dir=data_dir, progress=not no_progress):
+        mode = f" {r.grad_mode}" if r.sgld_steps else ""
+        click.echo(f"{r.model}{mode} {r.start}: confidence {r.conf_start:.3f} -> {r.conf_result:.3f}"
+                   f"  target >= {threshold:g}: {r.frac_target_above_threshold:.3f}  log-density "
+                   f"{r.log_density_start:.2f} -> {r.log_density_result:.2f} (real "
+                   f"{r.log_density_real:.2f})  {r.wall_s:.1f}s")
     click.echo(str(out_dir / "rows.jsonl"))
 
 
@@ -747,7 +673,7 @@ def _one_line(message: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: exit 2 with one line on stderr for bad input, never a traceback."""
-    from .train import TrainingDiverged
+    from robust_jem.train import TrainingDiverged
 
     try:
         rc = cli.main(args=argv, prog_name="robust-jem", standalone_mode=False)
@@ -758,7 +684,7 @@ def main(argv: list[str] | None = None) -> None:
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
         click.echo(f"robust-jem: error: {_one_line(exc.format_message())}{hint}", err=True)
         sys.exit(2)
-    except (UserError, AttackInputError) as exc:
+    except InputError as exc:
         click.echo(f"robust-jem: error: {_one_line(str(exc))}", err=True)
         sys.exit(2)
     except click.ClickException as exc:

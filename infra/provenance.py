@@ -65,7 +65,30 @@ def device_name(device: torch.device | str) -> str:
     return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
 
 
+@functools.lru_cache(maxsize=None)
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose code computes our numbers (``absent`` when not installed)."""
+    from importlib import metadata
+
+    out = {"torch_version": str(torch.__version__)}
+    for name in ("torchattacks", "foolbox", "numpy"):
+        try:
+            out[f"{name}_version"] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[f"{name}_version"] = "absent"
+    return out
+
+
+def code_hash(*files: str | os.PathLike) -> str:
+    """Short hash of source files (their bytes, in the order given): which code computed a number."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).name.encode())
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def environment(device: torch.device | str) -> dict[str, str]:
-    """Versions and device for a result row."""
-    return {"git_sha": git_sha(), "torch_version": str(torch.__version__), "device": device_name(device),
+    """Git sha, library versions, device and Python for a result row."""
+    return {"git_sha": git_sha(), **library_versions(), "device": device_name(device),
             "python": platform.python_version()}

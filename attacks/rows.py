@@ -1,0 +1,254 @@
+"""Typed result rows: one dataclass per row kind, read and written as flat JSON objects (``rows.jsonl``).
+
+Every producer builds its row as one of these classes and every consumer (checks, headline, report)
+reads named attributes, so a renamed or missing field is an error at the producer, not a check that
+silently compares nothing. ``to_dict`` gives the flat JSON object (fields not known to the class, e.g.
+from an older version, travel in ``extra`` and come back out unchanged); ``from_dict`` is its inverse.
+:func:`parse_row` picks the class from ``kind``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from infra.records import read_rows
+
+R = TypeVar("R", bound="Row")
+
+
+@dataclass(kw_only=True)
+class Row:
+    """Fields every row has: identity of the experiment, the defense, and provenance."""
+
+    kind: ClassVar[str] = ""
+    key: str = ""
+    model: str = ""
+    defense_id: str | None = None
+    objective: str | None = None
+    sgld_steps: int = 0
+    n_chains: int = 1
+    init_noise: float = 0.0
+    sgld_step_size: float = 1.0
+    sgld_noise: float = 0.0
+    deterministic: bool = False
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    dataset: str | None = None
+    seed: int = 0
+    code: str | None = None
+    git_sha: str | None = None
+    torch_version: str | None = None
+    torchattacks_version: str | None = None
+    foolbox_version: str | None = None
+    numpy_version: str | None = None
+    device: str | None = None
+    python: str | None = None
+    timestamp: str | None = None
+    wall_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat JSON object of this row (``kind`` first, ``extra`` merged in)."""
+        d = {"kind": self.kind}
+        for f in dataclasses.fields(self):
+            if f.name != "extra":
+                d[f.name] = getattr(self, f.name)
+        d.update(self.extra)
+        return d
+
+    @classmethod
+    def from_dict(cls: type[R], d: dict[str, Any]) -> R:
+        """Inverse of :meth:`to_dict`; unknown keys go to ``extra``."""
+        if d.get("kind") != cls.kind:
+            raise ValueError(f"a {d.get('kind')!r} row is not a {cls.kind!r} row")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names and k != "kind"}
+        return cls(**known, extra=extra)
+
+    @classmethod
+    def build(cls: type[R], **values: Any) -> R:
+        """A row from keyword values; those without a field of their own go to ``extra``."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in values.items() if k in names},
+                   extra={k: v for k, v in values.items() if k not in names})
+
+    @property
+    def subject(self) -> str:
+        """The defense under test: its id (label + checkpoint + refinement), or the label for old rows."""
+        return self.defense_id or f"{self.model}@{(self.checkpoint_sha256 or '')[:8]}"
+
+
+@dataclass(kw_only=True)
+class WhiteboxRow(Row):
+    """One white-box attack at one (norm, ε) on one defense: per-example outcomes and summaries."""
+
+    kind: ClassVar[str] = "whitebox"
+    attack: str = ""
+    attack_family: str = ""
+    attack_repr: str = ""
+    attack_code: str | None = None
+    attack_params: dict[str, Any] = field(default_factory=dict)
+    norm: str = "linf"
+    eps: float = 0.0
+    steps: int | None = None
+    step_size: float | None = None
+    step_rule: str | None = None
+    restarts: int = 1
+    eot: int = 1
+    eot_used: int = 1
+    grad_mode: str = "full"
+    precision: str = "fp32"
+    compiled: bool = False
+    defense_code: str | None = None
+    eval_draws: int = 1
+    eval_draws_used: int = 1
+    verdict_seed: int = 0
+    verdict_rule: str = ""
+    n: int = 0
+    clean_acc: float = 0.0
+    clean_ci_low: float = 0.0
+    clean_ci_high: float = 1.0
+    clean_acc_mean: float = 0.0
+    robust_acc: float = 0.0
+    robust_ci_low: float = 0.0
+    robust_ci_high: float = 1.0
+    robust_acc_mean: float = 0.0
+    robust_mean_ci_low: float = 0.0
+    robust_mean_ci_high: float = 1.0
+    max_delta_norm: float = 0.0
+    in_bounds: bool = True
+    split: str = "test"
+    examples: dict[str, Any] = field(default_factory=dict)
+    batch_size: int | None = None
+    images_per_s: float | None = None
+    shards: list[str] = field(default_factory=list)
+    example_indices: list[int] = field(default_factory=list)
+    correct: list[int] = field(default_factory=list)
+    clean_correct: list[int] = field(default_factory=list)
+    robust_frac: list[float] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class BlackboxRow(Row):
+    """One decision-based minimisation attack on one defense in one norm: the whole ε curve."""
+
+    kind: ClassVar[str] = "blackbox"
+    attack: str = ""
+    attack_code: str | None = None
+    norm: str = "l2"
+    n: int = 0
+    n_examples: int = 0
+    examples: str = ""
+    attack_params: dict[str, Any] = field(default_factory=dict)
+    attack_repr: list[str] = field(default_factory=list)
+    eps_grid: list[float] = field(default_factory=list)
+    verdict: str = "fresh_noise"
+    verdict_rule: str = ""
+    acc_curve: list[dict[str, float]] = field(default_factory=list)
+    distance_summary: dict[str, Any] = field(default_factory=dict)
+    clean_acc: float = 0.0
+    clean_acc_fresh_noise_mean: float = 0.0
+    n_adversarial_fresh_noise: int = 0
+    fresh_misclassified_frac_mean: float | None = None
+    acc_curve_fixed_noise: list[dict[str, float]] = field(default_factory=list)
+    distance_summary_fixed_noise: dict[str, Any] = field(default_factory=dict)
+    clean_acc_fixed_noise: float = 0.0
+    n_adversarial_fixed_noise: int = 0
+    eval_draws: int = 1
+    eval_draws_used: int = 1
+    init_failed: int = 0
+    queries_per_example: float = 0.0
+    queries_per_example_max: int = 0
+    model_evals_per_example: float = 0.0
+    wall_s_per_example: float = 0.0
+    distances_file: str = ""
+    shards: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    checkpoint_step: int | None = None
+
+
+@dataclass(kw_only=True)
+class DistalRow(Row):
+    """Distal adversarials of one defense from one start kind: confidences and log-densities."""
+
+    kind: ClassVar[str] = "distal"
+    start: str = "uniform"
+    grad_mode: str = "full"
+    n_images: int = 0
+    threshold: float = 0.9
+    conf_start: float = 0.0
+    conf_result: float = 0.0
+    frac_above_threshold: float = 0.0
+    frac_target_above_threshold: float = 0.0
+    target_hit_result: float = 0.0
+    log_density_start: float = 0.0
+    log_density_result: float = 0.0
+    log_density_real: float = 0.0
+    grid_file: str | None = None
+
+
+@dataclass(kw_only=True)
+class CalibrationRow(Row):
+    """Calibration of one defense on the first n test images."""
+
+    kind: ClassVar[str] = "calibration"
+    n: int = 0
+    n_bins: int = 15
+    accuracy: float = 0.0
+    ece: float = 0.0
+    mce: float = 0.0
+    nll: float = 0.0
+    brier: float = 0.0
+
+
+@dataclass(kw_only=True)
+class OODRow(Row):
+    """OOD detection of one model against one OOD set with one score."""
+
+    kind: ClassVar[str] = "ood"
+    out_set: str = ""
+    score: str = ""
+    auroc: float = 0.0
+    fpr_at_tpr: float = 0.0
+    tpr: float = 0.95
+    n_in: int = 0
+    n_out: int = 0
+
+
+@dataclass(kw_only=True)
+class CertificateRow(Row):
+    """Certified (and empirical) L2 accuracy of a Gaussian-smoothed classifier at one radius."""
+
+    kind: ClassVar[str] = "certify"
+    smoothing_sigma: float = 0.0
+    radius: float = 0.0
+    certified_accuracy: float = 0.0
+    certified_ci_low: float = 0.0
+    certified_ci_high: float = 1.0
+    abstain_rate: float = 0.0
+    n_examples: int = 0
+    empirical_robust_accuracy: float | None = None
+
+
+ROW_TYPES: dict[str, type[Row]] = {c.kind: c for c in (WhiteboxRow, BlackboxRow, DistalRow, CalibrationRow, OODRow,
+                                                      CertificateRow)}
+
+
+def parse_row(d: dict[str, Any]) -> Row | None:
+    """The typed row of a JSON object (None for kinds without a class, e.g. ``sample`` rows)."""
+    cls = ROW_TYPES.get(str(d.get("kind")))
+    return cls.from_dict(d) if cls is not None else None
+
+
+def read_typed(path: str | Path) -> list[Row]:
+    """Every typed row of a ``rows.jsonl`` (or of the run folder holding it)."""
+    return [r for r in map(parse_row, read_rows(path)) if r is not None]
+
+
+def of_kind(rows: list[Row], cls: type[R]) -> list[R]:
+    """The rows of one class."""
+    return [r for r in rows if isinstance(r, cls)]

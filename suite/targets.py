@@ -1,0 +1,113 @@
+"""The one function that turns checkpoints and chain options into labelled defenses (:class:`Target`).
+
+White-box, black-box, distal, calibration, OOD, smoothing and the report all get their targets here, so
+the same checkpoint and refinement carry the same label and the same ``defense_id`` everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from attacks.target import Target
+from infra.provenance import code_hash, file_sha256
+from robust_jem.checkpoint import load
+from robust_jem.data import ImageDataset, load_dataset
+from robust_jem.errors import UserError
+from robust_jem.model import EnergyModel
+from robust_jem.refined import GRAD_MODES, RefinedClassifier, Refinement, refinement_for
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def defense_code() -> str:
+    """Hash of the code that computes a defense's forward pass (refinement, SGLD, model, nets, energy)."""
+    return code_hash(*(_ROOT / "robust_jem" / f for f in ("refined.py", "sgld.py", "model.py", "nets.py")),
+                     _ROOT / "infra" / "energy.py")
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The JEM-k refinements asked for: one per ``sgld_steps`` value, the other settings shared.
+
+    Defaults are the reference attack code's (Grathwohl et al. 2020): 5 chains, init noise 0.03, SGLD step 1,
+    noise 0.01, in the model's [-1,1] space.
+    """
+
+    sgld_steps: tuple[int, ...] = (0,)
+    n_chains: int = 5
+    init_noise: float = 0.03
+    step_size: float = 1.0
+    noise: float = 0.01
+
+    def refinements(self) -> list[Refinement]:
+        return [Refinement(k, self.n_chains, self.init_noise, self.step_size, self.noise)
+                for k in dict.fromkeys(self.sgld_steps)]
+
+
+@dataclass
+class Loaded:
+    """A checkpoint, loaded once: path, sha256, the eval-mode model (parameters frozen), its info."""
+
+    path: str
+    sha256: str
+    model: EnergyModel
+    info: dict[str, Any]
+
+    @property
+    def objective(self) -> str:
+        return str(self.info["objective"])
+
+
+def load_checkpoints(checkpoints: Sequence[str], device: torch.device, data_dir: str | None = None,
+                     dataset: str | None = None) -> tuple[ImageDataset, list[Loaded]]:
+    """Load every checkpoint before anything runs (all must share one data set) and its test split."""
+    if not checkpoints:
+        raise UserError("give at least one --checkpoint")
+    loaded = []
+    for path in dict.fromkeys(map(str, checkpoints)):
+        model = load(path, device).requires_grad_(False)  # attacks need input gradients only
+        loaded.append(Loaded(path, file_sha256(path), model, model.checkpoint_info))  # type: ignore[arg-type]
+    names = {c.info["dataset"] for c in loaded}
+    if dataset is not None and names != {dataset}:
+        raise UserError(f"the checkpoints were trained on {', '.join(sorted(names))}, not {dataset}")
+    if len(names) != 1:
+        raise UserError(f"the checkpoints were trained on different data sets ({', '.join(sorted(names))})")
+    ds = load_dataset(names.pop(), "test", data_dir)
+    for c in loaded:
+        if tuple(c.info["input_shape"]) != tuple(ds.shape):
+            raise UserError(f"{c.path}: input shape {c.info['input_shape']} does not match {ds.name} {list(ds.shape)}")
+    return ds, loaded
+
+
+def target_for(c: Loaded, refinement: Refinement, *, grad_mode: str = "full", seed: int = 0, bf16: bool = False,
+               compile: bool = False) -> Target:
+    """The :class:`Target` of one checkpoint under one refinement (made bare for a baseline)."""
+    r = refinement_for(c.objective, refinement)
+    if r.sgld_steps == 0:
+        grad_mode = "full"  # an empty chain: both modes are the same gradient
+    rc = RefinedClassifier.from_refinement(c.model, r, grad_mode=grad_mode, seed=seed, bf16=bf16, compile=compile)
+    return Target(label=r.label(c.objective), model=rc, scorer=rc.scorer(),
+                  defense={"objective": c.objective, **r.fields()}, checkpoint=c.path, checkpoint_sha256=c.sha256,
+                  attacker={"grad_mode": grad_mode, "precision": "bf16" if bf16 else "fp32", "compiled": compile},
+                  code=defense_code())
+
+
+def build_targets(loaded: Sequence[Loaded], chain: Chain, grad_modes: Sequence[str] = ("full",), *, seed: int = 0,
+                  bf16: bool = False, compile: bool = False) -> list[Target]:
+    """Every defense to evaluate: each JEM checkpoint once per refinement (and per gradient mode when k > 0),
+    each baseline once, bare. Duplicates (a baseline asked for several k) are dropped."""
+    bad = [m for m in grad_modes if m not in GRAD_MODES]
+    if bad or not grad_modes:
+        raise UserError(f"unknown gradient mode {bad[0] if bad else None!r}; choose from {', '.join(GRAD_MODES)}")
+    out: dict[tuple, Target] = {}
+    for c in loaded:
+        for r in chain.refinements():
+            r = refinement_for(c.objective, r)
+            for mode in (["full"] if r.sgld_steps == 0 else list(dict.fromkeys(grad_modes))):
+                t = target_for(c, r, grad_mode=mode, seed=seed, bf16=bf16, compile=compile)
+                out.setdefault((t.defense_id, mode), t)
+    return list(out.values())

@@ -1,0 +1,67 @@
+"""The tiny study end to end, through the library calls the study makes: one label per defense, checks that
+compare real rows, a resume that recomputes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from attacks.rows import read_typed
+from infra.records import read_rows
+from suite.study import run_study
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory, fashion_available):
+    root = tmp_path_factory.mktemp("study")
+    run_dir = run_study("tiny", results_dir=root / "results", runs_dir=root / "runs", progress=False)
+    return root, run_dir
+
+
+def _identity(r) -> tuple:
+    return (r.checkpoint_sha256, r.objective, r.sgld_steps, r.n_chains, r.init_noise, r.sgld_step_size, r.sgld_noise,
+            r.extra.get("smoothing_sigma"))
+
+
+def test_every_label_names_exactly_one_defense(tiny_study):
+    _, run_dir = tiny_study
+    rows = read_typed(run_dir)
+    kinds = {r.kind for r in rows}
+    assert kinds == {"whitebox", "blackbox", "distal", "calibration", "ood", "certify"}
+    by_label: dict[str, set] = {}
+    by_id: dict[str, set] = {}
+    for r in rows:
+        by_label.setdefault(r.model, set()).add(_identity(r))
+        by_id.setdefault(r.defense_id, set()).add(r.model)
+    assert all(len(v) == 1 for v in by_label.values()), {k: v for k, v in by_label.items() if len(v) > 1}
+    assert all(len(v) == 1 for v in by_id.values()), by_id
+    labels = set(by_label)
+    assert {"CE", "PGD-AT", "JEM-0", "JEM-1", "JEM-10", "JEM-bare"} <= labels
+    # JEM-0 means the same 5-chain noisy classifier in the attack suite and in calibration
+    jem0 = {r.kind for r in rows if r.model == "JEM-0"}
+    assert {"whitebox", "blackbox", "distal", "calibration"} <= jem0
+
+
+def test_every_check_compares_real_rows(tiny_study):
+    _, run_dir = tiny_study
+    checks = json.loads((run_dir / "flags.json").read_text())
+    assert {c["check"] for c in checks} == {"large_eps_not_broken", "blackbox_beats_whitebox", "more_steps_help_model",
+                                            "more_restarts_help_model", "bpda_full_disagree", "eot_not_converged"}
+    assert all(c["compared"] >= 1 for c in checks), [(c["check"], c["compared"]) for c in checks]
+    section = (run_dir / "report.md").read_text().split("## Gradient-masking checks")[1].split("\n## ")[0]
+    results = [line.rsplit("|", 2)[1].strip() for line in section.splitlines() if line.startswith("| ") and "_" in line]
+    assert len(results) == 6 and all(" compared, " in r for r in results), results
+
+
+def test_rerun_recomputes_nothing_and_rows_know_their_code(tiny_study):
+    root, run_dir = tiny_study
+    before = (run_dir / "rows.jsonl").read_bytes()
+    run_study("tiny", results_dir=root / "results", runs_dir=root / "runs", progress=False)
+    assert (run_dir / "rows.jsonl").read_bytes() == before
+    rows = read_rows(run_dir)
+    attack_rows = [r for r in rows if r["kind"] in ("whitebox", "blackbox")]
+    assert all(r["code"] and r["torchattacks_version"] and r["foolbox_version"] for r in attack_rows)
+    assert len({r["code"] for r in attack_rows}) == 1
+    stages = read_rows(run_dir / "stages.jsonl")
+    assert len(stages) == len({(s["stage"], json.dumps(s["job"], sort_keys=True)) for s in stages})  # logged once
