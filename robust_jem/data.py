@@ -1,8 +1,20 @@
 """Data sets as in-memory tensors: float images in [0,1] (NCHW), int64 labels, class names.
 
-Fashion-MNIST is read straight from its IDX files (offline: ``--data-dir``, then the Debian package
-``dataset-fashion-mnist``, then a torchvision download when torchvision is installed). CIFAR-10/100
-and SVHN come through torchvision, imported lazily so that the CPU path never needs it.
+Every set is read straight from its official files, without torchvision:
+
+- Fashion-MNIST: the four IDX files (optionally gzipped), searched in ``--data-dir``, else
+  ``$ROBUST_JEM_DATA`` and the Debian package ``dataset-fashion-mnist``.
+- CIFAR-10: the binary version, ``cifar-10-batches-bin/`` (``data_batch_1.bin`` .. ``data_batch_5.bin``,
+  ``test_batch.bin``; records of 1 label byte + 3072 pixel bytes, R then G then B planes).
+- CIFAR-100: the binary version, ``cifar-100-binary/`` (``train.bin``, ``test.bin``; records of a coarse
+  and a fine label byte + 3072 pixel bytes; the fine label is used).
+- SVHN: ``train_32x32.mat`` / ``test_32x32.mat`` (MATLAB v5; read by a small bounds-checked reader here,
+  since scipy's loadmat can segfault on a corrupt file), in the folder or its ``svhn/`` subfolder.
+
+CIFAR and SVHN are searched in ``--data-dir`` (authoritative when given), else ``$ROBUST_JEM_DATA`` and
+``~/.cache/robust-jem``; a CIFAR folder may also be the data dir itself. Only when the files are missing,
+``download`` is allowed and torchvision imports (lazily, so the CPU path never needs it) does torchvision
+fetch them. Every bad file is a one-line :class:`UserError` naming it; no partial data is returned.
 """
 
 from __future__ import annotations
@@ -10,6 +22,8 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import struct
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +147,269 @@ def _load_fashion_mnist(split: str, data_dir: str | os.PathLike | None, download
     )
 
 
+
+CACHE_SUBDIR = Path(".cache") / "robust-jem"
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+_PIXELS = 3 * 32 * 32
+
+
+@dataclass(frozen=True)
+class _CifarFormat:
+    """Where one CIFAR binary version lives and how its records look."""
+
+    title: str
+    folder: str
+    files: dict[str, tuple[str, ...]]
+    label_bytes: int  # the last label byte is the one used
+    n_classes: int
+    label_limits: tuple[int, ...]  # exclusive upper bound of every label byte
+    names_file: str
+    default_classes: tuple[str, ...]
+    url: str
+
+
+_CIFAR = {
+    "cifar10": _CifarFormat(
+        "CIFAR-10", "cifar-10-batches-bin",
+        {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)), "test": ("test_batch.bin",)},
+        1, 10, (10,), "batches.meta.txt", CIFAR10_CLASSES, "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+    ),
+    "cifar100": _CifarFormat(
+        "CIFAR-100", "cifar-100-binary", {"train": ("train.bin",), "test": ("test.bin",)},
+        2, 100, (20, 100), "fine_label_names.txt", tuple(str(i) for i in range(100)),
+        "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
+    ),
+}
+_SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
+_SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
+def data_dirs(data_dir: str | os.PathLike | None) -> list[Path]:
+    """Directories searched for CIFAR-10/100 and SVHN, in order: ``data_dir`` alone when given, else
+    ``$ROBUST_JEM_DATA`` and the torchvision cache root ``~/.cache/robust-jem``."""
+    if data_dir is not None:  # an explicit directory is authoritative
+        return [Path(data_dir)]
+    dirs = []
+    env = os.environ.get("ROBUST_JEM_DATA")
+    if env:
+        dirs.append(Path(env))
+    dirs.append(Path.home() / CACHE_SUBDIR)
+    return dirs
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def read_cifar_records(path: Path, label_bytes: int, label_limits: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR binary batch: uint8 images (N, 3, 32, 32) and the last label byte of each record (int64).
+
+    Every label byte ``i`` must be below ``label_limits[i]``.
+    """
+    record = label_bytes + _PIXELS
+    data = _read_bytes(path)
+    if not data:
+        raise UserError(f"{path} is empty")
+    if len(data) % record:
+        raise UserError(f"{path} is truncated or not a CIFAR binary batch ({len(data)} bytes is not a multiple of "
+                        f"the {record}-byte record)")
+    rows = np.frombuffer(data, dtype=np.uint8).reshape(-1, record)
+    for i, limit in enumerate(label_limits):
+        bad = np.flatnonzero(rows[:, i] >= limit)
+        if bad.size:
+            raise UserError(f"{path}: record {int(bad[0])} has label {int(rows[bad[0], i])}, outside 0..{limit - 1}")
+    images = rows[:, label_bytes:].reshape(-1, 3, 32, 32).copy()  # R, G, B planes, each row-major 32x32
+    return images, rows[:, label_bytes - 1].astype(np.int64)
+
+
+def _read_class_names(path: Path, default: tuple[str, ...]) -> tuple[str, ...]:
+    """Class names, one per line (blank lines ignored), from ``path`` when it exists, else ``default``."""
+    if not path.is_file():
+        return default
+    try:
+        text = _read_bytes(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+    names = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if len(names) != len(default):
+        raise UserError(f"{path} lists {len(names)} class names, expected {len(default)}")
+    return names
+
+
+def _find_cifar(fmt: _CifarFormat, dirs: list[Path]) -> Path | None:
+    """The first folder holding any of the files of ``fmt`` (``dir/<folder>`` or the dir itself)."""
+    names = [n for files in fmt.files.values() for n in files]
+    for directory in dirs:
+        for candidate in (directory / fmt.folder, directory):
+            if any((candidate / n).is_file() for n in names):
+                return candidate
+    return None
+
+
+def _load_cifar(name: str, split: str, data_dir: str | os.PathLike | None, download: bool) -> ImageDataset:
+    fmt = _CIFAR[name]
+    dirs = data_dirs(data_dir)
+    folder = _find_cifar(fmt, dirs)
+    if folder is None:
+        _fallback_or_fail(name, split, data_dir, download, dirs,
+                          f"put {fmt.folder}/ ({', '.join(n for f in fmt.files.values() for n in f)}) from "
+                          f"{fmt.url} in --data-dir")
+        return _load_torchvision(name, split, data_dir, download)
+    missing = [n for n in fmt.files[split] if not (folder / n).is_file()]
+    if missing:
+        raise UserError(f"{fmt.title} {split} split incomplete in {folder}: missing {', '.join(missing)}")
+    parts = [read_cifar_records(folder / n, fmt.label_bytes, fmt.label_limits) for n in fmt.files[split]]
+    classes = _read_class_names(folder / fmt.names_file, fmt.default_classes)
+    images = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+    labels = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+    log.debug("%s %s from %s", fmt.title, split, folder)
+    return ImageDataset(name, split, torch.from_numpy(images), torch.from_numpy(labels), classes)
+
+
+class _MatFormatError(ValueError):
+    """A MAT file that breaks its own format (message without the path)."""
+
+
+# MAT v5 storage types (miINT8 .. miUINT64) and numeric array classes (mxDOUBLE .. mxUINT64).
+_MI_DTYPES = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}
+_MX_DTYPES = {6: "f8", 7: "f4", 8: "i1", 9: "u1", 10: "i2", 11: "u2", 12: "i4", 13: "u4", 14: "i8", 15: "u8"}
+_MI_MATRIX, _MI_COMPRESSED = 14, 15
+
+
+def _mat_element(buf: memoryview, pos: int, order: str, padded: bool) -> tuple[int, memoryview, int]:
+    """The data element at ``pos``: (type, payload, position after it); small elements included."""
+    if pos + 8 > len(buf):
+        raise _MatFormatError(f"truncated element tag at byte {pos}")
+    word, nbytes = struct.unpack_from(order + "II", buf, pos)
+    if word >> 16:  # small data element: type and size in one word, payload in the next four bytes
+        mtype, nbytes = word & 0xFFFF, word >> 16
+        if nbytes > 4:
+            raise _MatFormatError(f"small element of {nbytes} bytes at byte {pos}")
+        return mtype, buf[pos + 4: pos + 4 + nbytes], pos + 8
+    end = pos + 8 + nbytes
+    if end > len(buf):
+        raise _MatFormatError(f"element at byte {pos} needs {nbytes} bytes, {len(buf) - pos - 8} left")
+    return word, buf[pos + 8: end], (end + 7) // 8 * 8 if padded else end
+
+
+def _mat_matrix(body: memoryview, order: str, wanted: tuple[str, ...]) -> tuple[str, np.ndarray | None]:
+    """Name and value of one miMATRIX payload; the value is None for variables not in ``wanted``."""
+    mtype, flags, pos = _mat_element(body, 0, order, True)
+    if mtype != 6 or len(flags) != 8:
+        raise _MatFormatError("matrix without array flags")
+    (word,) = struct.unpack_from(order + "I", flags, 0)
+    mtype, dims_raw, pos = _mat_element(body, pos, order, True)
+    if mtype != 5 or len(dims_raw) < 8 or len(dims_raw) % 4:
+        raise _MatFormatError("matrix without dimensions")
+    dims = tuple(int(d) for d in np.frombuffer(dims_raw, dtype=order + "i4"))
+    mtype, name_raw, pos = _mat_element(body, pos, order, True)
+    if mtype != 1:
+        raise _MatFormatError("matrix without a name")
+    name = bytes(name_raw).decode("latin-1")
+    if name not in wanted:
+        return name, None
+    mx_class = word & 0xFF
+    if mx_class not in _MX_DTYPES or word & 0x0800 or any(d < 0 for d in dims):
+        raise _MatFormatError(f"{name} is not a real numeric array (class {mx_class}, dims {dims})")
+    mtype, real, pos = _mat_element(body, pos, order, True)
+    if mtype not in _MI_DTYPES:
+        raise _MatFormatError(f"{name} has unknown storage type {mtype}")
+    stored = np.dtype(order + _MI_DTYPES[mtype])
+    count = int(np.prod(dims, dtype=object))
+    if len(real) != count * stored.itemsize:
+        raise _MatFormatError(f"{name} holds {len(real)} bytes, {dims} needs {count * stored.itemsize}")
+    values = np.frombuffer(real, dtype=stored, count=count).astype(_MX_DTYPES[mx_class])
+    return name, values.reshape(dims, order="F")
+
+
+def read_mat_arrays(path: Path, wanted: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The real numeric arrays ``wanted`` of a MATLAB v5 file (plain or compressed elements, either byte order).
+
+    A bounds-checked reader of just this subset: scipy's loadmat can crash the process on a corrupt file.
+    """
+    data = memoryview(_read_bytes(path))
+    if len(data) < 128:
+        raise UserError(f"{path} is not a MATLAB v5 file ({len(data)} bytes, shorter than the header)")
+    if bytes(data[:10]) == b"MATLAB 7.3":
+        raise UserError(f"{path} is a MATLAB v7.3 (HDF5) file; save it as v7 (-v7) or use the official SVHN file")
+    order = {b"IM": "<", b"MI": ">"}.get(bytes(data[126:128]))
+    if order is None or struct.unpack_from(order + "H", data, 124)[0] != 0x0100:
+        raise UserError(f"{path} is not a MATLAB v5 file (bad header)")
+    found: dict[str, np.ndarray] = {}
+    pos = 128
+    try:
+        while pos + 8 <= len(data) and len(found) < len(wanted):
+            mtype, payload, pos = _mat_element(data, pos, order, False)
+            if mtype == _MI_COMPRESSED:
+                inner = memoryview(zlib.decompressobj().decompress(payload))
+                mtype, payload, _ = _mat_element(inner, 0, order, False)
+            if mtype != _MI_MATRIX:
+                continue  # not a variable
+            name, value = _mat_matrix(payload, order, wanted)
+            if value is not None and name not in found:
+                found[name] = value
+    except (_MatFormatError, zlib.error) as exc:
+        raise UserError(f"{path} is a corrupt MATLAB file ({exc})") from None
+    except (ValueError, struct.error, OverflowError, MemoryError) as exc:
+        raise UserError(f"{path} is a corrupt MATLAB file ({type(exc).__name__}: {exc})") from None
+    return found
+
+
+def read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One SVHN .mat file: uint8 images (N, 3, 32, 32) and int64 labels 0..9 (the file's 10 is digit 0)."""
+    mat = read_mat_arrays(path, ("X", "y"))
+    for key in ("X", "y"):
+        if key not in mat:
+            raise UserError(f"{path} has no array {key!r}")
+    x, y = mat["X"], mat["y"]
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
+        raise UserError(f"{path}: X is {x.dtype} {x.shape}, expected uint8 (32, 32, 3, N)")
+    n = x.shape[3]
+    if n == 0:
+        raise UserError(f"{path} holds no images")
+    if y.shape not in ((n, 1), (1, n)):
+        raise UserError(f"{path}: y has shape {y.shape}, expected ({n}, 1)")
+    y = y.reshape(-1)
+    bad = np.flatnonzero(~np.isin(y, np.arange(1, 11)))  # also rejects NaN and fractions in a double y
+    if bad.size:
+        raise UserError(f"{path}: image {int(bad[0])} has label {y[bad[0]]}, outside 1..10")
+    labels = y.astype(np.int64)
+    labels[labels == 10] = 0
+    return np.ascontiguousarray(x.transpose(3, 2, 0, 1)), labels
+
+
+def _load_svhn(split: str, data_dir: str | os.PathLike | None, download: bool) -> ImageDataset:
+    stem = _SVHN_FILES[split]
+    dirs = data_dirs(data_dir)
+    for directory in dirs:
+        for path in (directory / stem, directory / "svhn" / stem):
+            if path.is_file():
+                images, labels = read_svhn_mat(path)
+                log.debug("SVHN %s from %s", split, path)
+                return ImageDataset("svhn", split, torch.from_numpy(images), torch.from_numpy(labels),
+                                    tuple(str(i) for i in range(10)))
+    _fallback_or_fail("svhn", split, data_dir, download, dirs,
+                      f"put {stem} from {_SVHN_URL}{stem} in --data-dir (or its svhn/ folder)")
+    return _load_torchvision("svhn", split, data_dir, download)
+
+
+def _fallback_or_fail(name: str, split: str, data_dir: str | os.PathLike | None, download: bool,
+                      dirs: list[Path], hint: str) -> None:
+    """Return when torchvision may download ``name``; else raise the not-found error."""
+    why = "download disabled"
+    if download:
+        try:
+            _torchvision()
+            return
+        except UserError:
+            why = "torchvision, which could download it, is not usable here"
+    title = _CIFAR[name].title if name in _CIFAR else "SVHN"
+    searched = ", ".join(str(d) for d in dirs)
+    raise UserError(f"{title} {split} not found (searched {searched}; {why}); {hint}")
+
+
 def _torchvision():
     try:
         import torchvision  # noqa: F401  (lazy: optional dependency)
@@ -158,7 +435,7 @@ def _load_torchvision(name: str, split: str, data_dir: str | os.PathLike | None,
         else:
             ds = tv.datasets.SVHN(root, split="train" if train else "test", download=download)
             images, labels, classes = ds.data.transpose(0, 2, 3, 1), ds.labels, [str(i) for i in range(10)]
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:  # OSError: no network (URLError)
         raise UserError(f"{name} could not be loaded from or downloaded into {root} ({exc}); "
                         "pass --data-dir") from None
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
@@ -172,8 +449,8 @@ def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | 
     Args:
         name: one of ``fashion-mnist``, ``cifar10``, ``cifar100``, ``svhn``.
         split: ``train`` or ``test``.
-        data_dir: where the files are (or go, with ``download``).
-        download: allow a torchvision download when the files are missing (needs torchvision + network).
+        data_dir: where the files are (or go, with ``download``); when given, the only place searched.
+        download: allow a torchvision download when the native files are missing (needs torchvision + network).
     """
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
@@ -181,7 +458,9 @@ def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | 
         raise UserError(f"unknown split {split!r}; choose train or test")
     if name == "fashion-mnist":
         return _load_fashion_mnist(split, data_dir, download)
-    return _load_torchvision(name, split, data_dir, download)
+    if name == "svhn":
+        return _load_svhn(split, data_dir, download)
+    return _load_cifar(name, split, data_dir, download)
 
 
 class Prefetcher:
