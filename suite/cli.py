@@ -215,6 +215,21 @@ def train(objective: str, dataset: str, preset: str, out: str | None, resume_dir
         click.echo(str(path))
 
 
+@cli.command("import-jem")
+@click.argument("src", type=click.Path(dir_okay=False))
+@click.option("--out", "dst", type=click.Path(dir_okay=False), required=True, help="Native checkpoint to write.")
+@click.option("--dataset", type=click.Choice(["cifar10", "cifar100", "svhn"]), default="cifar10", show_default=True,
+              help="What the official model was trained on.")
+@click.option("--unconditional", is_flag=True,
+              help="The file holds the official unconditional F (--uncond): its energy head becomes one logit.")
+def import_jem(src: str, dst: str, dataset: str, unconditional: bool) -> None:
+    """Import a checkpoint written by the official JEM code (wgrathwohl/JEM: model_state_dict + replay_buffer)
+    as a native checkpoint: depth, width and classes inferred from the tensors, the replay buffer kept."""
+    from robust_jem.official import import_official
+
+    click.echo(str(import_official(src, dst, dataset=dataset, unconditional=unconditional)))
+
+
 @cli.command()
 @click.option("--preset", type=click.Choice(["quick", "cifar10-paper", "tiny"]), default="quick", show_default=True)
 @click.option("--dataset", type=click.Choice(["fashion-mnist", "cifar10", "cifar100", "svhn"]), default=None,

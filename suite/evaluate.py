@@ -185,7 +185,7 @@ def distal(job: DistalJob, out: str | Path, *, device: torch.device, data_dir: s
     out = prepare_out(out)
     rows: list[DistalRow] = []
     for t in targets:
-        ident = {**t.fields(), "density_model": "bare network (-energy of its logits)"}
+        ident = {**t.fields(), "dataset": ds.name, "density_model": "bare network (-energy of its logits)"}
         run_distal(t.model, n_classes=len(ds.classes), mean_image=mean_image, real_images=real, cfg=cfg,
                    out_dir=out, identity=ident, extra={**provenance_fields(t.checkpoint, device)},
                    density=bare[t.checkpoint], progress=progress,
