@@ -94,6 +94,8 @@ def _ci(successes: float, n: int) -> tuple[float, float]:
 def attack_family(attack: WhiteBoxAttack) -> str:
     """The attack's family for the masking checks: PGD / PGDL2 / EOTPGD / EOTPGDL2 are all ``pgd`` (they
     differ in norm and EOT, which rows record separately); APGD-CE, APGD-DLR, ... stay themselves."""
+    if attack.name.startswith("Transfer("):
+        return "transfer"
     return "pgd" if attack.name.replace("EOT", "").startswith("PGD") else attack.name.lower()
 
 
@@ -218,7 +220,8 @@ def attack_batch(target: Target, atk: WhiteBoxAttack, images: torch.Tensor, labe
     return {"indices": idx.tolist(), "correct": res.robust.int().tolist(),
             "robust_frac": res.robust_frac.tolist(), "clean_correct": res.clean_correct.int().tolist(),
             "clean_frac": res.clean_frac.tolist(), "delta_norm": res.delta_norm.tolist(),
-            "in_bounds": bool(res.in_bounds), "wall_s": time.perf_counter() - t0, "device": str(device)}
+            "in_bounds": bool(res.in_bounds), "traces": res.traces, "wall_s": time.perf_counter() - t0,
+            "device": str(device)}
 
 
 def merge_row(target: Target, atk: WhiteBoxAttack, pieces: Sequence[dict[str, Any]], *, dataset: str,
@@ -235,6 +238,12 @@ def merge_row(target: Target, atk: WhiteBoxAttack, pieces: Sequence[dict[str, An
     m_clean, m_rob = math.fsum(clean_frac), math.fsum(robust_frac)
     p = atk.params()
     fields = target.fields()
+    traces: dict[str, list[float]] = {}
+    for name in dict.fromkeys(k for piece in pieces for k in piece.get("traces", {})):
+        parts = [(len(piece["indices"]), piece["traces"][name]) for piece in pieces if name in piece.get("traces", {})]
+        length = min(len(t) for _, t in parts)
+        total = sum(w for w, _ in parts)
+        traces[name] = [round(sum(w * t[i] for w, t in parts) / total, 5) for i in range(length)]
     prov = provenance_fields(None, pieces[0]["device"] if pieces else _device(target.model))
     return WhiteboxRow.build(
         **fields, checkpoint=target.checkpoint, dataset=dataset, seed=seed, code=code_hash(),
@@ -251,7 +260,7 @@ def merge_row(target: Target, atk: WhiteBoxAttack, pieces: Sequence[dict[str, An
         **{k: v for k, v in prov.items() if k not in ("checkpoint", "checkpoint_sha256")},
         wall_s=round(wall, 3), images_per_s=round(n / wall, 4) if wall > 0 else None,
         shards=sorted({p["shard"] for p in pieces}), example_indices=idx, correct=robust, clean_correct=clean,
-        robust_frac=robust_frac,
+        robust_frac=robust_frac, margin_trace=traces,
     )
 
 
@@ -314,8 +323,9 @@ def run_blackbox(target: Target, x: torch.Tensor, y: torch.Tensor, cfg: Blackbox
                disable=not (progress and runner.is_main))
 
     def chunk(c: int) -> dict[str, Any]:
+        slots = list(indices[c * bs:(c + 1) * bs]) if indices is not None else None
         res = attack_chunk(target.model, x[c * bs:(c + 1) * bs], y[c * bs:(c + 1) * bs], cfg, c,
-                           on_call=lambda: bar.update(1), scorer=target.scorer)
+                           on_call=lambda: bar.update(1), scorer=target.scorer, slots=slots)
         return {**res.to_part(), "device": str(x.device)}
 
     try:
@@ -360,7 +370,9 @@ def _write_blackbox_rows(target: Target, res: BlackboxResult, y: torch.Tensor, c
             "clean_correct_fixed_noise": res.clean_correct_fixed.tolist(),
             "clean_correct_fresh_frac": res.clean_correct_fresh.tolist(),
             "queries": res.queries.tolist(),
-            "note": "null distance = no adversarial found (counted robust at every ε)",
+            "status": res.status,
+            "note": "null distance = no adversarial found; status other than 'attacked' = no view could attack "
+                    "the example (no information: the headline ignores it unless its clean image fails a fresh draw)",
         }, allow_nan=False))
         grid = [float(e) for e in grids[norm]]
         row = BlackboxRow.build(
@@ -378,7 +390,8 @@ def _write_blackbox_rows(target: Target, res: BlackboxResult, y: torch.Tensor, c
             clean_acc_fixed_noise=float(res.clean_correct_fixed.double().mean()),
             n_adversarial_fixed_noise=int(res.found.sum()),
             eval_draws=cfg.eval_draws, eval_draws_used=verdict.draws_for(target.scorer),
-            init_failed=res.init_failed, queries_per_example=float(res.queries.double().mean()),
+            init_failed=res.init_failed, n_not_attacked=sum(v != "attacked" for v in res.status),
+            queries_per_example=float(res.queries.double().mean()),
             queries_per_example_max=int(res.queries.max()), model_evals_per_example=res.model_evals / n,
             wall_s=res.wall_s, wall_s_per_example=res.wall_s / n, distances_file=side.name, shards=shards,
             notes=res.notes, **{k: v for k, v in prov.items() if k not in ("checkpoint", "checkpoint_sha256")})

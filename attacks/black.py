@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from infra.randomness import seeded
+from infra.randomness import derive_seed, seeded
 
 from .common import AttackInputError, check_images
 from .curves import json_distances
@@ -56,11 +56,12 @@ class _Oracle(nn.Module):
     attack, never fake a success (foolbox's PointwiseAttack has no step limit of its own).
     """
 
-    def __init__(self, view: FixedNoiseView, labels: torch.Tensor, max_calls: int | None = None,
+    def __init__(self, view: FixedNoiseView, labels: torch.Tensor, slots: Sequence[int], max_calls: int | None = None,
                  on_call: Callable[[], None] | None = None, originals: torch.Tensor | None = None) -> None:
         super().__init__()
         self.view = view
         self.labels = labels
+        self.slots = [int(v) for v in slots]
         self.max_calls = max_calls
         self.calls = 0
         self.on_call = on_call
@@ -75,7 +76,7 @@ class _Oracle(nn.Module):
         self.calls += 1
         if self.on_call is not None:
             self.on_call()
-        out = self.view(x)
+        out = self.view(x, self.slots)
         if self.originals is not None and x.shape == self.originals.shape:
             self._track(x.detach(), out.argmax(1) != self.labels)
         return out
@@ -115,6 +116,7 @@ class BlackboxConfig:
             on the quick CE model, 30 images, 20 steps: median L2 6.55 with 0.01/0.01, 4.50 with 0.1/0.3).
         l2_binary_search: PointwiseAttack's L2 refinement phase.
         cache_size: fixed-noise answers cached (LRU), so that a repeated query gets the identical answer.
+        view_seeds: fixed-noise views tried in turn for the examples the previous views could not attack.
     """
 
     attack: str
@@ -130,12 +132,14 @@ class BlackboxConfig:
     update_stats_every_k: int = 10
     l2_binary_search: bool = True
     cache_size: int = 100_000
+    view_seeds: int = 2
 
     def validate(self) -> "BlackboxConfig":
         """Raise :class:`AttackInputError` for values no run can use; returns self."""
         if self.attack not in ATTACKS:
             raise AttackInputError(f"unknown black-box attack {self.attack!r}; choose from {', '.join(ATTACKS)}")
-        for name in ("steps", "init_steps", "init_directions", "batch_size", "eval_draws", "update_stats_every_k"):
+        for name in ("steps", "init_steps", "init_directions", "batch_size", "eval_draws", "update_stats_every_k",
+                     "view_seeds"):
             if int(getattr(self, name)) < 1:
                 raise AttackInputError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not (self.spherical_step > 0 and self.source_step > 0 and self.step_adaptation > 1):
@@ -205,6 +209,7 @@ class BlackboxResult:
     wall_s: float
     init_failed: int = 0
     notes: list[str] = field(default_factory=list)
+    status: list[str] = field(default_factory=list)
 
     @property
     def fresh_verdict(self) -> torch.Tensor:
@@ -226,7 +231,8 @@ class BlackboxResult:
                 "fresh_misclassified": [None if math.isnan(v) else v for v in self.fresh_misclassified.tolist()],
                 "clean_correct_fixed": self.clean_correct_fixed.tolist(),
                 "clean_correct_fresh": self.clean_correct_fresh.tolist(), "queries": self.queries.tolist(),
-                "model_evals": self.model_evals, "wall_s": self.wall_s, "init_failed": self.init_failed}
+                "model_evals": self.model_evals, "wall_s": self.wall_s, "init_failed": self.init_failed,
+                "status": self.status}
 
     @classmethod
     def from_part(cls, piece: dict[str, Any]) -> "BlackboxResult":
@@ -240,7 +246,8 @@ class BlackboxResult:
                    clean_correct_fixed=torch.tensor(piece["clean_correct_fixed"], dtype=torch.bool),
                    clean_correct_fresh=f64(piece["clean_correct_fresh"], math.nan),
                    queries=torch.tensor(piece["queries"], dtype=torch.long), model_evals=int(piece["model_evals"]),
-                   wall_s=float(piece["wall_s"]), init_failed=int(piece["init_failed"]))
+                   wall_s=float(piece["wall_s"]), init_failed=int(piece["init_failed"]),
+                   status=list(piece.get("status", [])))
 
     @classmethod
     def merge(cls, chunks: Sequence["BlackboxResult"]) -> "BlackboxResult":
@@ -249,8 +256,10 @@ class BlackboxResult:
             raise ValueError("no chunks to merge")
         advs = [c.adversarials for c in chunks]
         init_failed = sum(c.init_failed for c in chunks)
-        notes = ([f"initialisation found no adversarial for {init_failed} examples (counted robust)"]
-                 if init_failed else [])
+        status = [v for c in chunks for v in c.status]
+        not_attacked = sum(v != ATTACKED for v in status)
+        notes = ([f"{not_attacked} examples could not be attacked under any view ({init_failed} initialisation "
+                  f"failures): no information about them (the headline ignores them)"] if not_attacked else [])
         return cls(adversarials=None if any(a is None for a in advs) else torch.cat(advs),  # type: ignore[arg-type]
                    found=torch.cat([c.found for c in chunks]),
                    distances={k: torch.cat([c.distances[k] for c in chunks]) for k in chunks[0].distances},
@@ -258,7 +267,7 @@ class BlackboxResult:
                    clean_correct_fixed=torch.cat([c.clean_correct_fixed for c in chunks]),
                    clean_correct_fresh=torch.cat([c.clean_correct_fresh for c in chunks]),
                    queries=torch.cat([c.queries for c in chunks]), model_evals=sum(c.model_evals for c in chunks),
-                   wall_s=sum(c.wall_s for c in chunks), init_failed=init_failed, notes=notes)
+                   wall_s=sum(c.wall_s for c in chunks), init_failed=init_failed, notes=notes, status=status)
 
 
 def distances(x: torch.Tensor, x_adv: torch.Tensor, norm: str) -> torch.Tensor:
@@ -271,27 +280,37 @@ def distances(x: torch.Tensor, x_adv: torch.Tensor, norm: str) -> torch.Tensor:
     raise AttackInputError(f"unknown norm {norm!r} for distances; use l0 or l2")
 
 
-def _foolbox_chunk(view: FixedNoiseView, x: torch.Tensor, y: torch.Tensor, cfg: BlackboxConfig, seed: int,
-                   on_call: Callable[[], None] | None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Run init + main attack on one batch. Returns (candidate adversarials, queries per example, init fails).
+ATTACKED, CLEAN_WRONG, INIT_FAILED = "attacked", "view misclassifies clean", "initialisation failed"
 
-    Clean-misclassified examples are not attacked (their adversarial is the clean image); examples whose
-    initialisation fails keep the clean image (the caller's check marks them not found).
+
+def _foolbox_chunk(view: FixedNoiseView, x: torch.Tensor, y: torch.Tensor, slots: Sequence[int],
+                   cfg: BlackboxConfig, seed: int,
+                   on_call: Callable[[], None] | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Run init + main attack on one batch under one view. Returns (candidate adversarials, queries per
+    example, status per example).
+
+    Examples the view misclassifies clean are not attacked (status :data:`CLEAN_WRONG`, candidate = the
+    clean image); examples whose initialisation finds no adversarial keep the clean image
+    (:data:`INIT_FAILED`). Neither says anything about robustness: the caller tries another view for them.
     """
     import foolbox as fb
 
     init_attack, main_attack = cfg.foolbox_attacks()
     queries = torch.zeros(x.shape[0], dtype=torch.long)
-    oracle = _Oracle(view, y, on_call=on_call).eval()
+    status = [ATTACKED] * x.shape[0]
+    oracle = _Oracle(view, y, slots, on_call=on_call).eval()
     clean_wrong = (oracle(x).argmax(1) != y).cpu()
+    for i in clean_wrong.nonzero().flatten().tolist():
+        status[i] = CLEAN_WRONG
     todo = (~clean_wrong).nonzero().flatten()
     adv = x.clone()
     if todo.numel() == 0:
         queries += oracle.calls
-        return adv, queries, 0
+        return adv, queries, status
     idx = todo.to(x.device)
     xs, ys = x[idx], y[idx]
-    oracle_t = _Oracle(view, ys, on_call=on_call).eval()
+    slots_t = [int(slots[i]) for i in todo.tolist()]
+    oracle_t = _Oracle(view, ys, slots_t, on_call=on_call).eval()
     fmodel = fb.PyTorchModel(oracle_t, bounds=(0, 1), device=x.device)
     criterion = fb.criteria.Misclassification(ys)
     with seeded(seed), warnings.catch_warnings(record=True) as caught:
@@ -305,8 +324,8 @@ def _foolbox_chunk(view: FixedNoiseView, x: torch.Tensor, y: torch.Tensor, cfg: 
         main_calls = 0
         if ok_idx.numel():
             budget = cfg.steps if cfg.attack == "pointwise" else None
-            oracle_m = _Oracle(view, ys[ok_idx], max_calls=budget, on_call=on_call,
-                               originals=xs[ok_idx] if budget is not None else None).eval()
+            oracle_m = _Oracle(view, ys[ok_idx], [slots_t[i] for i in ok_idx.tolist()], max_calls=budget,
+                               on_call=on_call, originals=xs[ok_idx] if budget is not None else None).eval()
             fmodel_m = fb.PyTorchModel(oracle_m, bounds=(0, 1), device=x.device)
             try:
                 found = main_attack.run(fmodel_m, xs[ok_idx], fb.criteria.Misclassification(ys[ok_idx]),
@@ -319,21 +338,29 @@ def _foolbox_chunk(view: FixedNoiseView, x: torch.Tensor, y: torch.Tensor, cfg: 
             starts = starts.clone()
             starts[ok_idx] = found.clamp(0, 1)
     adv[idx[ok_idx]] = starts[ok_idx]
+    failed = set(todo.tolist()) - set(todo[ok_idx.cpu()].tolist())
+    for i in failed:
+        status[i] = INIT_FAILED
     queries += oracle.calls
     queries[todo] += init_calls
     queries[todo[ok_idx.cpu()]] += main_calls
-    return adv, queries, int(todo.numel() - ok_idx.numel())
+    return adv, queries, status
 
 
 def attack_chunk(model: NoiseModel, x: torch.Tensor, y: torch.Tensor, cfg: BlackboxConfig, chunk: int, *,
-                 on_call: Callable[[], None] | None = None, scorer: nn.Module | None = None) -> BlackboxResult:
+                 on_call: Callable[[], None] | None = None, scorer: nn.Module | None = None,
+                 slots: Sequence[int] | None = None) -> BlackboxResult:
     """Attack one chunk of a run and score it: the chunk's whole outcome, from the chunk alone.
 
     Chunk ``c`` holds examples ``c * cfg.batch_size`` onwards. It is seeded by (``cfg.seed``, ``c``) only:
-    foolbox's proposals by ``cfg.seed * 100_003 + c``, the verdict's fresh draws by stream ``c`` of
-    ``Verdict(cfg.eval_draws, cfg.seed)`` (the clean images and the adversarials see the same draws). It has its own
-    fixed-noise view (an example's noise is a function of its bytes anyway), so its numbers do not depend
-    on which process computes it or on what ran before.
+    foolbox's proposals by (seed, view, c), the verdict's fresh draws by stream ``c`` of
+    ``Verdict(cfg.eval_draws, cfg.seed)`` (the clean images and the adversarials see the same draws). Each
+    example's view noise is a function of its slot (its data-set index) and the view seed, so its numbers do
+    not depend on which process computes the chunk or on what ran before.
+
+    Examples a view could not attack (it misclassifies them clean, or the initialisation found nothing) are
+    attacked again under the next of ``cfg.view_seeds`` views; those no view could attack keep the status
+    that says why, and carry no information about robustness.
 
     Args:
         model: ``model(x, noise_fn=None)`` -> logits (adapted by :func:`as_noise_model`).
@@ -342,18 +369,43 @@ def attack_chunk(model: NoiseModel, x: torch.Tensor, y: torch.Tensor, cfg: Black
         chunk: the chunk's position in the run.
         on_call: called at every oracle query (progress).
         scorer: what the verdict scores with (default: ``model``).
+        slots: the examples' data-set indices (default: their positions in the run).
 
     Returns:
         The chunk's :class:`BlackboxResult` (``notes`` are left to :meth:`BlackboxResult.merge`).
     """
     model = as_noise_model(model)
     t0 = time.perf_counter()
-    view = FixedNoiseView(model, seed=cfg.seed, cache_size=cfg.cache_size).eval()
-    adv, queries, init_failed = _foolbox_chunk(view, x, y, cfg, seed=cfg.seed * 100_003 + chunk, on_call=on_call)
-    # the fixed-noise verdict, re-checked on the final images (cached answers: identical to foolbox's)
-    with torch.no_grad():
-        clean_fixed = (view(x).argmax(1) == y).cpu()
-        found = (view(adv).argmax(1) != y).cpu()
+    n = x.shape[0]
+    slots = list(range(chunk * cfg.batch_size, chunk * cfg.batch_size + n)) if slots is None else list(slots)
+    adv = x.clone()
+    queries = torch.zeros(n, dtype=torch.long)
+    status = [CLEAN_WRONG] * n
+    found = torch.zeros(n, dtype=torch.bool)
+    clean_fixed = torch.zeros(n, dtype=torch.bool)
+    evaluated = 0
+    todo = list(range(n))
+    for v in range(cfg.view_seeds):
+        if not todo:
+            break
+        view = FixedNoiseView(model, seed=derive_seed(cfg.seed, "view", v), cache_size=cfg.cache_size).eval()
+        sub = torch.tensor(todo, device=x.device)
+        sub_slots = [slots[i] for i in todo]
+        a, q, st = _foolbox_chunk(view, x[sub], y[sub], sub_slots, cfg, seed=derive_seed(cfg.seed, "foolbox", v, chunk),
+                                  on_call=on_call)
+        with torch.no_grad():  # the view's verdict on the final images (cached: identical to what foolbox saw)
+            cf = (view(x[sub], sub_slots).argmax(1) == y[sub]).cpu()
+            fd = (view(a, sub_slots).argmax(1) != y[sub]).cpu()
+        for j, i in enumerate(todo):
+            queries[i] += q[j]
+            status[i] = st[j]
+            if st[j] == ATTACKED:
+                adv[i], found[i], clean_fixed[i] = a[j], fd[j], cf[j]
+        evaluated += view.evaluated
+        todo = [i for i in todo if status[i] != ATTACKED]
+    for i in todo:  # no view could attack them; one that misclassifies the clean image has its adversarial at 0
+        if status[i] == CLEAN_WRONG:
+            found[i] = True
     dists = {}
     for norm in cfg.norms:
         d = distances(x, adv, norm).cpu()
@@ -368,7 +420,8 @@ def attack_chunk(model: NoiseModel, x: torch.Tensor, y: torch.Tensor, cfg: Black
     fresh_clean = clean_ok.double().mean(0).cpu()
     return BlackboxResult(adversarials=adv.detach(), found=found, distances=dists, fresh_misclassified=fresh_adv,
                           clean_correct_fixed=clean_fixed, clean_correct_fresh=fresh_clean, queries=queries,
-                          model_evals=view.evaluated, wall_s=time.perf_counter() - t0, init_failed=init_failed)
+                          model_evals=evaluated, wall_s=time.perf_counter() - t0,
+                          init_failed=sum(s_ == INIT_FAILED for s_ in status), status=status)
 
 
 def _checked(model: NoiseModel, x: torch.Tensor, y: torch.Tensor,

@@ -23,7 +23,6 @@ Checks:
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -105,13 +104,14 @@ def _pair_key(r: WhiteboxRow, vary: str) -> tuple:
     fields = {"subject": r.subject, "family": r.attack_family or r.attack, "norm": r.norm,
               "eps": round(float(r.eps), 12), "grad_mode": r.grad_mode, "step_rule": r.step_rule,
               "steps": r.steps, "restarts": r.restarts, "eot": r.eot_used, "precision": r.precision,
-              "eval_draws": r.eval_draws_used, "examples": json.dumps(r.examples, sort_keys=True), "n": r.n}
+              "eval_draws": r.eval_draws_used, "split": r.split, "dataset": r.dataset}
     fields.pop(vary)
     return tuple(sorted(fields.items()))
 
 
 def pairs_differing_in(rows: Iterable[WhiteboxRow], vary: str) -> list[tuple[WhiteboxRow, WhiteboxRow]]:
-    """Pairs (smaller value, larger value) of rows identical but for ``vary`` (steps, restarts, eot, grad_mode)."""
+    """Pairs (smaller value, larger value) of rows identical but for ``vary`` (steps, restarts, eot, grad_mode)
+    that attacked at least one example in common (they are compared on their common examples)."""
     attr = {"eot": "eot_used"}.get(vary, vary)
     groups: dict[tuple, list[WhiteboxRow]] = defaultdict(list)
     for r in rows:
@@ -122,7 +122,7 @@ def pairs_differing_in(rows: Iterable[WhiteboxRow], vary: str) -> list[tuple[Whi
         rs = sorted(rs, key=lambda r: str(getattr(r, attr)))
         if vary != "grad_mode":
             rs = sorted(rs, key=lambda r: getattr(r, attr) or 0)
-        out += [(a, b) for a, b in zip(rs, rs[1:]) if getattr(a, attr) != getattr(b, attr)]
+        out += [(a, b) for a, b in zip(rs, rs[1:]) if getattr(a, attr) != getattr(b, attr) and paired(a, b)[0]]
     return out
 
 
@@ -143,11 +143,34 @@ def check_large_eps(rows: list[Row]) -> CheckResult:
     return res
 
 
+def _informative(d: dict[str, Any]) -> list[bool]:
+    """Per example of a side file: does the black-box run say anything about it? Not when no view could attack
+    it, unless its clean image already fails a fresh draw (then it is not robust whatever the attack)."""
+    n = len(d["indices"])
+    status = d.get("status") or ["attacked"] * n
+    clean = d.get("clean_correct_fresh_frac") or [1.0] * n
+    return [st == "attacked" or c < 1.0 for st, c in zip(status, clean)]
+
+
 def black_robust(d: dict[str, Any], eps: float) -> dict[int, bool]:
-    """Per-example black-box verdict at ε from a side file (fresh-noise distances)."""
+    """Per-example black-box verdict at ε from a side file (fresh-noise distances); examples the run says
+    nothing about are left out."""
     clean_ok = d.get("clean_correct_fresh_frac") or [1.0] * len(d["indices"])
     return {i: ok >= 1.0 and (dist is None or dist > eps)
-            for i, dist, ok in zip(d["indices"], d["distance_fresh_noise"], clean_ok)}
+            for i, dist, ok, info in zip(d["indices"], d["distance_fresh_noise"], clean_ok, _informative(d)) if info}
+
+
+def black_frac(d: dict[str, Any], eps: float) -> dict[int, float]:
+    """Per-example fraction of fresh draws correct at ε (the clean image, and the adversarial foolbox found if
+    it lies within ε), from a side file: the one-fresh-draw accuracy of the black-box attack."""
+    n = len(d["indices"])
+    clean = d.get("clean_correct_fresh_frac") or [1.0] * n
+    wrong = d.get("fresh_misclassified_frac") or [None] * n
+    out = {}
+    for i, c, dist, w, info in zip(d["indices"], clean, d["distance_fixed_noise"], wrong, _informative(d)):
+        if info:
+            out[i] = min(c, 1.0 - w) if dist is not None and dist <= eps and w is not None else c
+    return out
 
 
 def check_blackbox(rows: list[Row], side: dict[str, dict[str, Any]]) -> CheckResult:
@@ -233,14 +256,20 @@ def all_flags(results: Iterable[CheckResult]) -> list[Flag]:
     return [f for r in results for f in r.flags]
 
 
+def _covers(indices: Iterable[int], target: set[int]) -> bool:
+    return target <= set(indices)
+
+
 def worst_case(rows: list[Row], side: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Headline robust accuracy: per (defense, norm, ε) the per-example worst case over every attack.
 
-    White-box rows contribute their per-example ``correct`` vectors. Black-box rows contribute through
-    their side files (``side``: row key -> the ``distances-KEY.json`` content): an example is robust at ε
-    when it is classified correctly under fresh noise and no adversarial was found within ε. Only
-    examples attacked by every contributing row are counted. Two defenses (different ``defense_id``) are
-    never merged, even when they share a label.
+    A cell's examples are those of its largest white-box row (the headline attack's selection); every row
+    against that defense at that norm and ε whose examples cover them contributes: white-box rows through
+    their per-example ``correct`` vectors, black-box rows through their side files (``side``: row key -> the
+    ``distances-KEY.json`` content; robust at ε when classified correctly under fresh noise and no adversarial
+    was found within ε). Rows on smaller subsets (convergence ladders, spot checks) are reported beside the
+    headline, not mixed into it, so every cell is one fixed selection judged by every attack that covered it.
+    Two defenses (different ``defense_id``) are never merged, even when they share a label.
     """
     side = side or {}
     groups: dict[tuple, list[WhiteboxRow]] = defaultdict(list)
@@ -250,31 +279,40 @@ def worst_case(rows: list[Row], side: dict[str, dict[str, Any]] | None = None) -
     black = [b for b in of_kind(rows, BlackboxRow) if b.key in side]
     out = []
     for (subj, label, norm, eps), rs in sorted(groups.items()):
-        verdict: dict[int, bool] = {}
-        counts: dict[int, int] = defaultdict(int)
-        contributors = []
-        families = set()
+        largest = max(rs, key=lambda r: (r.n, r.key))
+        selection = set(largest.example_indices)
+        verdict = {i: True for i in selection}
+        frac = {i: 1.0 for i in selection}
+        contributors, families, left_out = [], set(), []
         for r in rs:
+            if not _covers(r.example_indices, selection):
+                left_out.append(r.key)
+                continue
             contributors.append(r.key)
             families.add(r.attack_family or r.attack)
-            for i, c in zip(r.example_indices, r.correct):
-                verdict[i] = verdict.get(i, True) and bool(c)
-                counts[i] += 1
+            fr = r.robust_frac or [float(c) for c in r.correct]
+            for i, c, f in zip(r.example_indices, r.correct, fr):
+                if i in selection:
+                    verdict[i] = verdict[i] and bool(c)
+                    frac[i] = min(frac[i], float(f))
         for b in black:
-            if b.subject != subj or b.norm != norm:
+            if b.subject != subj or b.norm != norm or not _covers(side[b.key]["indices"], selection):
                 continue
             contributors.append(b.key)
             families.add(b.attack)
-            for i, robust in black_robust(side[b.key], eps).items():
-                verdict[i] = verdict.get(i, True) and robust
-                counts[i] += 1
-        sources = len(contributors)
-        common = sorted(i for i in verdict if counts[i] == sources)
+            fb = black_frac(side[b.key], eps)
+            for i, robust in black_robust(side[b.key], eps).items():  # uninformative examples: no say
+                if i in selection:
+                    verdict[i] = verdict[i] and robust
+                    frac[i] = min(frac[i], fb[i])
+        common = sorted(selection)
         k = sum(verdict[i] for i in common)
         n = len(common)
         lo, hi = wilson(k, n)
         out.append({"subject": subj, "model": label, "norm": norm, "eps": eps, "n": n,
                     "robust_acc": k / n if n else float("nan"), "ci_low": lo, "ci_high": hi,
-                    "attacks": sources, "families": sorted(families), "rows": contributors,
-                    "example_indices": common, "correct": [int(verdict[i]) for i in common]})
+                    "robust_acc_one_draw": sum(frac[i] for i in common) / n if n else float("nan"),
+                    "attacks": len(contributors), "families": sorted(families), "rows": contributors,
+                    "subset_rows": left_out, "example_indices": common, "correct": [int(verdict[i]) for i in common],
+                    "frac": [round(frac[i], 6) for i in common]})
     return out

@@ -2,9 +2,9 @@
 
 Stochastic models (the SGLD-refined classifier) break foolbox's assumption that the same query gets the
 same answer. :class:`FixedNoiseView` hands foolbox a deterministic view in which the noise of every example
-is a fixed function of (its pixel values, seed): each example's noise comes from its own
-``torch.Generator`` seeded with a hash of its bytes, so the answer does not depend on the rest of the
-batch, and repeated queries are served from an exact cache.
+is a fixed function of (its slot in the data set, seed): each example's noise comes from its own
+``torch.Generator``, so the answer does not depend on the rest of the batch nor on the example's pixels
+(the view is as continuous as the model), and repeated queries are served from an exact cache.
 
 Model contract (no robust_jem import): ``model(x)`` maps [0,1] images (N, C, H, W) to logits (N, K);
 ``model(x, noise_fn=fn)`` draws every Gaussian it needs from ``fn(like)``, which returns standard normal
@@ -23,6 +23,8 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+
+from infra.randomness import derive_seed
 
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 NoiseModel = Callable[..., torch.Tensor]
@@ -51,11 +53,6 @@ class PerExampleNoise:
         return torch.stack(draws, 1).reshape(like.shape)
 
 
-def fresh_noise(generator: torch.Generator) -> NoiseFn:
-    """A ``noise_fn`` drawing ordinary fresh noise from ``generator`` (the model's real randomness)."""
-    return lambda like: torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-
-
 def as_noise_model(model: Callable[[torch.Tensor], torch.Tensor]) -> NoiseModel:
     """Adapt a plain ``model(x)`` to the ``model(x, noise_fn=...)`` contract.
 
@@ -81,12 +78,16 @@ def as_noise_model(model: Callable[[torch.Tensor], torch.Tensor]) -> NoiseModel:
 
 
 class FixedNoiseView(nn.Module):
-    """Deterministic view of a stochastic model: the noise is a function of (example bytes, seed).
+    """Deterministic, continuous view of a stochastic model: each example's noise is a function of its *slot*
+    (its index in the data set) and the view's seed, never of its pixels.
 
-    Each example is hashed (BLAKE2b of its float bytes, keyed by ``seed``); the hash seeds that example's
-    own generator (:class:`PerExampleNoise`), so the answer for an image never depends on the batch it
-    came with. Answers are cached by hash (LRU, ``cache_size`` entries), so a repeated query returns the
-    identical logits and costs nothing; foolbox's own success checks therefore hold exactly.
+    Example ``slot`` draws its noise from its own generator seeded by ``derive_seed(seed, "slot", slot)``
+    (:class:`PerExampleNoise`), so as a decision-based attack walks the image, the noise stays put and the
+    decision function it explores is the model's own, with one fixed noise draw — continuous wherever the
+    model is. (Keying the noise on the pixel values instead would redraw it at every query and make the
+    boundary a random scatter.) Answers are cached by (slot, pixel bytes) (LRU, ``cache_size`` entries), so
+    a repeated query returns the identical logits and costs nothing; foolbox's own success checks hold
+    exactly.
 
     Args:
         model: ``model(x, noise_fn=...) -> logits`` (see the module docstring).
@@ -97,7 +98,7 @@ class FixedNoiseView(nn.Module):
         calls: forward calls (each is one query per example of the batch).
         evaluated: examples actually run through the model (cache misses).
 
-    Shape: (N, C, H, W) in [0,1] -> (N, K) logits.
+    Shape: (N, C, H, W) in [0,1] and N slots -> (N, K) logits.
     """
 
     def __init__(self, model: NoiseModel, seed: int = 0, cache_size: int = 100_000) -> None:
@@ -113,23 +114,27 @@ class FixedNoiseView(nn.Module):
     def extra_repr(self) -> str:
         return f"seed={self.seed}, cache_size={self.cache_size}"
 
-    def example_keys(self, x: torch.Tensor) -> list[bytes]:
-        """One 16-byte digest per example (``-0.0`` and ``0.0`` hash alike)."""
+    def example_keys(self, x: torch.Tensor, slots: Sequence[int]) -> list[bytes]:
+        """One 16-byte digest of (slot, pixel bytes) per example (``-0.0`` and ``0.0`` hash alike)."""
         flat = (x.detach() + 0.0).reshape(x.shape[0], -1).cpu().contiguous().numpy()
-        return [hashlib.blake2b(row.tobytes(), digest_size=16, key=self._key).digest() for row in flat]
+        return [hashlib.blake2b(int(s).to_bytes(8, "little", signed=True) + row.tobytes(), digest_size=16,
+                                key=self._key).digest() for s, row in zip(slots, flat)]
 
-    @staticmethod
-    def example_seed(key: bytes) -> int:
-        """The generator seed of an example with digest ``key``."""
-        return int.from_bytes(key[:8], "little") & (2**63 - 1)
+    def slot_seed(self, slot: int) -> int:
+        """The noise seed of example ``slot`` under this view."""
+        return derive_seed(self.seed, "slot", int(slot))
 
     def clear_cache(self) -> None:
         self._cache.clear()
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, slots: Sequence[int] | None = None) -> torch.Tensor:
+        """Logits of ``x`` whose rows sit in ``slots`` (default: the positions 0..N-1)."""
+        slots = list(range(x.shape[0])) if slots is None else [int(s) for s in slots]
+        if len(slots) != x.shape[0]:
+            raise ValueError(f"{x.shape[0]} images but {len(slots)} slots")
         self.calls += 1
-        keys = self.example_keys(x)
+        keys = self.example_keys(x, slots)
         first: dict[bytes, int] = {}
         for i, k in enumerate(keys):
             if k not in first and k not in self._cache:
@@ -137,7 +142,7 @@ class FixedNoiseView(nn.Module):
         fresh: dict[bytes, torch.Tensor] = {}
         if first:
             idx = list(first.values())
-            seeds = [self.example_seed(keys[i]) for i in idx]
+            seeds = [self.slot_seed(slots[i]) for i in idx]
             logits = self.model(x[idx], noise_fn=PerExampleNoise(seeds, x.device)).detach()
             self.evaluated += len(idx)
             for k, row in zip(first, logits):

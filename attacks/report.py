@@ -18,6 +18,8 @@ from infra.provenance import environment, file_sha256, now
 from infra.records import ROWS, export_csv, read_rows
 
 from .checks import CheckResult, all_flags, mcnemar_p, run_checks, worst_case
+from .common import wilson
+from .convergence import convergence_table, plot_convergence
 from .plots import NORM_TITLES, collect_curves, plot_rows
 from .rows import BlackboxRow, Row, WhiteboxRow, of_kind, parse_row
 
@@ -86,6 +88,57 @@ def headline_table(head: list[dict[str, Any]], norm: str) -> tuple[str, dict[tup
                                              f"{h['attacks']} attacks)")
         lines.append(f"| {m} | " + " | ".join(vals) + " |")
     return "\n".join(lines), cells
+
+
+def common_table(head: list[dict[str, Any]], norm: str) -> tuple[str, int]:
+    """One fixed example subset for the whole table: the examples every cell of this norm covers. Two
+    numbers per cell: correct in all fresh-noise draws (the headline rule) and the accuracy of one fresh
+    draw. Returns the table and the subset's size."""
+    names = display_names(head)
+    cells = [h for h in head if h["norm"] == norm and h["n"]]
+    if not cells:
+        return "", 0
+    common = set.intersection(*(set(h["example_indices"]) for h in cells))
+    eps = sorted({h["eps"] for h in cells})
+    models = sorted({names[h["subject"]] for h in cells}, key=_subject_order)
+    by = {(names[h["subject"]], h["eps"]): h for h in cells}
+    lines = ["| model | " + " | ".join(f"ε = {_eps(e)}" for e in eps) + " |", "|---|" + "---|" * len(eps)]
+    n = len(common)
+    for m in models:
+        vals = []
+        for e in eps:
+            h = by.get((m, e))
+            if h is None or not n:
+                vals.append("")
+                continue
+            keep = [i for i, idx in enumerate(h["example_indices"]) if idx in common]
+            k = sum(h["correct"][i] for i in keep)
+            one = sum(h["frac"][i] for i in keep) / n
+            lo, hi = wilson(k, n)
+            vals.append(f"{_ci(k / n, lo, hi)} · one draw {_pct(one)}")
+        lines.append(f"| {m} | " + " | ".join(vals) + " |")
+    return "\n".join(lines), n
+
+
+def protocol_table(head: list[dict[str, Any]], rows: list[Row]) -> str:
+    """What each defense's headline rests on: per model and norm, the attacks whose rows covered its cells
+    (family, steps x restarts, EOT, gradient mode), so budgets can be compared at a glance."""
+    by_key = {r.key: r for r in rows}
+    names = display_names(head)
+    seen: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for h in head:
+        for k in h["rows"]:
+            r = by_key.get(k)
+            if isinstance(r, WhiteboxRow):
+                mode = f", {r.grad_mode}" if r.sgld_steps and r.attack_family != "transfer" else ""
+                seen[(names[h["subject"]], h["norm"])].add(
+                    f"{r.attack} {r.steps}×{r.restarts} EOT {r.eot_used}{mode}")
+            elif isinstance(r, BlackboxRow):
+                seen[(names[h["subject"]], h["norm"])].add(f"{r.attack} {r.attack_params.get('steps')} steps")
+    lines = ["| model | norm | attacks in the headline (steps × restarts, EOT draws, gradient) |", "|---|---|---|"]
+    for (m, norm), attacks in sorted(seen.items(), key=lambda kv: (_subject_order(kv[0][0]), kv[0][1])):
+        lines.append(f"| {m} | {NORM_TITLES.get(norm, norm)} | {'; '.join(sorted(attacks))} |")
+    return "\n".join(lines)
 
 
 def per_attack_table(rows: list[dict[str, Any]], norm: str) -> str:
@@ -279,13 +332,33 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
            "Each cell: robust accuracy [95 % Wilson CI] on the examples every attack against that model covered. "
            "JEM-k is the SGLD-refined classifier (k steps, 5 chains); white-box attacks went through the chain "
            "with full gradients and with BPDA, and the minimum counts.", ""]
+    md += ["Attacks behind the cells (every one counts per example; rows on smaller subsets, such as the "
+           "convergence ladders, are reported separately):", "", protocol_table(head, typed), ""]
     for norm, t in tables:
-        md += [f"### {NORM_TITLES.get(norm, norm)}", "", t, ""]
+        ct, n_common = common_table(head, norm)
+        md += [f"### {NORM_TITLES.get(norm, norm)}", ""]
+        if n_common:
+            md += [f"On one fixed subset: the **n = {n_common}** examples every model was attacked on at every ε of "
+                   f"this table. Rule: robust = correct in all fresh-noise draws of the clean input and of every "
+                   f"candidate of every attack [95 % Wilson CI]; \"one draw\" = the accuracy of a single fresh draw "
+                   f"against each example's strongest candidate.", "", ct, "",
+                   "Each model on all the examples it was attacked on (n per cell):", ""]
+        md += [t, ""]
     if plot:
         md += ["## Robust accuracy vs ε, per attack", "", f"![robust accuracy vs eps]({plot.name})", ""]
         for norm in ("linf", "l2"):
             if any(r.get("kind") == "whitebox" and r["norm"] == norm for r in rows):
                 md += [f"### {NORM_TITLES.get(norm, norm)}", "", per_attack_table(rows, norm), ""]
+    conv = convergence_table(typed, mids)
+    if conv:
+        conv_png = plot_convergence(typed, mids, run_dir / "convergence.png")
+        md += ["## Convergence of the attacks", "",
+               "Robust accuracy at the middle ε as the attack grows (first n images of each defense group), and the "
+               "mean margin per step of the longest attack; a flat end means more of the same attack would not "
+               "find more. The headline uses the settings in the per-attack tables below; these ladders are "
+               "reported beside it, not mixed into its cells.", "", conv, ""]
+        if conv_png:
+            md += [f"![convergence]({conv_png.name})", ""]
     md += ["## Gradient-masking checks", "",
            "Each check compares rows the study produced; a check with nothing to compare is *not run*, not passed.",
            "", "| check | what it compares | result |", "|---|---|---|"]

@@ -130,6 +130,7 @@ class WhiteboxRow(Row):
     correct: list[int] = field(default_factory=list)
     clean_correct: list[int] = field(default_factory=list)
     robust_frac: list[float] = field(default_factory=list)
+    margin_trace: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)
@@ -161,6 +162,7 @@ class BlackboxRow(Row):
     eval_draws: int = 1
     eval_draws_used: int = 1
     init_failed: int = 0
+    n_not_attacked: int = 0
     queries_per_example: float = 0.0
     queries_per_example_max: int = 0
     model_evals_per_example: float = 0.0

@@ -22,7 +22,7 @@ and the attack records what it actually did (``eot_used``, ``eval_draws_used``).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -61,6 +61,36 @@ def project(x: torch.Tensor, x_adv: torch.Tensor, norm: str, eps: float) -> torc
         n = delta_norm(delta, "l2").clamp_min(1e-12)
         delta = delta * (eps / n).clamp(max=1.0).view(-1, *([1] * (x.dim() - 1)))
     return (x + delta).clamp(0.0, 1.0)
+
+
+def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example margin: true-class logit minus the best other logit (negative = misclassified)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.scatter(1, y[:, None], float("-inf")).amax(1)
+    return true - other
+
+
+class MarginProbe(nn.Module):
+    """The attacker's view of a model: the same logits, and at every forward pass on the attacked batch the
+    batch's mean margin is recorded (:attr:`trace`), so a row can show how the attack's objective evolved."""
+
+    def __init__(self, model: nn.Module, y: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.y = model, y
+        self.trace: list[float] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if out.dim() == 2 and out.shape[0] == self.y.shape[0]:
+            with torch.no_grad():
+                self.trace.append(float(margin(out.float(), self.y).mean()))
+        return out
+
+
+def per_step(trace: list[float], draws: int) -> list[float]:
+    """A probe's per-call trace averaged over each step's ``draws`` EOT calls."""
+    draws = max(1, int(draws))
+    return [sum(trace[i:i + draws]) / len(trace[i:i + draws]) for i in range(0, len(trace), draws)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,6 +150,7 @@ class AttackResult:
         x_adv: (N, ...) the worst candidate per example (the clean input if nothing did worse).
         delta_norm: (N,) largest ‖δ‖ over all candidates, in the attack's norm.
         in_bounds: every candidate lay in [0,1].
+        traces: per (sub-attack, restart), the batch's mean margin at each step as the attacker saw it.
     """
 
     clean: torch.Tensor
@@ -127,6 +158,7 @@ class AttackResult:
     x_adv: torch.Tensor
     delta_norm: torch.Tensor
     in_bounds: bool
+    traces: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def clean_correct(self) -> torch.Tensor:
@@ -182,6 +214,7 @@ class WhiteBoxAttack:
         self.restarts, self.eval_draws, self.seed = int(restarts), int(eval_draws), int(seed)
         self.verdict = Verdict(self.eval_draws, self.seed)
         self.scorer: nn.Module = model  # the sweep sets the fp32 view of the defense here
+        self.traces: dict[str, list[float]] = {}  # per restart: mean margin per step of the last call
         self.deterministic = is_deterministic(model)
         self.eval_draws_used = self.verdict.draws_for(model)
 
@@ -195,7 +228,8 @@ class WhiteBoxAttack:
         return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"
 
     # -- generation -----------------------------------------------------------------------------
-    def _perturb(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+    def _perturb(self, x: torch.Tensor, y: torch.Tensor, seed: int, probe: nn.Module) -> torch.Tensor:
+        """One restart's adversarial batch, querying the model through ``probe`` (a :class:`MarginProbe`)."""
         raise NotImplementedError
 
     def candidates(self, x: torch.Tensor, y: torch.Tensor, stream: int = 0) -> Iterator[torch.Tensor]:
@@ -204,8 +238,10 @@ class WhiteBoxAttack:
             return
         for r in range(self.restarts):
             seed = derive_seed(self.seed, "attack", self.name, r, stream)
+            probe = MarginProbe(self.model, y)
             with seeded(seed, self.model):
-                x_adv = self._perturb(x, y, seed).detach()
+                x_adv = self._perturb(x, y, seed, probe).detach()
+            self.traces[f"{self.name}/r{r}"] = per_step(probe.trace, getattr(self, "eot_used", 1))
             yield self._checked(x, x_adv)
 
     def _checked(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
@@ -225,6 +261,7 @@ class WhiteBoxAttack:
         check_images(x)
         was_training = self.model.training
         self.model.eval()
+        self.reset_traces()
         try:
             clean = self.verdict_of(x, y, stream)
             worst_frac = clean.float().mean(0)
@@ -244,7 +281,15 @@ class WhiteBoxAttack:
         finally:
             self.model.train(was_training)
         adv = torch.stack(advs) if advs else clean.new_zeros((0, *clean.shape))
-        return AttackResult(clean=clean, adv=adv, x_adv=x_worst, delta_norm=dnorm, in_bounds=in_bounds)
+        return AttackResult(clean=clean, adv=adv, x_adv=x_worst, delta_norm=dnorm, in_bounds=in_bounds,
+                            traces=self.collect_traces())
+
+    def reset_traces(self) -> None:
+        self.traces = {}
+
+    def collect_traces(self) -> dict[str, list[float]]:
+        """Margin traces of the last call (sub-attacks included)."""
+        return dict(self.traces)
 
 
 class _TorchAttack(WhiteBoxAttack):
@@ -264,10 +309,17 @@ class _TorchAttack(WhiteBoxAttack):
             self._attack = self._build()
         return self._attack
 
-    def _perturb(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+    def _perturb(self, x: torch.Tensor, y: torch.Tensor, seed: int, probe: nn.Module) -> torch.Tensor:
         atk = self.torchattack
         if hasattr(atk, "seed"):
             atk.seed = seed  # the APGD family reseeds the global RNG from this (inside our fork)
+        atk.model = probe  # torchattacks queries ``self.model`` in get_logits
+        try:
+            return self._run(atk, x, y)
+        finally:
+            atk.model = self.model
+
+    def _run(self, atk: torchattacks.Attack, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return atk(x, y)
 
 
@@ -342,6 +394,20 @@ class APGD(_TorchAttack):
             return torchattacks.APGDT(self.model, n_classes=self.n_classes, **common)
         return torchattacks.APGD(self.model, loss=self.loss, **common)
 
+    def _run(self, atk: torchattacks.Attack, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One APGD run on every example. torchattacks' ``perturb`` hands back the *clean* image for each
+        example its own single noisy check did not flip; on a randomized model that throws away the attack's
+        work exactly where the model looks robust. Here the candidate is the adversarial APGD found where it
+        flipped the prediction at least once, and its maximum-loss iterate everywhere else, so the fresh-noise
+        verdict judges a real attack point for every example. (APGD-T keeps torchattacks' own loop over
+        target classes: it runs on deterministic models only, where the single check is exact.)"""
+        if self.targeted:
+            return atk(x, y)
+        with torch.enable_grad():
+            best, acc, _, best_adv = atk.attack_single_run(x.clone().detach(), y.clone().detach())
+        flipped = (acc == 0).view(-1, *([1] * (x.dim() - 1)))
+        return torch.where(flipped, best_adv, best).detach()
+
 
 class FAB(_TorchAttack):
     """FAB-T (Croce & Hein 2020), multi-targeted, via torchattacks (for deterministic models)."""
@@ -413,6 +479,52 @@ class WorstOf(WhiteBoxAttack):
         for a in self.attacks:
             yield from a.candidates(x, y, stream)
 
+    def reset_traces(self) -> None:
+        for a in self.attacks:
+            a.reset_traces()
+
+    def collect_traces(self) -> dict[str, list[float]]:
+        return {k: v for a in self.attacks for k, v in a.collect_traces().items()}
+
+
+class Transfer(WhiteBoxAttack):
+    """A transfer attack: adversarials crafted by ``source`` on a surrogate model (e.g. the bare network of a
+    JEM, or an adversarially trained classifier), replayed on ``model`` and judged by the verdict there.
+
+    A refined classifier whose own gradients mislead (masking) is still exposed when points that fool a
+    related, easier-to-differentiate model also fool it (Papernot et al. 2017; Athalye et al. 2018).
+
+    Args:
+        model: the model under attack (only its verdict is used).
+        source: a white-box attack on the surrogate (same norm and ε).
+        source_label, source_id: the surrogate's name and defense id (recorded).
+    """
+
+    def __init__(self, model: nn.Module, source: WhiteBoxAttack, *, source_label: str, source_id: str | None = None,
+                 eval_draws: int = 5, seed: int = 0) -> None:
+        super().__init__(model, norm=source.norm, eps=source.eps, restarts=1, eval_draws=eval_draws, seed=seed)
+        self.source, self.source_label, self.source_id = source, source_label, source_id
+        self.name = f"Transfer({source.name}@{source_label})"
+
+    def params(self) -> dict[str, Any]:
+        sp = self.source.params()
+        return {**super().params(), "source": self.source_label, "source_defense_id": self.source_id,
+                "source_attack": self.source.name, "steps": sp.get("steps"), "step_size": sp.get("step_size"),
+                "restarts": sp.get("restarts", 1), "eot": sp.get("eot", 1), "eot_used": sp.get("eot_used", 1),
+                "source_params": sp}
+
+    def __repr__(self) -> str:
+        return f"Transfer(source={self.source_label!r}, source_id={self.source_id!r}, attack={self.source!r})"
+
+    def candidates(self, x: torch.Tensor, y: torch.Tensor, stream: int = 0) -> Iterator[torch.Tensor]:
+        yield from self.source.candidates(x, y, stream)
+
+    def reset_traces(self) -> None:
+        self.source.reset_traces()
+
+    def collect_traces(self) -> dict[str, list[float]]:
+        return {f"{k} (on {self.source_label})": v for k, v in self.source.collect_traces().items()}
+
 
 # ------------------------------------------------------------------------------------------------
 # factories (what the sweep and the CLI use)
@@ -426,17 +538,43 @@ def _positive(**values: int) -> None:
             raise AttackInputError(f"{name.replace('_', ' ')} must be a positive integer, got {v}")
 
 
-def pgd_factory(*, steps: int = 10, step_size: float | None = None, restarts: int = 1, eot: int = 1,
+EOT_AUTO = 20  # AutoAttack's rand version draws 20 samples per gradient
+
+
+def resolve_eot(eot: int | str | None, model: nn.Module) -> int:
+    """EOT draws for ``model``: an explicit count, or ``auto``/None = 20 for a randomized model, 1 otherwise."""
+    if eot in (None, "auto"):
+        return 1 if is_deterministic(model) else EOT_AUTO
+    return int(eot)
+
+
+def pgd_factory(*, steps: int = 10, step_size: float | None = None, restarts: int = 1, eot: int | str = "auto",
                 eval_draws: int = 5, seed: int = 0, random_start: bool = True) -> AttackFactory:
     """``(model, norm, eps) -> PGD(...)`` with the budget fixed once. The step size, when given, is used
-    as is for every ε (otherwise ``2.5 * eps / steps``). Validates the budget immediately."""
-    _positive(steps=steps, restarts=restarts, eot=eot, eval_draws=eval_draws)
+    as is for every ε (otherwise ``2.5 * eps / steps``). ``eot="auto"`` draws 20 gradient samples per step on
+    a randomized model and 1 on a deterministic one. Validates the budget immediately."""
+    if eot != "auto":
+        _positive(eot=eot)
+    _positive(steps=steps, restarts=restarts, eval_draws=eval_draws)
     if step_size is not None and not step_size > 0:
         raise AttackInputError(f"step size must be positive, got {step_size}")
 
     def make(model: nn.Module, norm: str, eps: float) -> WhiteBoxAttack:
-        return PGD(model, norm=norm, eps=eps, steps=steps, step_size=step_size, eot=eot, random_start=random_start,
-                   restarts=restarts, eval_draws=eval_draws, seed=seed)
+        return PGD(model, norm=norm, eps=eps, steps=steps, step_size=step_size, eot=resolve_eot(eot, model),
+                   random_start=random_start, restarts=restarts, eval_draws=eval_draws, seed=seed)
+
+    return make
+
+
+def transfer_factory(source_model: nn.Module, source_label: str, source_id: str | None, *, steps: int = 50,
+                     restarts: int = 2, eval_draws: int = 5, seed: int = 0) -> AttackFactory:
+    """``(model, norm, eps) -> Transfer``: PGD (``steps``, ``restarts``, EOT auto) on ``source_model``, judged
+    on ``model``."""
+    source = pgd_factory(steps=steps, restarts=restarts, eval_draws=1, seed=seed)
+
+    def make(model: nn.Module, norm: str, eps: float) -> WhiteBoxAttack:
+        return Transfer(model, source(source_model, norm, eps), source_label=source_label, source_id=source_id,
+                        eval_draws=eval_draws, seed=seed)
 
     return make
 
@@ -465,7 +603,7 @@ def autoattack_factory(*, attacks: Sequence[str] | None = None, version: str = "
         det = is_deterministic(model)
         chosen = names or list(AA_VERSIONS[version if version != "auto" else ("standard" if det else "rand")])
         common = dict(norm=norm, eps=eps, restarts=restarts, eval_draws=eval_draws, seed=seed)
-        e = eot if eot is not None else 20
+        e = resolve_eot(eot, model)
         built: list[WhiteBoxAttack] = []
         for name in chosen:
             if name == "apgd-ce":

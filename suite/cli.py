@@ -86,6 +86,23 @@ class ChoiceList(click.ParamType):
         return out
 
 
+class EotCount(click.ParamType):
+    """``auto`` or a positive integer."""
+
+    name = "auto|N"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
+        if value == "auto" or isinstance(value, int):
+            return value
+        try:
+            n = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither auto nor a positive integer", param, ctx)
+        if n < 1:
+            self.fail(f"{value!r} must be at least 1", param, ctx)
+        return n
+
+
 EPS = EpsList()
 NUMBER = Fraction1()
 INTS = IntList()
@@ -490,9 +507,10 @@ def _whitebox(command: str, attack: Any, *, checkpoints: tuple[str, ...], norms:
 @_whitebox_options
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="PGD iterations.")
 @click.option("--step-size", type=NUMBER, default=None, help="PGD step α (fractions allowed) [2.5·ε/steps].")
-@click.option("--eot", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Gradient draws of the chain noise averaged per step (EOTPGD / EOTPGDL2 when > 1).")
-def pgd(steps: int, step_size: float | None, eot: int, restarts: int, eval_draws: int, seed: int,
+@click.option("--eot", type=EotCount(), default="auto", show_default=True,
+              help="Gradient draws of the chain noise averaged per step (EOTPGD / EOTPGDL2 when > 1); auto: 20 for "
+                   "a randomized model, 1 for a deterministic one.")
+def pgd(steps: int, step_size: float | None, eot: int | str, restarts: int, eval_draws: int, seed: int,
         **kwargs: Any) -> None:
     """PGD (torchattacks PGD / PGDL2 / EOTPGD) through the SGLD-refined classifier: one row per
     (checkpoint, sgld steps, grad mode, norm, ε) in RUN/rows.jsonl."""

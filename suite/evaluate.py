@@ -24,7 +24,7 @@ from attacks.black import BlackboxConfig
 from attacks.distal import DistalConfig, run_distal
 from attacks.rows import BlackboxRow, CalibrationRow, CertificateRow, DistalRow, OODRow, WhiteboxRow
 from attacks.smoothing import SmoothedClassifier, certify_summary, empirical_l2
-from attacks.white import autoattack_factory, pgd_factory
+from attacks.white import autoattack_factory, pgd_factory, transfer_factory
 from infra.io import atomic_write
 from infra.records import ROWS, append_row, done_keys, provenance_fields, read_rows, row_key
 from robust_jem.data import DATASETS, ImageDataset, load_dataset
@@ -32,7 +32,7 @@ from robust_jem.errors import UserError
 from robust_jem.refined import Refinement
 from robust_jem.train import check_out_dir, save_grid
 
-from .targets import Chain, build_targets, load_checkpoints, target_for
+from .targets import Chain, build_targets, load_checkpoints, split, target_for
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +60,12 @@ def _subset(ds: ImageDataset, n: int | None) -> ImageDataset:
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PGDSettings:
-    """torchattacks PGD / PGDL2 / EOTPGD (+ our EOTPGDL2): steps, α (None: 2.5·ε/steps), EOT, restarts."""
+    """torchattacks PGD / PGDL2 / EOTPGD (+ our EOTPGDL2): steps, α (None: 2.5·ε/steps), EOT (``auto``: 20 on a
+    randomized model, 1 on a deterministic one), restarts."""
 
     steps: int = 10
     step_size: float | None = None
-    eot: int = 1
+    eot: int | str = "auto"
     restarts: int = 1
     eval_draws: int = 5
 
@@ -92,13 +93,26 @@ class AutoAttackSettings:
 
 
 @dataclass(frozen=True)
+class TransferSettings:
+    """Transfer: PGD (EOT auto) on the bare network of ``source`` (a checkpoint), replayed on every target."""
+
+    source: str
+    steps: int = 50
+    restarts: int = 2
+    eval_draws: int = 5
+
+    def factory(self, n_classes: int, seed: int) -> Any:
+        raise TypeError("a transfer attack needs its surrogate loaded: use whitebox()")
+
+
+@dataclass(frozen=True)
 class WhiteboxJob:
     """White-box attacks on every (defense, norm, ε)."""
 
     checkpoints: tuple[str, ...]
     norms: tuple[str, ...]
     eps: tuple[float, ...]
-    attack: PGDSettings | AutoAttackSettings = PGDSettings()
+    attack: PGDSettings | AutoAttackSettings | TransferSettings = PGDSettings()
     chain: Chain = Chain()
     grad_modes: tuple[str, ...] = ("full",)
     n_examples: int | None = None
@@ -116,13 +130,21 @@ def whitebox(job: WhiteboxJob, out: str | Path, *, device: torch.device, data_di
     Under ``torchrun`` each rank loads the models on its own device and attacks its share of each row's
     batches; rank 0 writes ``rows.jsonl``.
     """
-    job.attack.factory(10, job.seed)  # bad budgets fail before anything is loaded
+    if not isinstance(job.attack, TransferSettings):
+        job.attack.factory(10, job.seed)  # bad budgets fail before anything is loaded
     if job.compile and "full" in job.grad_modes and any(k > 0 for k in job.chain.sgld_steps):
         raise UserError("--compile needs --grad-mode bpda when --sgld-steps > 0 (the full-gradient chain is a "
                         "double backward, which torch.compile does not support)")
     ds, loaded = load_checkpoints(job.checkpoints, device, data_dir)
     targets = build_targets(loaded, job.chain, job.grad_modes, seed=job.seed, bf16=job.bf16, compile=job.compile)
-    return run_sweep(targets, job.attack.factory(len(ds.classes), job.seed), list(job.norms), list(job.eps),
+    if isinstance(job.attack, TransferSettings):
+        _, [src] = load_checkpoints([job.attack.source], device, data_dir, dataset=ds.name)
+        surrogate = target_for(src, Refinement.bare())
+        factory = transfer_factory(surrogate.scorer, surrogate.label, surrogate.defense_id, steps=job.attack.steps,
+                                   restarts=job.attack.restarts, eval_draws=job.attack.eval_draws, seed=job.seed)
+    else:
+        factory = job.attack.factory(len(ds.classes), job.seed)
+    return run_sweep(targets, factory, list(job.norms), list(job.eps),
                      ds.images, ds.labels, Path(out), dataset=ds.name,
                      examples=Examples(job.n_examples, job.example_rule, job.seed), seed=job.seed,
                      batch_size=job.batch_size, progress=progress)
@@ -180,7 +202,7 @@ def distal(job: DistalJob, out: str | Path, *, device: torch.device, data_dir: s
     ds, loaded = load_checkpoints(job.checkpoints, device, data_dir)
     targets = build_targets(loaded, job.chain, job.grad_modes, seed=cfg.seed)
     bare = {c.path: c.model for c in loaded}
-    mean_image = load_dataset(ds.name, "train", data_dir).x.mean(0).to(device)
+    mean_image = split(ds.name, "train", None if data_dir is None else str(data_dir)).x.mean(0).to(device)
     real = ds.batch(slice(0, min(job.n_real, len(ds))))[0].to(device)
     out = prepare_out(out)
     rows: list[DistalRow] = []

@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from robust_jem.errors import UserError
 from robust_jem.train import train
 
 from .evaluate import (AutoAttackSettings, BlackboxJob, CalibrationJob, CertifyJob, DistalJob, OODJob, PGDSettings,
-                       SampleJob, WhiteboxJob, job_record, run_job)
+                       SampleJob, TransferSettings, WhiteboxJob, job_record, run_job)
 from .targets import Chain
 
 log = logging.getLogger(__name__)
@@ -90,24 +90,33 @@ class Stage:
 class StudyPlan:
     """Sizes of the study; ``quick`` fits a 2-core CPU, ``cifar10-paper`` is for a GPU.
 
-    ``n_*`` are numbers of test images (the first N): bare baselines, JEM-0, JEM-1, JEM-10, AutoAttack,
-    black-box. The chain makes JEM-k expensive (JEM-10 with full gradients costs ~100x a bare PGD step per
-    image), so the quick plan attacks fewer images the longer the chain, and says so in every row.
+    The chain makes JEM-k expensive (JEM-10 with full gradients costs ~150x a bare PGD step per image), so
+    the quick plan attacks fewer images the longer the chain (``n`` per defense group) and JEM-1/JEM-10 at
+    fewer ε (``grids``: group -> norm -> ε, default the full grid);
+    every row says what it attacked. Every headline attack on every defense uses the same protocol:
+    PGD with ``steps`` steps, ``restarts`` restarts and ``eot`` gradient draws (1 for deterministic models),
+    full gradients and BPDA through the chain, AutoAttack-rand (APGD-CE + APGD-DLR) at the middle ε of each
+    norm, transfer from the bare network and from PGD-AT, and Boundary + Pointwise; the per-example worst
+    case over all of them is the headline. Convergence ladders (steps, EOT) at the middle ε run on the first
+    ``n_conv`` images of each group (JEM-10: the norms in ``conv_norms_jem10``) and are reported beside it.
     """
 
     linf_eps: tuple[float, ...]
     l2_eps: tuple[float, ...]
     linf_mid: float
     l2_mid: float
-    n_bare: int
-    n_jem0: int
-    n_jem1: int
-    n_jem10: int
-    n_autoattack: int
-    n_blackbox: int
-    aa_steps: int
-    aa_eot: int
+    grids: dict[str, dict[str, tuple[float, ...]]]
+    n: dict[str, int]
+    n_conv: dict[str, int]
+    conv_norms_jem10: tuple[str, ...]
+    steps: int
+    restarts: int
+    eot: int
     eval_draws: int
+    aa_steps: int
+    conv_steps: tuple[int, ...]
+    conv_eot: tuple[int, ...]
+    conv_eot_steps: int
     blackbox_steps: int
     certify_n: int
     certify_examples: int
@@ -116,16 +125,27 @@ class StudyPlan:
 
 PLANS = {
     "quick": StudyPlan(linf_eps=(0.0, 0.05, 0.1, 0.2, 0.5), l2_eps=(0.0, 1.0, 2.0, 6.0), linf_mid=0.1, l2_mid=2.0,
-                       n_bare=200, n_jem0=100, n_jem1=50, n_jem10=50, n_autoattack=50, n_blackbox=50, aa_steps=20,
-                       aa_eot=2, eval_draws=3, blackbox_steps=12, certify_n=500, certify_examples=20,
-                       extras_examples=500),
-    "tiny": StudyPlan(linf_eps=(0.0, 0.1, 0.5), l2_eps=(0.0, 2.0), linf_mid=0.1, l2_mid=2.0, n_bare=20, n_jem0=10,
-                      n_jem1=8, n_jem10=4, n_autoattack=8, n_blackbox=6, aa_steps=5, aa_eot=2, eval_draws=2,
-                      blackbox_steps=2, certify_n=20, certify_examples=5, extras_examples=50),
+                       grids={"jem1": {"linf": (0.0, 0.05, 0.1, 0.5), "l2": (0.0, 2.0, 6.0)},
+                              "jem10": {"linf": (0.05, 0.1, 0.5), "l2": (2.0,)}},
+                       n={"bare": 100, "jem0": 40, "jem1": 25, "jem10": 8},
+                       n_conv={"bare": 50, "jem0": 20, "jem1": 10, "jem10": 4}, conv_norms_jem10=("linf",),
+                       steps=50, restarts=2, eot=1, eval_draws=3, aa_steps=20, conv_steps=(10, 50, 200),
+                       conv_eot=(1, 5, 20), conv_eot_steps=5, blackbox_steps=12, certify_n=500,
+                       certify_examples=20, extras_examples=500),
+    "tiny": StudyPlan(linf_eps=(0.0, 0.1, 0.5), l2_eps=(0.0, 2.0), linf_mid=0.1, l2_mid=2.0,
+                      grids={"jem10": {"linf": (0.1, 0.5), "l2": (2.0,)}},
+                      n={"bare": 12, "jem0": 8, "jem1": 6, "jem10": 4}, n_conv={"bare": 6, "jem0": 4, "jem1": 4,
+                                                                             "jem10": 2},
+                      conv_norms_jem10=("linf",), steps=5, restarts=2, eot=1, eval_draws=2, aa_steps=3, conv_steps=(2, 5), conv_eot=(1, 2),
+                      conv_eot_steps=2, blackbox_steps=2, certify_n=20, certify_examples=5, extras_examples=50),
     "cifar10-paper": StudyPlan(linf_eps=(0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255, 0.5),
-                               l2_eps=(0.0, 0.25, 0.5, 1.0, 2.0, 10.0), linf_mid=8 / 255, l2_mid=0.5, n_bare=10000,
-                               n_jem0=1000, n_jem1=1000, n_jem10=1000, n_autoattack=1000, n_blackbox=500,
-                               aa_steps=100, aa_eot=20, eval_draws=5, blackbox_steps=1000, certify_n=10000,
+                               l2_eps=(0.0, 0.25, 0.5, 1.0, 2.0, 10.0), linf_mid=8 / 255, l2_mid=0.5,
+                               grids={"jem10": {"linf": (2 / 255, 4 / 255, 8 / 255, 16 / 255),
+                                                "l2": (0.25, 0.5, 1.0)}},
+                               n={"bare": 10000, "jem0": 1000, "jem1": 1000, "jem10": 1000},
+                               n_conv={"bare": 500, "jem0": 200, "jem1": 200, "jem10": 100},
+                               conv_norms_jem10=("linf", "l2"), steps=100, restarts=2, eot=20, eval_draws=5, aa_steps=100, conv_steps=(10, 50, 200),
+                               conv_eot=(1, 5, 20), conv_eot_steps=50, blackbox_steps=1000, certify_n=10000,
                                certify_examples=500, extras_examples=10000),
 }
 
@@ -133,47 +153,63 @@ PLANS = {
 def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
     """The study's jobs, in order (every one resumable by itself: it skips rows that exist under its keys)."""
     ce, at, jem, ga = (str(ckpt[k]) for k in ("ce", "pgd-at", "jem", "gaussian-aug"))
-    base = (ce, at)
-    pgd = PGDSettings(eval_draws=plan.eval_draws)
+    groups = {"bare": ((ce, at), 0), "jem0": ((jem,), 0), "jem1": ((jem,), 1), "jem10": ((jem,), 10)}
+    head = PGDSettings(steps=plan.steps, restarts=plan.restarts, eot=plan.eot, eval_draws=plan.eval_draws)
+    aa = AutoAttackSettings(version="rand", steps=plan.aa_steps, eot=plan.eot, eval_draws=plan.eval_draws)
+    mids = {"linf": plan.linf_mid, "l2": plan.l2_mid}
 
-    def white(name: str, models: tuple[str, ...], norm: str, eps: tuple[float, ...], n: int, *, k: int = 0,
-              modes: tuple[str, ...] = ("full", "bpda"), attack: Any = pgd, group: str = "whitebox") -> Stage:
-        return Stage(name, group, WhiteboxJob(models, (norm,), tuple(eps), attack, Chain((k,)), modes, n_examples=n))
+    def white(name: str, group: str, norm: str, eps: tuple[float, ...], attack: Any, *, n: int | None = None,
+              modes: tuple[str, ...] = ("full", "bpda"), kind: str = "whitebox") -> Stage:
+        models, k = groups[group]
+        return Stage(name, kind, WhiteboxJob(models, (norm,), tuple(eps), attack, Chain((k,)), modes,
+                                             n_examples=n or plan.n[group]))
 
     st: list[Stage] = []
-    for norm, grid, mid in (("linf", plan.linf_eps, plan.linf_mid), ("l2", plan.l2_eps, plan.l2_mid)):
-        st += [white(f"pgd-{norm}-baselines", base, norm, grid, plan.n_bare),
-               white(f"pgd-{norm}-jem0", (jem,), norm, grid, plan.n_jem0, k=0),
-               white(f"pgd-{norm}-jem1", (jem,), norm, grid, plan.n_jem1, k=1)]
-    # JEM-10: full gradients at the middle and the largest L-inf budget, BPDA and L2 at the middle one.
-    st += [white("pgd-linf-jem10-full", (jem,), "linf", (plan.linf_mid, plan.linf_eps[-1]), plan.n_jem10, k=10,
-                 modes=("full",)),
-           white("pgd-linf-jem10-bpda", (jem,), "linf", (plan.linf_mid,), plan.n_jem10, k=10, modes=("bpda",)),
-           white("pgd-l2-jem10-full", (jem,), "l2", (plan.l2_mid,), plan.n_jem10, k=10, modes=("full",))]
-    # Carlini et al. spot checks at the middle L-inf budget: 4x steps, 2x restarts, 2x EOT.
-    mid = (plan.linf_mid,)
-    x4, r2, eot2 = replace(pgd, steps=40), replace(pgd, restarts=2), replace(pgd, eot=2)
-    st += [white("pgd-linf-steps-x4", base, "linf", mid, plan.n_bare, attack=x4, group="checks"),
-           white("pgd-linf-restarts-x2", base, "linf", mid, plan.n_bare, attack=r2, group="checks"),
-           white("pgd-linf-steps-x4-jem0", (jem,), "linf", mid, plan.n_jem0, k=0, attack=x4, group="checks"),
-           white("pgd-linf-steps-x4-jem1", (jem,), "linf", mid, plan.n_jem1, k=1, modes=("full",), attack=x4,
-                 group="checks"),
-           white("pgd-linf-eot-x2-jem1", (jem,), "linf", mid, plan.n_jem1, k=1, modes=("full",), attack=eot2,
-                 group="checks")]
-    aa = AutoAttackSettings(version="rand", steps=plan.aa_steps, eot=plan.aa_eot, eval_draws=plan.eval_draws)
-    for norm, e in (("linf", plan.linf_mid), ("l2", plan.l2_mid)):
-        st.append(white(f"autoattack-{norm}", (*base, jem), norm, (e,), plan.n_autoattack, k=0, modes=("full",),
-                        attack=aa, group="autoattack"))
+    # headline: the same protocol for every defense (JEM-10 at fewer ε; its BPDA at the middle ones)
+    for norm in ("linf", "l2"):
+        grid = plan.linf_eps if norm == "linf" else plan.l2_eps
+        eps_of = {g: plan.grids.get(g, {}).get(norm, grid) for g in groups}
+        st += [white(f"pgd-{norm}-baselines", "bare", norm, eps_of["bare"], head),
+               white(f"pgd-{norm}-jem0", "jem0", norm, eps_of["jem0"], head),
+               white(f"pgd-{norm}-jem1", "jem1", norm, eps_of["jem1"], head),
+               white(f"pgd-{norm}-jem10-full", "jem10", norm, eps_of["jem10"], head, modes=("full",)),
+               white(f"pgd-{norm}-jem10-bpda", "jem10", norm, (mids[norm],), head, modes=("bpda",))]
+    for norm, e in mids.items():
+        for group in groups:
+            st.append(white(f"autoattack-{norm}-{group}", group, norm, (e,), aa, modes=("full",), kind="autoattack"))
+        for group in ("jem0", "jem1", "jem10"):
+            for source, name in ((jem, "bare-jem"), (at, "pgd-at")):
+                st.append(white(f"transfer-{norm}-{name}-{group}", group, norm, (e,),
+                                TransferSettings(source, steps=plan.steps, restarts=plan.restarts,
+                                                 eval_draws=plan.eval_draws), modes=("full",), kind="transfer"))
+    # convergence evidence at the middle ε (Carlini et al.): robust accuracy vs steps and vs EOT draws
+    for norm, e in mids.items():
+        for group in groups:
+            if group == "jem10" and norm not in plan.conv_norms_jem10:
+                continue  # the full-gradient 10-step chain is too dear for both norms on a CPU budget
+            for steps in plan.conv_steps:
+                st.append(white(f"conv-{norm}-{group}-steps{steps}", group, norm, (e,),
+                                PGDSettings(steps=steps, restarts=1, eot=1, eval_draws=plan.eval_draws),
+                                n=plan.n_conv[group], modes=("full",), kind="convergence"))
+            if group == "bare":
+                continue  # a deterministic model: EOT is 1 whatever is asked
+            for eot in plan.conv_eot:
+                st.append(white(f"conv-{norm}-{group}-eot{eot}", group, norm, (e,),
+                                PGDSettings(steps=plan.conv_eot_steps, restarts=1, eot=eot,
+                                            eval_draws=plan.eval_draws), n=plan.n_conv[group], modes=("full",),
+                                kind="convergence"))
     for name in ("boundary", "pointwise"):
-        defaults = {"boundary": 10, "pointwise": 20}[name]
-        cfg = BlackboxConfig(name, steps=plan.blackbox_steps, init_steps=defaults)
-        st.append(Stage(f"blackbox-{name}", "blackbox",
-                        BlackboxJob((*base, jem), cfg, Chain((0, 1, 10)), n_examples=plan.n_blackbox)))
+        init = {"boundary": 10, "pointwise": 20}[name]
+        for group in groups:
+            models, k = groups[group]
+            cfg = BlackboxConfig(name, steps=plan.blackbox_steps, init_steps=init)
+            st.append(Stage(f"blackbox-{name}-{group}", "blackbox",
+                            BlackboxJob(models, cfg, Chain((k,)), n_examples=plan.n[group])))
     st += [
-        Stage("distal", "distal", DistalJob((*base, jem), chain=Chain((0, 1)))),
-        Stage("calibrate", "extras", CalibrationJob((*base, jem), chain=Chain((0, 1)),
+        Stage("distal", "distal", DistalJob((ce, at, jem), chain=Chain((0, 1)))),
+        Stage("calibrate", "extras", CalibrationJob((ce, at, jem), chain=Chain((0, 1)),
                                                     n_examples=plan.extras_examples)),
-        Stage("ood", "extras", OODJob((*base, jem), n_examples=plan.extras_examples)),
+        Stage("ood", "extras", OODJob((ce, at, jem), n_examples=plan.extras_examples)),
         Stage("sample", "extras", SampleJob(jem, n=4), subdir="samples"),
         Stage("certify", "extras", CertifyJob(ga, n=plan.certify_n, n_examples=plan.certify_examples,
                                               attack_radii=(0.25,), attack_steps=5, forward_draws=4)),

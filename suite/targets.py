@@ -6,6 +6,7 @@ the same checkpoint and refinement carry the same label and the same ``defense_i
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -62,6 +63,12 @@ class Loaded:
         return str(self.info["objective"])
 
 
+@functools.lru_cache(maxsize=8)
+def split(name: str, part: str, data_dir: str | None) -> ImageDataset:
+    """A data set split, read once per process (a study's stages share it)."""
+    return load_dataset(name, part, data_dir)
+
+
 def load_checkpoints(checkpoints: Sequence[str], device: torch.device, data_dir: str | None = None,
                      dataset: str | None = None) -> tuple[ImageDataset, list[Loaded]]:
     """Load every checkpoint before anything runs (all must share one data set) and its test split."""
@@ -76,7 +83,7 @@ def load_checkpoints(checkpoints: Sequence[str], device: torch.device, data_dir:
         raise UserError(f"the checkpoints were trained on {', '.join(sorted(names))}, not {dataset}")
     if len(names) != 1:
         raise UserError(f"the checkpoints were trained on different data sets ({', '.join(sorted(names))})")
-    ds = load_dataset(names.pop(), "test", data_dir)
+    ds = split(names.pop(), "test", None if data_dir is None else str(data_dir))
     for c in loaded:
         if tuple(c.info["input_shape"]) != tuple(ds.shape):
             raise UserError(f"{c.path}: input shape {c.info['input_shape']} does not match {ds.name} {list(ds.shape)}")

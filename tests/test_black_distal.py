@@ -62,12 +62,25 @@ def test_fixed_noise_view_same_input_same_answer(tiny_model, data):
     assert torch.equal(a, view(x))  # cached
     uncached = FixedNoiseView(model, seed=0, cache_size=0)
     assert torch.allclose(a, uncached(x), atol=1e-5)  # recomputed: the same noise
-    assert torch.allclose(a[3:5], uncached(x[3:5]), atol=1e-4)  # whatever the rest of the batch
-    assert torch.allclose(a[[7, 2]], uncached(x[[7, 2]]), atol=1e-4)
+    assert torch.allclose(a[3:5], uncached(x[3:5], [3, 4]), atol=1e-4)  # whatever the rest of the batch
+    assert torch.allclose(a[[7, 2]], uncached(x[[7, 2]], [7, 2]), atol=1e-4)
     other = FixedNoiseView(model, seed=1)(x)
     assert (a - other).abs().max() > 1e-4  # another seed is another view
     bare_view = FixedNoiseView(bare(tiny_model), seed=0)
     assert torch.allclose(bare_view(x), tiny_model(x), atol=1e-5)
+
+
+def test_fixed_noise_view_is_continuous_in_the_input(tiny_model, data):
+    """The noise is keyed on the example's slot, not its pixels: a tiny step moves the logits a tiny bit (a
+    pixel-keyed noise would redraw the chain noise and jump), so decision attacks walk the model's boundary."""
+    x = data[0][:8]
+    model = stochastic(tiny_model)
+    view = FixedNoiseView(model, seed=0, cache_size=0)
+    step = (x + 1e-4 * torch.rand(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    near = (view(step) - view(x)).abs().max()
+    jump = (model(x) - model(x)).abs().max()  # what a fresh noise draw changes
+    assert near < 0.05 * jump, (near, jump)
+    assert (view(x, [8, 9, 10, 11, 12, 13, 14, 15]) - view(x)).abs().max() > 1e-3  # other slots, other noise
 
 
 # --- boundary and pointwise --------------------------------------------------------------------------

@@ -108,6 +108,23 @@ def test_eps_zero_gives_clean_accuracy(net, batch, norm):
         assert torch.equal(res.x_adv, x)
 
 
+@pytest.mark.parametrize("loss", ["ce", "dlr"])
+def test_apgd_candidate_of_a_surviving_example_is_an_attack_point(net, batch, loss):
+    """torchattacks' APGD returns the clean image for every example its own single noisy check did not flip;
+    ours keeps the maximum-loss iterate there, so the verdict judges a real attack point."""
+    x, y = batch
+    atk = APGD(jem1(net), norm="linf", eps=0.02, steps=5, loss=loss, eot=1, eval_draws=2)
+    (cand,) = list(atk.candidates(x, y))
+    moved = delta_norm(cand - x, "linf") > 0.5 * 0.02
+    res = atk(x, y)
+    assert bool(res.robust.any()), "the test needs examples that survive"
+    assert bool(moved[res.robust].all())  # no surviving example is judged on its clean image
+    ta = atk.torchattack  # the library's own loop, for contrast: clean images where its check did not flip
+    torch.manual_seed(0)
+    _, lib = ta.perturb(x, y)
+    assert bool((delta_norm(lib - x, "linf") == 0)[res.robust].any())
+
+
 @pytest.mark.parametrize("norm,eps", [("linf", 0.05), ("l2", 0.8)])
 def test_perturbations_stay_in_the_ball_and_in_range(net, batch, norm, eps, caplog):
     x, y = batch
@@ -297,7 +314,7 @@ def test_cli_pgd_rows_resume_and_plot(run_cli, tiny_run, tmp_path):
     out = tmp_path / "run"
     args = ["pgd", "--checkpoint", tiny_run / "final.pt", "--eps", "0,8/255", "--steps", "2", "--sgld-steps", "0,1",
             "--grad-mode", "full,bpda", "--n-chains", "2", "--eval-draws", "2", "--n-examples", "6", "--out", out,
-            "--no-progress"]
+            "--no-progress", "--eot", "1"]
     res = run_cli(*args)
     assert res.code == 0, res.err
     rows = read_rows(out)
@@ -351,3 +368,34 @@ def test_cli_compile_with_full_gradients_is_a_usage_error(run_cli, tiny_run, tmp
                   "--out", tmp_path / "run", "--no-progress")
     assert_usage_error(res)
     assert "bpda" in res.err and not (tmp_path / "run").exists()
+
+
+def test_cli_pgd_default_eot_is_20_on_a_randomized_model_and_1_on_a_bare_one(run_cli, tiny_run, tmp_path):
+    out = tmp_path / "run"
+    res = run_cli("pgd", "--checkpoint", tiny_run / "final.pt", "--eps", "8/255", "--steps", "1", "--sgld-steps", "0",
+                  "--n-chains", "2", "--eval-draws", "1", "--n-examples", "2", "--out", out, "--no-progress")
+    assert res.code == 0, res.err
+    res = run_cli("pgd", "--checkpoint", tiny_run / "final.pt", "--eps", "8/255", "--steps", "1", "--sgld-steps", "0",
+                  "--n-chains", "1", "--init-noise", "0", "--n-examples", "2", "--out", out, "--no-progress")
+    assert res.code == 0, res.err
+    rows = {r["model"]: r for r in read_rows(out)}
+    assert rows["JEM-0[chains=2]"]["eot_used"] == 20 and rows["JEM-0[chains=2]"]["attack"] == "EOTPGD"
+    assert rows["JEM-bare"]["eot_used"] == 1 and rows["JEM-bare"]["attack"] == "PGD"
+    assert len(rows["JEM-0[chains=2]"]["margin_trace"]["EOTPGD/r0"]) == 1  # one step, its 20 draws averaged
+
+
+def test_transfer_from_the_model_itself_equals_the_direct_attack(net, batch):
+    """Transfer replays the surrogate's candidates on the target; with the target as its own surrogate it
+    must reproduce the direct attack exactly (same seeds, same verdict)."""
+    from attacks.white import transfer_factory
+
+    x, y = batch
+    direct = pgd_factory(steps=5, restarts=2, eval_draws=1, seed=4)(bare(net), "linf", 0.05)(x, y)
+    via = transfer_factory(bare(net), "CE", None, steps=5, restarts=2, eval_draws=1, seed=4)(bare(net), "linf", 0.05)
+    res = via(x, y)
+    assert via.name == "Transfer(PGD@CE)" and torch.equal(res.robust, direct.robust)
+    assert bool((~res.robust).any())  # the attack breaks something, so the comparison has teeth
+    # onto a different (randomized) target: judged by the target's own verdict, never better than clean
+    onto = transfer_factory(bare(net), "CE", None, steps=5, restarts=1, eval_draws=2, seed=4)(jem1(net), "linf", 0.05)
+    r = onto(x, y)
+    assert r.clean.shape[0] == 2 and bool((r.robust <= r.clean_correct).all())

@@ -1,0 +1,143 @@
+"""An independent check of a study's headline: a simple attack written here, not in ``attacks/``.
+
+For every defense in a study run at the given L∞ budgets, it attacks the headline's own examples with a
+margin-loss PGD (loss = best other logit − true logit, averaged over ``--eot`` fresh chain draws per step;
+step size cosine-annealed from ε/4 to ε/100 over ``--steps`` steps; start at a uniform point in the ball;
+the best iterate per example kept), then judges the end point in ``--draws`` fresh draws with its own
+seeds (robust = correct in all of them). It shares no code with the suite's attacks, loss or step rule:
+only the defense (checkpoint + refinement, via ``robust_jem``) and the headline file.
+
+The suite's robust accuracy should not exceed this attack's by more than a couple of examples per 100:
+the count of examples robust in the headline but broken here is the number to watch.
+
+    python bench/independent_attack.py results/reference-quick-fashion-mnist --eps 0.05,0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from infra.provenance import device_name, git_sha, now  # noqa: E402
+from infra.records import read_rows  # noqa: E402
+from robust_jem import load, load_dataset  # noqa: E402
+from robust_jem.refined import RefinedClassifier, Refinement  # noqa: E402
+
+
+def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.scatter(1, y[:, None], float("-inf")).amax(1)
+    return other - true  # > 0: misclassified
+
+
+def attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, eot: int,
+           g: torch.Generator) -> torch.Tensor:
+    """Margin-loss L∞ PGD, cosine step schedule, EOT-averaged gradients, best iterate per example."""
+    delta = (torch.rand(x.shape, generator=g) * 2 - 1) * eps
+    best, best_loss = x.clone(), torch.full((x.shape[0],), -math.inf)
+    for t in range(steps):
+        alpha = eps / 100 + (eps / 4 - eps / 100) * 0.5 * (1 + math.cos(math.pi * t / steps))
+        xa = (x + delta).clamp(0, 1).requires_grad_(True)
+        grad = torch.zeros_like(x)
+        loss_mean = torch.zeros(x.shape[0])
+        for _ in range(eot):
+            loss = margin_loss(model(xa), y)
+            grad += torch.autograd.grad(loss.sum(), xa)[0]
+            loss_mean += loss.detach() / eot
+        better = loss_mean > best_loss
+        best[better], best_loss[better] = xa.detach()[better], loss_mean[better]
+        delta = (delta + alpha * grad.sign()).clamp(-eps, eps)
+        delta = (x + delta).clamp(0, 1) - x
+    with torch.no_grad():  # the last point too
+        xa = (x + delta).clamp(0, 1)
+        last = margin_loss(model(xa), y)
+        better = last > best_loss
+        best[better] = xa[better]
+    return best
+
+
+@torch.no_grad()
+def robust_in_all_draws(model: RefinedClassifier, x: torch.Tensor, y: torch.Tensor, draws: int,
+                        seed: int) -> torch.Tensor:
+    ok = torch.ones(x.shape[0], dtype=torch.bool)
+    for m in range(draws if not model.deterministic else 1):
+        g = torch.Generator().manual_seed(seed + 7919 * m)
+        ok &= model(x, generator=g).argmax(1) == y
+    return ok
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path, help="study run folder (rows.jsonl, headline.json)")
+    ap.add_argument("--eps", default="0.05,0.1")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--eot", type=int, default=4, help="gradient draws per step on randomized models")
+    ap.add_argument("--draws", type=int, default=5, help="fresh draws of the final verdict")
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    eps_list = [float(e) for e in args.eps.split(",")]
+    head = json.loads((args.run / "headline.json").read_text())
+    rows = read_rows(args.run)
+    defenses = {}
+    for r in rows:
+        if r.get("kind") == "whitebox" and r.get("defense_id") and r.get("checkpoint"):
+            defenses.setdefault(r["defense_id"], r)
+    t0 = time.perf_counter()
+    results = []
+    for cell in head:
+        if cell["norm"] != "linf" or not any(math.isclose(cell["eps"], e) for e in eps_list):
+            continue
+        r = defenses.get(cell["subject"])
+        if r is None:
+            continue
+        net = load(r["checkpoint"]).requires_grad_(False)
+        ref = Refinement(r["sgld_steps"], r["n_chains"], r["init_noise"], r["sgld_step_size"], r["sgld_noise"])
+        model = RefinedClassifier.from_refinement(net, ref, grad_mode="full", seed=12345)
+        ds = load_dataset(r["dataset"], "test")
+        idx = torch.tensor(cell["example_indices"])
+        x, y = ds.batch(idx)
+        g = torch.Generator().manual_seed(2024)
+        t = time.perf_counter()
+        x_adv = attack(model, x, y, cell["eps"], args.steps, 1 if model.deterministic else args.eot, g)
+        mine = robust_in_all_draws(model, x_adv, y, args.draws, seed=99)
+        suite = torch.tensor(cell["correct"], dtype=torch.bool)
+        results.append({"model": cell["model"], "defense_id": cell["subject"], "eps": cell["eps"], "n": len(idx),
+                        "suite_robust": int(suite.sum()), "independent_robust": int(mine.sum()),
+                        "suite_robust_but_broken_here": int((suite & ~mine).sum()),
+                        "broken_by_suite_robust_here": int((~suite & mine).sum()), "wall_s": time.perf_counter() - t})
+        print(json.dumps(results[-1]), flush=True)
+    dev = device_name("cpu")
+    slug = "".join(ch if ch.isalnum() else "-" for ch in dev.split("(")[-1].rstrip(")")).strip("-").lower()
+    meta = {"run": str(args.run), "timestamp": now(), "git_sha": git_sha(), "device": dev, "eps": eps_list,
+            "steps": args.steps, "eot": args.eot, "draws": args.draws, "wall_s": time.perf_counter() - t0,
+            "attack": "margin-loss L∞ PGD, cosine step ε/4→ε/100, uniform start, best iterate, EOT-averaged gradient",
+            "results": results}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"independent_attack-{slug}.json").write_text(json.dumps(meta, indent=1))
+    lines = [f"# Independent attack vs the headline of `{args.run}`", "",
+             f"{meta['timestamp']}, git {meta['git_sha']}, {dev}. {meta['attack']}; {args.steps} steps, EOT "
+             f"{args.eot} (1 on deterministic models), verdict: correct in all {args.draws} fresh draws (own seeds). "
+             f"Wall time {meta['wall_s']:.0f} s.", "",
+             "| model | L∞ ε | n | robust (suite headline) | robust (independent) | robust in suite, broken here | "
+             "per 100 |", "|---|---|---|---|---|---|---|"]
+    for res in results:
+        lines.append(f"| {res['model']} | {res['eps']:g} | {res['n']} | {res['suite_robust']} | "
+                     f"{res['independent_robust']} | {res['suite_robust_but_broken_here']} | "
+                     f"{100 * res['suite_robust_but_broken_here'] / res['n']:.1f} |")
+    worst = max((100 * r["suite_robust_but_broken_here"] / r["n"] for r in results), default=0.0)
+    lines += ["", f"Largest excess of the suite over this attack: {worst:.1f} examples per 100 "
+                  f"({'within' if worst <= 2 else 'ABOVE'} the bar of 2)."]
+    (args.out / f"independent_attack-{slug}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
