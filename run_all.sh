@@ -28,7 +28,7 @@ setup() {
       log "installing $TORCH_PIN"
       pip "$TORCH_PIN"
     fi
-    # torchattacks declares torchvision but never imports it (see ENVIRONMENT.md); pip's resolver
+    # torchattacks declares torchvision but never imports it; pip's resolver
     # then reports that conflict in $pip_log, which is expected.
     pip --no-deps "torchattacks==3.5.1"
     log "installing robust-jem and its dependencies"
@@ -42,7 +42,9 @@ setup() {
 }
 
 find_data() {
-  if "$PY" -m robust_jem data-check --dataset fashion-mnist >/dev/null 2>&1; then
+  local dir=()
+  [ -n "${DATA_DIR:-}" ] && dir=(--data-dir "$DATA_DIR")
+  if "$PY" -m robust_jem data-check --dataset fashion-mnist "${dir[@]}" >/dev/null 2>&1; then
     return 0
   fi
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
@@ -51,8 +53,19 @@ find_data() {
       { apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null; }) ||
       log "could not install dataset-fashion-mnist"
   fi
-  "$PY" -m robust_jem data-check --dataset fashion-mnist
+  "$PY" -m robust_jem data-check --dataset fashion-mnist "${dir[@]}"
 }
+
+# --data-dir DIR (or --data-dir=DIR) among the study's arguments also tells the set-up where the data is
+DATA_DIR=""
+prev=""
+for arg in "$@"; do
+  case "$arg" in
+    --data-dir=*) DATA_DIR="${arg#--data-dir=}" ;;
+    *) [ "$prev" = "--data-dir" ] && DATA_DIR="$arg" ;;
+  esac
+  prev="$arg"
+done
 
 cmd="${1:-run}"
 case "$cmd" in

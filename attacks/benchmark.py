@@ -107,6 +107,22 @@ def step_rule(attack: WhiteBoxAttack) -> str | None:
     return "fixed" if getattr(attack, "step_size_given", False) else "2.5*eps/steps"
 
 
+def gradient_evaluations(attack: WhiteBoxAttack) -> int:
+    """Attacker gradient evaluations per image of one row (steps x restarts x EOT draws, summed over the
+    parts of an ensemble); 0 at ε = 0."""
+    if attack.eps == 0:
+        return 0
+    p = attack.params()
+    parts = p.get("attacks") or [p]
+    return sum(int(q.get("steps") or 0) * int(q.get("restarts", 1)) * int(q.get("eot_used", 1)) for q in parts) \
+        or int(p.get("n_queries", 0))
+
+
+def network_passes(fields: dict[str, Any]) -> int:
+    """Network passes behind one gradient of a refined classifier: chains x (1 + 2 per SGLD step)."""
+    return int(fields.get("n_chains", 1) or 1) * (1 + 2 * int(fields.get("sgld_steps", 0) or 0))
+
+
 def attack_rows_key(target: Target, attack: WhiteBoxAttack, dataset: str, examples: dict[str, Any]) -> str:
     """Key of one row: everything that defines the experiment, and the code computing it (not the batch size
     or the device)."""
@@ -117,7 +133,7 @@ def attack_rows_key(target: Target, attack: WhiteBoxAttack, dataset: str, exampl
 def run_sweep(targets: Sequence[Target], attack: AttackFactory, norms: Sequence[str], eps: Sequence[float],
               images: torch.Tensor, labels: torch.Tensor, out_dir: str | Path, *, dataset: str,
               examples: Examples = Examples(), seed: int = 0, batch_size: int | None = None,
-              progress: bool = True) -> list[WhiteboxRow]:
+              progress: bool = True, data_sha256: dict[str, str] | None = None) -> list[WhiteboxRow]:
     """Attack every target at every (norm, ε); one row each in ``out_dir/rows.jsonl`` (+ ``rows.csv``).
 
     Under ``torch.distributed`` (every rank calls this with the same arguments and its own targets on
@@ -135,6 +151,7 @@ def run_sweep(targets: Sequence[Target], attack: AttackFactory, norms: Sequence[
         batch_size: images per attack call (None: :func:`auto_batch_size` per target). It fixes which
             examples share a batch, hence the seeds each sees: rows are identical across world sizes
             for the same batch size.
+        data_sha256: the data files' hashes (recorded in every row).
 
     Returns:
         The rows of this sweep, including ones that were already done (read back from the file).
@@ -171,6 +188,12 @@ def run_sweep(targets: Sequence[Target], attack: AttackFactory, norms: Sequence[
     if main:
         log.info("%d rows in the sweep, %d already done in %s%s", len(plan), len(plan) - todo, rows_path,
                  f"; batches shared over {world} ranks" if world > 1 else "")
+        grads = sum(len(index) * gradient_evaluations(a) for (t, a), k in zip(plan, keys) if k not in done)
+        passes = sum(len(index) * gradient_evaluations(a) * network_passes(t.fields())
+                     for (t, a), k in zip(plan, keys) if k not in done)
+        if grads:
+            log.info("planned: %d attacker gradient evaluations (~%.3g network forward-backward passes; on 2 CPU "
+                     "cores the small CNN does ~2000 passes/s)", grads, passes)
 
     bar = tqdm(total=len(plan), desc="white-box sweep", unit="row", disable=not (progress and main))
     for (target, atk), key in zip(plan, keys):
@@ -186,7 +209,7 @@ def run_sweep(targets: Sequence[Target], attack: AttackFactory, norms: Sequence[
                             desc=f"{target.label} {atk.name}", progress=progress)
         if pieces is not None:
             row = merge_row(target, atk, pieces, dataset=dataset, examples=ex_desc, seed=seed, batch_size=bs)
-            row.key = key
+            row.key, row.data_sha256 = key, dict(data_sha256 or {})
             append_row(rows_path, row.to_dict())
             runner.finish()
             export_csv(read_rows(rows_path), out_dir / "rows.csv")
@@ -277,7 +300,7 @@ def blackbox_keys(cfg: BlackboxConfig, target: Target, examples: str) -> dict[st
 def run_blackbox(target: Target, x: torch.Tensor, y: torch.Tensor, cfg: BlackboxConfig, *,
                  out_dir: str | Path, examples: str, dataset: str | None = None,
                  eps_grids: dict[str, Sequence[float]] | None = None, indices: Sequence[int] | None = None,
-                 progress: bool = True) -> list[BlackboxRow]:
+                 progress: bool = True, data_sha256: dict[str, str] | None = None) -> list[BlackboxRow]:
     """Attack one defense with ``cfg``; one row per norm in ``out_dir/rows.jsonl`` and a distances side file.
 
     The run's chunks go through the shared :class:`PartsRunner` (resume per chunk; under ``torchrun`` rank
@@ -336,7 +359,7 @@ def run_blackbox(target: Target, x: torch.Tensor, y: torch.Tensor, cfg: Blackbox
         res = BlackboxResult.merge([BlackboxResult.from_part(p) for p in pieces])
         _write_blackbox_rows(target, res, y, cfg, out, keys, examples=examples, dataset=dataset, eps_grids=eps_grids,
                              indices=indices, shards=sorted({p["shard"] for p in pieces}),
-                             device=pieces[0]["device"])
+                             device=pieces[0]["device"], data_sha256=data_sha256)
         runner.finish()
     barrier()  # every row is in the file before anyone reads it back
     return [BlackboxRow.from_dict(r) for r in read_rows(out / ROWS) if r.get("key") in wanted]
@@ -345,7 +368,7 @@ def run_blackbox(target: Target, x: torch.Tensor, y: torch.Tensor, cfg: Blackbox
 def _write_blackbox_rows(target: Target, res: BlackboxResult, y: torch.Tensor, cfg: BlackboxConfig, out: Path,
                          keys: dict[str, str], *, examples: str, dataset: str | None,
                          eps_grids: dict[str, Sequence[float]] | None, indices: Sequence[int] | None,
-                         shards: list[str], device: str) -> None:
+                         shards: list[str], device: str, data_sha256: dict[str, str] | None = None) -> None:
     """Append the rows of ``keys`` not yet in ``out/rows.jsonl``, each after its distances side file."""
     n = int(y.shape[0])
     grids = {"l2": DEFAULT_L2_GRID, "l0": DEFAULT_L0_GRID, **(eps_grids or {})}
@@ -394,5 +417,7 @@ def _write_blackbox_rows(target: Target, res: BlackboxResult, y: torch.Tensor, c
             queries_per_example=float(res.queries.double().mean()),
             queries_per_example_max=int(res.queries.max()), model_evals_per_example=res.model_evals / n,
             wall_s=res.wall_s, wall_s_per_example=res.wall_s / n, distances_file=side.name, shards=shards,
-            notes=res.notes, **{k: v for k, v in prov.items() if k not in ("checkpoint", "checkpoint_sha256")})
+            notes=res.notes, data_sha256=dict(data_sha256 or {}),
+            **{k: v for k, v in prov.items() if k not in ("checkpoint", "checkpoint_sha256")})
         append_row(out / ROWS, row.to_dict())
+    export_csv(read_rows(out / ROWS), out / "rows.csv")

@@ -45,6 +45,14 @@ def parse_eps(text: str, norm: str | None = None) -> list[float]:
     return out
 
 
+def format_eps(e: float) -> str:
+    """ε as a person types it: short decimals stay decimals, other multiples of 1/255 become k/255."""
+    text = f"{e:g}"
+    if len(text) > 5 and e and abs(e * 255 - round(e * 255)) < 1e-9:
+        return f"{round(e * 255)}/255"
+    return text
+
+
 def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     """95 % Wilson score interval for a binomial proportion (returns (0, 1) when n = 0)."""
     if n <= 0:

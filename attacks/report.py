@@ -18,9 +18,9 @@ from infra.provenance import environment, file_sha256, now
 from infra.records import ROWS, export_csv, read_rows
 
 from .checks import CheckResult, all_flags, mcnemar_p, run_checks, worst_case
-from .common import wilson
+from .common import format_eps, wilson
 from .convergence import convergence_table, plot_convergence
-from .plots import NORM_TITLES, collect_curves, plot_rows
+from .plots import NORM_TITLES, collect_curves, plot_headline, plot_rows
 from .rows import BlackboxRow, Row, WhiteboxRow, of_kind, parse_row
 
 log = logging.getLogger(__name__)
@@ -34,12 +34,7 @@ def _ci(acc: float, lo: float, hi: float) -> str:
     return f"{_pct(acc)} [{100 * lo:.0f}, {100 * hi:.0f}]"
 
 
-def _eps(e: float) -> str:
-    """ε as typed: short decimals stay decimals, other multiples of 1/255 become k/255."""
-    text = f"{e:g}"
-    if len(text) > 5 and e and abs(e * 255 - round(e * 255)) < 1e-9:
-        return f"{round(e * 255)}/255"
-    return text
+_eps = format_eps
 
 
 def _subject_order(label: str) -> tuple:
@@ -190,8 +185,10 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, str]:
     rel = ("more robust than" if ka > kb else "less robust than") if p < 0.05 else "not distinguishable from"
     text = f"on the same {n} examples: {ka} vs {kb} robust, McNemar p = {p:.3g}"
     fa, fb = set(a.get("families", [])), set(b.get("families", []))
-    if fa != fb:
-        text += f"; budgets differ: {', '.join(sorted(fa))} vs {', '.join(sorted(fb))}"
+    if fb - fa:  # the first defense was spared attack families the second faced: not an equal comparison
+        text += f"; budgets differ: {a['model']} did not face {', '.join(sorted(fb - fa))}"
+    elif fa - fb:
+        text += f"; {a['model']} also faced {', '.join(sorted(fa - fb))}"
     return rel, text
 
 
@@ -291,6 +288,8 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
     plottable = [r for r in rows if r.get("kind") in ("whitebox", "blackbox")]
     if plottable:
         plot, _ = plot_rows(plottable, run_dir / "robustness.png")
+    headline_png = plot_headline(head, run_dir / "headline.png", display_names(head),
+                                 [r for r in rows if r.get("kind") == "certify"])
     ck_info: dict[str, dict[str, Any]] = {}
     for obj, path in (checkpoints or {}).items():
         info: dict[str, Any] = {"path": path}
@@ -326,12 +325,22 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
     if len(codes) > 1:
         md += [f"> **Warning:** these rows were computed by {len(codes)} different versions of the attack and "
                f"defense code ({', '.join(codes)}); numbers from different versions may not be comparable.", ""]
+    for c in ck_info.values():
+        mine = [r for r in of_kind(typed, WhiteboxRow) if r.checkpoint == c["path"] and r.eps == 0 and r.n >= 20]
+        if mine and c.get("test_acc") is not None:
+            clean = sum(r.clean_acc * r.n for r in mine) / sum(r.n for r in mine)
+            if clean < c["test_acc"] - 0.15:
+                md += [f"> **Warning:** {mine[0].model} is {_pct(clean)} correct on the attacked clean images but its "
+                       f"checkpoint recorded {_pct(c['test_acc'])} test accuracy: are these the data it was trained "
+                       f"on? (data files: {', '.join(mine[0].data_sha256) or 'unknown'})", ""]
     md += ["## Verdict", ""] + verdicts(head_cells, mids, checks, typed, rows) + [""]
     md += ["## Clean accuracy", "", clean_table(typed, ck_info), ""]
     md += ["## Robust accuracy (headline: per-example worst case over every attack)", "",
            "Each cell: robust accuracy [95 % Wilson CI] on the examples every attack against that model covered. "
            "JEM-k is the SGLD-refined classifier (k steps, 5 chains); white-box attacks went through the chain "
            "with full gradients and with BPDA, and the minimum counts.", ""]
+    if headline_png:
+        md += [f"![headline: robust accuracy vs ε, one curve per defense]({headline_png.name})", ""]
     md += ["Attacks behind the cells (every one counts per example; rows on smaller subsets, such as the "
            "convergence ladders, are reported separately):", "", protocol_table(head, typed), ""]
     for norm, t in tables:
@@ -370,12 +379,27 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
         for r in black:
             r["_median"] = (r.get("distance_summary") or {}).get("median")
             r["_found"] = (r.get("distance_summary") or {}).get("n_found")
+            r["_steps"] = (r.get("attack_params") or {}).get("steps")
         md += ["## Black-box (decision-based) attacks", "",
-               "Minimisation attacks on a fixed-noise view; distances re-scored with fresh chain noise.", "",
-               _kv_table(sorted(black, key=lambda r: (r["attack"], _subject_order(r["model"]))),
-                         [("model", "model"), ("attack", "attack"), ("norm", "norm"), ("n", "n"),
-                          ("adversarials found", "_found"), ("median distance", "_median"),
-                          ("queries / example", "queries_per_example"), ("wall s", "wall_s")]), ""]
+               "Minimisation attacks on a fixed-noise view (noise keyed on the example's slot: the view is as "
+               "continuous as the model); distances re-scored with fresh chain noise. \"not attacked\": no view "
+               "could attack the example (it counts as no information in the headline).", "",
+               _kv_table(sorted(black, key=lambda r: (r["attack"], _subject_order(r["model"]), r["_steps"] or 0)),
+                         [("model", "model"), ("attack", "attack"), ("norm", "norm"), ("steps", "_steps"),
+                          ("n", "n"), ("adversarials found", "_found"), ("not attacked", "n_not_attacked"),
+                          ("median distance", "_median"), ("queries / example", "queries_per_example"),
+                          ("wall s", "wall_s")]), ""]
+        ladder = defaultdict(list)
+        for r in black:
+            ladder[(r["model"], r["attack"], r["norm"], r["n"])].append(r)
+        lines = [f"| {m} | {a} | {NORM_TITLES.get(nm, nm)} | {n} | " + ", ".join(
+                     f"{r['_steps']}: {'–' if r['_median'] is None else format(r['_median'], '.3g')}"
+                     for r in sorted(rs, key=lambda r: r["_steps"] or 0)) + " |"
+                 for (m, a, nm, n), rs in sorted(ladder.items()) if len({r["_steps"] for r in rs}) > 1]
+        if lines:
+            md += ["Median fresh-noise distance against the attack's steps (a falling median means the attack has "
+                   "not converged at the smaller budgets):", "", "| model | attack | norm | n | steps: median |",
+                   "|---|---|---|---|---|"] + lines + [""]
     distal = [r for r in rows if r.get("kind") == "distal"]
     if distal:
         md += ["## Distal adversarials", "", _kv_table(distal, [

@@ -37,6 +37,7 @@ class Row:
     checkpoint: str | None = None
     checkpoint_sha256: str | None = None
     dataset: str | None = None
+    data_sha256: dict[str, str] = field(default_factory=dict)
     seed: int = 0
     code: str | None = None
     git_sha: str | None = None

@@ -15,6 +15,7 @@ from .errors import UserError
 
 OBJECTIVES = ("jem", "ce", "pgd-at", "gaussian-aug")
 ARCHS = ("small", "wrn")
+SGLD_INITS = ("uniform", "gaussian", "class-gaussian")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class SGLDConfig:
     buffer_size: int = 10000
     reinit_freq: float = 0.05
     clamp: bool = False  # keep training chains in [-1, 1] (the reference does not)
+    init: str = "uniform"  # buffer init/re-init: uniform (the paper), gaussian, class-gaussian (JEM++)
+    grad_clip: float = 0.0  # clip each chain's energy gradient to this L2 norm (0: off)
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,10 @@ class TrainConfig:
             raise UserError("SGLD steps, step size and noise must be non-negative")
         if not 0.0 <= self.sgld.reinit_freq <= 1.0:
             raise UserError(f"reinit frequency must be in [0, 1], got {self.sgld.reinit_freq}")
+        if self.sgld.init not in SGLD_INITS:
+            raise UserError(f"unknown SGLD init {self.sgld.init!r}; choose from {', '.join(SGLD_INITS)}")
+        if self.sgld.grad_clip < 0:
+            raise UserError(f"SGLD gradient clip must be >= 0, got {self.sgld.grad_clip}")
         if self.sgld.buffer_size <= 0:
             raise UserError(f"buffer size must be positive, got {self.sgld.buffer_size}")
         if self.objective == "pgd-at" and not (self.pgd_eps > 0 and self.pgd_steps > 0 and self.pgd_step_size > 0):

@@ -55,6 +55,7 @@ class ImageDataset:
     images: torch.Tensor  # uint8, N x C x H x W
     labels: torch.Tensor  # int64, N
     classes: tuple[str, ...]
+    files: tuple[str, ...] = ()  # the files it was read from (hashed into result rows)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -103,14 +104,16 @@ def _find_idx(directory: Path, stem: str) -> Path | None:
 def fashion_mnist_dirs(data_dir: str | os.PathLike | None) -> list[Path]:
     """Directories searched for Fashion-MNIST, in order: ``data_dir`` alone when given, else
     ``$ROBUST_JEM_DATA`` and the Debian package's folder."""
-    if data_dir is not None:  # an explicit directory is authoritative
+    return _search_dirs(data_dir, DEBIAN_FASHION_DIR)
+
+
+def _search_dirs(data_dir: str | os.PathLike | None, fallback: Path) -> list[Path]:
+    """``data_dir`` alone when given (an explicit directory is authoritative), else ``$ROBUST_JEM_DATA`` and
+    ``fallback``."""
+    if data_dir is not None:
         return [Path(data_dir)]
-    dirs = []
     env = os.environ.get("ROBUST_JEM_DATA")
-    if env:
-        dirs.append(Path(env))
-    dirs.append(DEBIAN_FASHION_DIR)
-    return dirs
+    return ([Path(env)] if env else []) + [fallback]
 
 
 def _load_fashion_mnist(split: str, data_dir: str | os.PathLike | None, download: bool) -> ImageDataset:
@@ -125,7 +128,7 @@ def _load_fashion_mnist(split: str, data_dir: str | os.PathLike | None, download
             log.debug("Fashion-MNIST %s from %s", split, directory)
             return ImageDataset(
                 "fashion-mnist", split, torch.from_numpy(images.copy()).unsqueeze(1),
-                torch.from_numpy(labels.astype(np.int64)), FASHION_CLASSES,
+                torch.from_numpy(labels.astype(np.int64)), FASHION_CLASSES, files=(str(img), str(lbl)),
             )
     if download:
         try:
@@ -182,17 +185,12 @@ _CIFAR = {
 }
 _SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
 _SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
+
+
 def data_dirs(data_dir: str | os.PathLike | None) -> list[Path]:
     """Directories searched for CIFAR-10/100 and SVHN, in order: ``data_dir`` alone when given, else
     ``$ROBUST_JEM_DATA`` and the torchvision cache root ``~/.cache/robust-jem``."""
-    if data_dir is not None:  # an explicit directory is authoritative
-        return [Path(data_dir)]
-    dirs = []
-    env = os.environ.get("ROBUST_JEM_DATA")
-    if env:
-        dirs.append(Path(env))
-    dirs.append(Path.home() / CACHE_SUBDIR)
-    return dirs
+    return _search_dirs(data_dir, Path.home() / CACHE_SUBDIR)
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -265,7 +263,8 @@ def _load_cifar(name: str, split: str, data_dir: str | os.PathLike | None, downl
     images = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
     labels = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
     log.debug("%s %s from %s", fmt.title, split, folder)
-    return ImageDataset(name, split, torch.from_numpy(images), torch.from_numpy(labels), classes)
+    return ImageDataset(name, split, torch.from_numpy(images), torch.from_numpy(labels), classes,
+                        files=tuple(str(folder / n) for n in fmt.files[split]))
 
 
 class _MatFormatError(ValueError):
@@ -389,7 +388,7 @@ def _load_svhn(split: str, data_dir: str | os.PathLike | None, download: bool) -
                 images, labels = read_svhn_mat(path)
                 log.debug("SVHN %s from %s", split, path)
                 return ImageDataset("svhn", split, torch.from_numpy(images), torch.from_numpy(labels),
-                                    tuple(str(i) for i in range(10)))
+                                    tuple(str(i) for i in range(10)), files=(str(path),))
     _fallback_or_fail("svhn", split, data_dir, download, dirs,
                       f"put {stem} from {_SVHN_URL}{stem} in --data-dir (or its svhn/ folder)")
     return _load_torchvision("svhn", split, data_dir, download)

@@ -161,13 +161,14 @@ def run_sampling(checkpoint: str | os.PathLike, out: str | os.PathLike, *, class
             st["data_class_energy_mean"] = float(-model.logits_z(xd).float()[:, c].mean()) if len(xd) else None
             summary["conditional"][str(c)] = st
     grids = {"unconditional": out / "unconditional.png", "conditional": out / "conditional.png"}
-    save_grid(to_pixels(z_u[:100]).clamp(0, 1), grids["unconditional"], nrow=10)
+    save_grid(to_pixels(z_u[:100]).clamp(0, 1), grids["unconditional"], nrow=10, scale=3)
     # conditional grid: one row per class, n columns
-    save_grid(to_pixels(z_c).clamp(0, 1), grids["conditional"], nrow=n)
+    save_grid(to_pixels(z_c).clamp(0, 1), grids["conditional"], nrow=n, scale=3,
+              row_labels=[str(data.classes[c]) for c in classes])
     if buffer is not None:
         zb = buffer.to(device).float()
         summary["buffer"] = energy_stats(model, zb)
-        save_grid(to_pixels(zb[:100]).clamp(0, 1), out / "buffer.png", nrow=10)
+        save_grid(to_pixels(zb[:100]).clamp(0, 1), out / "buffer.png", nrow=10, scale=3)
         grids["buffer"] = out / "buffer.png"
     else:
         log.info("%s has no replay buffer (objective %s): no buffer grid", checkpoint, cfg.objective)

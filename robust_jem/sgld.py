@@ -17,7 +17,8 @@ NoiseFn = Callable[[torch.Tensor], torch.Tensor]  # standard normal noise shaped
 
 def sgld(energy: EnergyFn, z: torch.Tensor, steps: int, step_size: float, noise: float, *,
          generator: torch.Generator | None = None, differentiable: bool = False,
-         noise_fn: NoiseFn | None = None, bounds: tuple[float, float] | None = None) -> torch.Tensor:
+         noise_fn: NoiseFn | None = None, bounds: tuple[float, float] | None = None,
+         grad_clip: float | None = None) -> torch.Tensor:
     """Run ``steps`` SGLD steps ``z <- z - step_size * dE/dz + noise * N(0, I)``.
 
     This is the JEM sampler (Grathwohl et al. 2020, Eq. 11, with the step size and noise decoupled as
@@ -34,6 +35,8 @@ def sgld(energy: EnergyFn, z: torch.Tensor, steps: int, step_size: float, noise:
             noise of its shape); overrides ``generator`` (used by fixed-noise views for decision attacks).
         bounds: clamp the chains to ``[lo, hi]`` after every step (a projected sampler that keeps training
             samples in the data domain; None = unconstrained, as in the JEM reference).
+        grad_clip: scale each chain's energy gradient down to at most this L2 norm (JEM++-style short-run
+            stabilisation; None or 0 = off).
 
     Returns:
         The final state of the chains, same shape as ``z``.
@@ -44,6 +47,9 @@ def sgld(energy: EnergyFn, z: torch.Tensor, steps: int, step_size: float, noise:
             z = z.detach().requires_grad_(True)
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(energy(z).sum(), z, create_graph=keep_graph)
+        if grad_clip:
+            norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+            grad = grad * (grad_clip / norm).clamp(max=1.0).view(-1, *([1] * (grad.dim() - 1)))
         z = z - step_size * grad
         if noise > 0:
             eps = (noise_fn(z) if noise_fn is not None
@@ -54,20 +60,70 @@ def sgld(energy: EnergyFn, z: torch.Tensor, steps: int, step_size: float, noise:
     return z if keep_graph else z.detach()
 
 
+class GaussianInit:
+    """Informative initialisation (Yang & Ji 2021, JEM++): chains start from Gaussians fitted to the training
+    data in the model's [-1,1] space, one per class (``class-gaussian``) or one for all (``gaussian``), with
+    the full covariance. Samples are clamped to [-1, 1].
+
+    Args:
+        mean: (K, D) means; chol: (K, D, D) Cholesky factors of the covariances; probs: (K,) class weights.
+        shape: the shape of one sample (D elements).
+    """
+
+    def __init__(self, mean: torch.Tensor, chol: torch.Tensor, probs: torch.Tensor, shape: tuple[int, ...]) -> None:
+        self.mean, self.chol, self.probs, self.shape = mean, chol, probs, tuple(shape)
+
+    @classmethod
+    def fit(cls, z: torch.Tensor, labels: torch.Tensor | None, jitter: float = 1e-3) -> "GaussianInit":
+        """Fit to data ``z`` (N, ...) in [-1,1]; per class when ``labels`` are given. ``jitter`` is added to the
+        covariance's diagonal (rank-deficient pixels, e.g. always-black borders)."""
+        flat = z.flatten(1).double()
+        groups = [flat] if labels is None else [flat[labels == c] for c in range(int(labels.max()) + 1)]
+        means, chols, counts = [], [], []
+        for g in groups:
+            mu = g.mean(0)
+            cov = torch.cov(g.T) if g.shape[0] > 1 else torch.zeros(flat.shape[1], flat.shape[1], dtype=g.dtype)
+            cov = cov + jitter * torch.eye(cov.shape[0], dtype=cov.dtype)
+            means.append(mu)
+            chols.append(torch.linalg.cholesky(cov))
+            counts.append(g.shape[0])
+        probs = torch.tensor(counts, dtype=torch.float64)
+        return cls(torch.stack(means).float(), torch.stack(chols).float(), (probs / probs.sum()).float(),
+                   tuple(z.shape[1:]))
+
+    def sample(self, n: int, generator: torch.Generator | None = None,
+               device: torch.device | None = None) -> torch.Tensor:
+        """``n`` starts (n, *shape) in [-1, 1]."""
+        device = device or self.mean.device
+        k = torch.multinomial(self.probs.to(device), n, replacement=True, generator=generator)
+        eps = torch.randn((n, self.mean.shape[1]), generator=generator, device=device)
+        x = torch.empty_like(eps)
+        for c in range(self.mean.shape[0]):  # one matrix product per class (never a (n, D, D) gather)
+            rows = k == c
+            x[rows] = self.mean[c].to(device) + eps[rows] @ self.chol[c].to(device).T
+        return x.clamp(-1, 1).view(n, *self.shape)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean.cpu(), "chol": self.chol.cpu(), "probs": self.probs.cpu()}
+
+
 class ReplayBuffer:
     """Persistent SGLD chains (JEM's replay buffer) on the model's device.
 
-    ``sample`` draws ``n`` chains, re-initialising each with probability ``reinit_freq`` from U(-1, 1);
+    ``sample`` draws ``n`` chains, re-initialising each with probability ``reinit_freq`` from U(-1, 1) (or from
+    an informative :class:`GaussianInit`);
     ``update`` writes the advanced chains back. Indices are drawn without replacement, on the device
     (no host round trip).
     """
 
     def __init__(self, size: int, shape: tuple[int, ...], reinit_freq: float = 0.05, *,
-                 device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> None:
+                 device: torch.device | str = "cpu", generator: torch.Generator | None = None,
+                 init: GaussianInit | None = None) -> None:
         self.size = size
         self.shape = tuple(shape)
         self.reinit_freq = reinit_freq
         self.generator = generator
+        self.init = init
         self.buffer = self.uniform(size, device=torch.device(device))
 
     @property
@@ -75,8 +131,10 @@ class ReplayBuffer:
         return self.buffer.device
 
     def uniform(self, n: int, device: torch.device | None = None) -> torch.Tensor:
-        """``n`` fresh chains from U(-1, 1)."""
+        """``n`` fresh chains: from U(-1, 1), or from the informative init when the buffer has one."""
         device = device or self.device
+        if self.init is not None:
+            return self.init.sample(n, self.generator, device)
         return torch.rand((n, *self.shape), generator=self.generator, device=device) * 2 - 1
 
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,10 @@ sampler seed a bounded number of times. Under ``torchrun`` the same loop runs as
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+
 import json
 import logging
 import math
@@ -16,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +35,7 @@ from .data import ImageDataset, Prefetcher, load_dataset
 from .distributed import RANK_SEED_STRIDE, SINGLE, DistContext, shard, shard_size
 from .errors import UserError
 from .model import EnergyModel, to_internal, to_pixels
-from .sgld import ReplayBuffer, sgld
+from .sgld import GaussianInit, ReplayBuffer, sgld
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +125,8 @@ def jem_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tens
     model.eval()
     with ctx.autocast():
         zq = sgld(ctx.sample_energy_z, z0, cfg.sgld.steps, cfg.sgld.step_size, cfg.sgld.noise,
-                  generator=ctx.generator, bounds=(-1.0, 1.0) if cfg.sgld.clamp else None)
+                  generator=ctx.generator, bounds=(-1.0, 1.0) if cfg.sgld.clamp else None,
+                  grad_clip=cfg.sgld.grad_clip or None)
     model.train(was_training)
     buf.update(idx, zq)
     with ctx.autocast():
@@ -226,14 +231,18 @@ def evaluate(model: torch.nn.Module, data: ImageDataset, device: torch.device, b
     return float(correct) / len(data)
 
 
-def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 10) -> None:
-    """Save [0,1] images (N, C, H, W) as one PNG grid (matplotlib; no torchvision)."""
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 10,
+              row_labels: list[str] | None = None, scale: int = 1) -> None:
+    """Save [0,1] images (N, C, H, W) as one PNG grid (matplotlib; no torchvision). ``scale`` enlarges each
+    pixel (nearest); ``row_labels`` names the rows (a figure with the labels on the left)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     images = images.detach().float().clamp(0, 1).cpu()
+    if scale > 1:
+        images = images.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
     n, c, h, w = images.shape
     rows = math.ceil(n / nrow)
     grid = torch.ones(c, rows * (h + 2) + 2, nrow * (w + 2) + 2)
@@ -241,8 +250,22 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 10) -> 
         r, col = divmod(i, nrow)
         grid[:, 2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + col * (w + 2): 2 + col * (w + 2) + w] = images[i]
     arr = grid.permute(1, 2, 0).numpy()
-    atomic_write(path, lambda f: plt.imsave(f, arr[..., 0] if c == 1 else arr, cmap="gray" if c == 1 else None,
-                                            vmin=0, vmax=1, format="png"))
+    image = arr[..., 0] if c == 1 else arr
+    cmap = "gray" if c == 1 else None
+    if not row_labels:
+        atomic_write(path, lambda f: plt.imsave(f, image, cmap=cmap, vmin=0, vmax=1, format="png"))
+        return
+    dpi = 100
+    fig = plt.figure(figsize=(image.shape[1] / dpi + 1.6, image.shape[0] / dpi + 0.2), dpi=dpi)
+    ax = fig.add_axes((1.6 / (image.shape[1] / dpi + 1.6), 0, 1 - 1.6 / (image.shape[1] / dpi + 1.6), 1))
+    ax.imshow(image, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([2 + r * (h + 2) + h / 2 for r in range(min(rows, len(row_labels)))],
+                  row_labels[:rows], fontsize=9)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=dpi, format="png"))
+    plt.close(fig)
 
 
 @dataclass
@@ -344,7 +367,7 @@ class Trainer:
         if cfg.objective == "jem":
             self.buffer = ReplayBuffer(shard_size(cfg.sgld.buffer_size, self.dist.rank, self.dist.world),
                                        self.train_data.shape, cfg.sgld.reinit_freq, device=self.device,
-                                       generator=self.gen)
+                                       generator=self.gen, init=self.informative_init())
         # The loss functions call these instead of the model's methods. Compiling/wrapping the backbone
         # leaves ``self.model`` (and so checkpoint state_dict keys) untouched.
         net: torch.nn.Module = self.model.net
@@ -443,6 +466,16 @@ class Trainer:
         self.lr_scale, self.retries = st.get("lr_scale", 1.0), st.get("retries", 0)
         self.best_acc = st.get("best_acc", 0.0)
 
+    def informative_init(self) -> GaussianInit | None:
+        """The buffer's informative init (fitted once to the training set; a pure function of it), or None."""
+        if self.cfg.sgld.init == "uniform":
+            return None
+        if getattr(self, "_init", None) is None:
+            z = to_internal(self.train_data.x)
+            labels = self.train_data.labels if self.cfg.sgld.init == "class-gaussian" else None
+            self._init = GaussianInit.fit(z, labels)
+        return self._init
+
     # --- the loop ----------------------------------------------------------------------------------
     def run(self, stop_at: int | None = None, progress: bool = True) -> dict[str, Any]:
         cfg, d = self.cfg, self.dist
@@ -529,6 +562,23 @@ def truncate_metrics(path: Path, step: int) -> None:
     atomic_write(path, text)
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM (a scheduler's polite kill) like Ctrl-C inside the block, so the same clean-up runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def check_out_dir(out: Path) -> None:
     """Fail early (nothing written) when ``out`` cannot be created or written."""
     try:
@@ -573,8 +623,18 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike, *, device: torch.devi
         (out / "metrics.jsonl").unlink(missing_ok=True)
     if dist.is_main:
         atomic_write(out / "config.json", lambda f: f.write(json.dumps(cfg.to_dict(), indent=2).encode()))
+        init = trainer.informative_init()
+        if init is not None:  # the fitted init, stored with the run
+            atomic_write(out / "init.pt", lambda f: torch.save(init.state_dict(), f))
     try:
-        trainer.run(stop_at=stop_at, progress=progress)
+        with sigterm_as_interrupt():
+            trainer.run(stop_at=stop_at, progress=progress)
+    except KeyboardInterrupt:
+        if not dist.enabled and trainer.step > 0:  # a lone process can save alone (DDP would need every rank)
+            trainer.save("last.pt")
+            log.warning("interrupted at step %d: %s written; continue with robust-jem train --resume %s",
+                        trainer.step, out / "last.pt", out)
+        raise
     finally:
         trainer.loader.close()
     if trainer.step < cfg.iters:

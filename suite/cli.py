@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from attacks.common import parse_eps
+from attacks.common import format_eps, parse_eps
 from infra.errors import InputError
 from robust_jem.errors import UserError
 
@@ -137,6 +137,7 @@ DISTRIBUTED_COMMANDS = ("train", "pgd", "autoattack", "blackbox")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="robust-jem", prog_name="robust-jem")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.pass_context
 def cli(ctx: click.Context, verbose: bool) -> None:
@@ -189,6 +190,10 @@ def data_check(dataset: str, data_dir: str | None) -> None:
 @click.option("--sgld-noise", type=float, default=None)
 @click.option("--buffer-size", "sgld_buffer_size", type=int, default=None)
 @click.option("--reinit-freq", "sgld_reinit_freq", type=float, default=None)
+@click.option("--sgld-init", type=click.Choice(["uniform", "gaussian", "class-gaussian"]), default=None,
+              help="Replay-buffer init and re-init: U(-1,1) (the paper) or Gaussians fitted to the training set "
+                   "(one, or one per class: JEM++'s informative init).")
+@click.option("--sgld-grad-clip", type=float, default=None, help="Clip each chain's energy gradient norm (0: off).")
 @click.option("--sgld-clamp/--no-sgld-clamp", "sgld_clamp", default=None,
               help="Keep training chains in the data domain [-1,1] (quick preset: on; reference: off).")
 @click.option("--pgd-eps", type=NUMBER, default=None, help="PGD-AT L∞ ε (fractions allowed).")
@@ -360,6 +365,38 @@ def sample(checkpoint: str, classes: list[int] | None, steps: int, n: int, init:
 
 
 @cli.command()
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="The JEM checkpoint judged.")
+@click.option("--judge", required=True, type=click.Path(dir_okay=False),
+              help="An independently trained classifier on the same data (e.g. the CE baseline).")
+@click.option("--n", type=_POS, default=2000, show_default=True, help="Buffer samples (and real images) judged.")
+@click.option("--steps", type=click.IntRange(min=0), default=100, show_default=True,
+              help="SGLD steps of the fresh class-conditional chains.")
+@click.option("--per-class", type=_POS, default=20, show_default=True, help="Fresh conditional chains per class.")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.9,
+              show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="results/health", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--device", default="auto", show_default=True)
+def health(checkpoint: str, judge: str, n: int, steps: int, per_class: int, threshold: float, seed: int, out: str,
+           data_dir: str | None, device: str) -> None:
+    """EBM health of a JEM: its buffer and fresh conditional samples judged by an independent classifier
+    (confident fraction, agreement, Fréchet distance in the judge's logit space vs uniform noise and real)."""
+    from robust_jem.health import run_health
+
+    r = run_health(checkpoint, judge, out, n=n, steps=steps, per_class=per_class, threshold=threshold, seed=seed,
+                   device=resolve_device(device), data_dir=data_dir)
+    click.echo(f"buffer: {100 * r['buffer_confident']:.1f} % confident (>= {threshold:g}) by the judge, "
+               f"{100 * r['buffer_agrees_with_jem']:.1f} % agreeing with the JEM; conditional chains: "
+               f"{100 * r['conditional_confident']:.1f} % confident, {100 * r['conditional_hits_target']:.1f} % on "
+               f"target")
+    click.echo(f"Frechet distance to real test images in the judge's logits: buffer {r['fd_buffer_real']:.1f}, "
+               f"conditional {r['fd_conditional_real']:.1f}, uniform noise {r['fd_uniform_real']:.1f}, real vs real "
+               f"{r['fd_real_real']:.2f}; energy data {r['energy_data']:.2f} vs buffer {r['energy_buffer']:.2f}")
+    click.echo(str(Path(out) / "rows.jsonl"))
+
+
+@cli.command()
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False))
 @click.option("--sigma", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Noise std in [0,1] pixels [the gaussian-aug checkpoint's].")
@@ -423,7 +460,7 @@ def _whitebox_options(fn: Any) -> Any:
                           "once each as the bare classifier (no chain, one copy, no noise), whatever "
                           "--sgld-steps says."),
         click.option("--norm", "norms", type=ChoiceList(("linf", "l2")), default="linf", show_default=True,
-                     help="Threat model(s), comma list."),
+                     help="Threat model: linf or l2 (ε in [0,1] pixel units; L2 at most sqrt(C·H·W))."),
         click.option("--eps", type=EPS, required=True,
                      help="ε in [0,1] pixel units: fractions, decimals, comma lists (8/255,0.1)."),
         *_refinement_options(),
@@ -441,8 +478,9 @@ def _whitebox_options(fn: Any) -> Any:
                      help="Random restarts; an example is robust only if it survives all of them."),
         click.option("--eval-draws", type=click.IntRange(min=1), default=5, show_default=True,
                      help="Fresh-noise draws for the final verdict (1 for deterministic models)."),
-        click.option("--n-examples", type=click.IntRange(min=1), default=None,
-                     help="Test images to attack [the whole test set]."),
+        click.option("--n-examples", type=click.IntRange(min=1), default=100, show_default=True,
+                     help="Test images to attack (a JEM-10 row with full gradients costs about 0.5 s per image "
+                          "and PGD step on 2 CPU cores)."),
         click.option("--examples", "example_rule", type=click.Choice(["first", "random"]), default="first",
                      show_default=True, help="Which N: the first N, or N drawn with --seed."),
         click.option("--batch-size", type=click.IntRange(min=1), default=None,
@@ -481,23 +519,30 @@ def _whitebox(command: str, attack: Any, *, checkpoints: tuple[str, ...], norms:
     """Build the white-box job, run it (under ``torchrun``: batches shared over ranks), print one line per row."""
     from robust_jem.distributed import launch
 
-    from .evaluate import WhiteboxJob, whitebox
+    from .evaluate import WhiteboxJob, refuse_foreign_rows, whitebox
 
     eps = list(dict.fromkeys(eps))
+    if len(norms) > 1 and any(e > 0 for e in eps):
+        raise UserError("one --eps list cannot serve two norms (L∞ and L2 budgets differ by ~30x here); run one "
+                        "command per --norm")
     for norm in norms:
-        parse_eps(",".join(repr(e) for e in eps), norm)  # L∞ ε > 1 is an error before anything runs
+        if norm == "linf" and any(e > 1 for e in eps):
+            big = next(e for e in eps if e > 1)
+            raise UserError(f"L∞ ε {big:g} exceeds 1, the whole [0,1] pixel range" +
+                            (f"; did you mean {big:g}/255?" if big <= 255 and big == int(big) else ""))
     job = WhiteboxJob(tuple(checkpoints), tuple(norms), tuple(eps), attack,
                       _chain(sgld_steps, n_chains, init_noise, sgld_step_size, sgld_noise), tuple(grad_modes),
                       n_examples=n_examples, example_rule=example_rule, batch_size=batch_size, seed=seed, bf16=bf16,
                       compile=compile_)
     out_dir = Path(out) if out else _run_name(command, checkpoints, norms)
+    refuse_foreign_rows(out_dir, checkpoints)
     with launch(resolve_device(device)) as (dist, dev):
         rows = whitebox(job, out_dir, device=dev, data_dir=data_dir, progress=not no_progress and dist.is_main)
     if not dist.is_main:
         return
     for r in rows:
         mode = f" {r.grad_mode}" if r.sgld_steps else ""
-        click.echo(f"{r.model}{mode} {r.attack} {r.norm} eps={r.eps:.4g}: clean {r.clean_acc:.3f}  "
+        click.echo(f"{r.model}{mode} {r.attack} {r.norm} eps={format_eps(r.eps)}: clean {r.clean_acc:.3f}  "
                    f"robust {r.robust_acc:.3f} [{r.robust_ci_low:.3f}, {r.robust_ci_high:.3f}]  "
                    f"mean over draws {r.robust_acc_mean:.3f}  n={r.n}  {r.wall_s:.1f}s")
     click.echo(str(out_dir / "rows.jsonl"))
@@ -564,12 +609,27 @@ def plot(runs: tuple[str, ...], out: str | None) -> None:
         raise UserError(f"no rows in {', '.join(runs)}")
     target = Path(out) if out else (Path(runs[0]) if Path(runs[0]).is_dir() else Path(runs[0]).parent) \
         / "robust_acc_vs_eps.png"
+    from robust_jem.train import check_out_dir
+
+    check_out_dir(target.parent)  # a bad --out is one line, before anything is drawn
     try:
         png, md = plot_rows(rows, target)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     click.echo(str(png))
     click.echo(str(md))
+
+
+@cli.command()
+@click.argument("run", type=click.Path(file_okay=False))
+def report(run: str) -> None:
+    """Regenerate RUN/report.md (with flags.json, headline.json, rows.csv and the figures) from RUN's rows."""
+    from attacks.report import write_report
+    from infra.records import ROWS
+
+    if not (Path(run) / ROWS).is_file():
+        raise UserError(f"{run}: no {ROWS} found")
+    click.echo(str(write_report(run)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -629,7 +689,7 @@ def blackbox(attack: str, checkpoints: tuple[str, ...], sgld_steps: list[int], n
     from attacks.black import BlackboxConfig
     from robust_jem.distributed import launch
 
-    from .evaluate import BlackboxJob, blackbox as run
+    from .evaluate import BlackboxJob, blackbox as run, refuse_foreign_rows
 
     defaults = {"boundary": (30, 10), "pointwise": (30, 20)}[attack]
     cfg = BlackboxConfig(attack, steps=steps or defaults[0], init_steps=init_steps or defaults[1],
@@ -639,6 +699,7 @@ def blackbox(attack: str, checkpoints: tuple[str, ...], sgld_steps: list[int], n
                       n_examples=n_examples, eps_grid=tuple(eps_grid) if eps_grid else None,
                       l0_grid=tuple(l0_grid) if l0_grid else None)
     out_dir = Path(out) if out else _run_name("blackbox", checkpoints, [attack])
+    refuse_foreign_rows(out_dir, checkpoints)
     with launch(resolve_device(device)) as (dist, dev):  # under torchrun: chunks shared over ranks
         rows = run(job, out_dir, device=dev, data_dir=data_dir, progress=not no_progress and dist.is_main)
     if not dist.is_main:
@@ -681,13 +742,14 @@ def distal(checkpoints: tuple[str, ...], sgld_steps: list[int], n_chains: int, i
     above --threshold and log-density (rows of kind "distal") and a PNG grid per model (rows = classes)."""
     from attacks.distal import DistalConfig
 
-    from .evaluate import DistalJob, distal as run
+    from .evaluate import DistalJob, distal as run, refuse_foreign_rows
 
     cfg = DistalConfig(steps=steps, step_size=step_size, seeds=seeds, starts=tuple(dict.fromkeys(starts)),
                        mean_noise=mean_noise, threshold=threshold, method=method, seed=seed).validate()
     job = DistalJob(tuple(checkpoints), cfg, _chain(sgld_steps, n_chains, init_noise, sgld_step_size, sgld_noise),
                     tuple(grad_modes), n_real=n_real)
     out_dir = Path(out) if out else _run_name("distal", checkpoints, [])
+    refuse_foreign_rows(out_dir, checkpoints)
     for r in run(job, out_dir, device=resolve_device(device), data_dir=data_dir, progress=not no_progress):
         mode = f" {r.grad_mode}" if r.sgld_steps else ""
         click.echo(f"{r.model}{mode} {r.start}: confidence {r.conf_start:.3f} -> {r.conf_result:.3f}"
@@ -726,7 +788,8 @@ def main(argv: list[str] | None = None) -> None:
     except TrainingDiverged as exc:
         click.echo(f"robust-jem: {_one_line(str(exc))}", err=True)
         sys.exit(1)
-    except click.exceptions.Abort:
-        click.echo("robust-jem: aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("robust-jem: interrupted. Kept: finished rows and finished batches (attacks), last.pt "
+                   "(training); run the same command again to resume.", err=True)
         sys.exit(130)
     sys.exit(rc if isinstance(rc, int) else 0)

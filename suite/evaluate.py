@@ -49,6 +49,60 @@ def prepare_out(out: str | Path) -> Path:
     return out
 
 
+def data_hashes(ds: ImageDataset) -> dict[str, str]:
+    """file name -> sha256 of the files a data set was read from (recorded in every attack row)."""
+    from infra.provenance import file_sha256
+
+    return {Path(f).name: file_sha256(f) for f in ds.files}
+
+
+def warn_if_wrong_data(rows: Sequence[Any], loaded: Sequence[Any]) -> list[str]:
+    """A loud warning when a defense's clean accuracy on the attacked images is far below the test accuracy
+    its checkpoint recorded in training: the data are probably not what it was trained on (e.g. MNIST files
+    under Fashion-MNIST names). Returns the warnings."""
+    recorded = {c.sha256: (c.info.get("metrics") or {}).get("test_acc") for c in loaded}
+    seen: dict[str, list[Any]] = {}
+    for r in rows:
+        if r.checkpoint_sha256 in recorded and recorded[r.checkpoint_sha256] is not None:
+            seen.setdefault(r.checkpoint_sha256, []).append(r)
+    out = []
+    for sha, rs in seen.items():
+        n = sum(r.n for r in rs)
+        clean = sum(r.clean_acc * r.n for r in rs) / max(n, 1)
+        want = float(recorded[sha])
+        if n >= 20 and clean < want - max(0.15, 3 * (want * (1 - want) / max(rs[0].n, 1)) ** 0.5):
+            msg = (f"WARNING: {rs[0].model} is {100 * clean:.0f} % correct on the attacked clean images but its "
+                   f"checkpoint recorded {100 * want:.0f} % test accuracy: are these the data it was trained on? "
+                   f"(data files: {', '.join(f'{k} {v[:12]}' for k, v in (getattr(rs[0], 'data_sha256', {}) or {}).items())})")
+            log.warning(msg)
+            out.append(msg)
+    return out
+
+
+def _check_budgets(norms: Sequence[str], eps: Sequence[float], ds: ImageDataset) -> None:
+    """An L2 ε beyond the largest distance two images can have (the diagonal of [0,1]^(C·H·W)) is a unit error."""
+    if "l2" in norms:
+        top = float(np.sqrt(np.prod(ds.shape)))
+        big = [e for e in eps if e > top]
+        if big:
+            raise UserError(f"L2 ε {big[0]:g} exceeds {top:.4g}, the largest L2 distance between two {ds.name} images "
+                            f"({'x'.join(map(str, ds.shape))} pixels in [0,1])")
+
+
+def refuse_foreign_rows(out: str | Path, checkpoints: Sequence[str]) -> None:
+    """Refuse to add rows to a run folder holding rows of other checkpoints (another run's results)."""
+    from infra.provenance import file_sha256
+
+    path = Path(out) / ROWS
+    if not path.is_file():
+        return
+    ours = {file_sha256(c) for c in checkpoints if Path(c).is_file()}
+    foreign = {r["checkpoint_sha256"] for r in read_rows(path) if r.get("checkpoint_sha256")} - ours
+    if foreign:
+        raise UserError(f"{out} holds rows of {len(foreign)} other checkpoint(s) (another run's results); "
+                        f"pass another --out")
+
+
 def _subset(ds: ImageDataset, n: int | None) -> ImageDataset:
     if n is None or n >= len(ds):
         return ds
@@ -136,6 +190,9 @@ def whitebox(job: WhiteboxJob, out: str | Path, *, device: torch.device, data_di
         raise UserError("--compile needs --grad-mode bpda when --sgld-steps > 0 (the full-gradient chain is a "
                         "double backward, which torch.compile does not support)")
     ds, loaded = load_checkpoints(job.checkpoints, device, data_dir)
+    Examples(job.n_examples, job.example_rule, job.seed).validate(len(ds))
+    _check_budgets(job.norms, job.eps, ds)
+    out = prepare_out(out)  # before any work: a bad --out is one line, not a traceback after the first batch
     targets = build_targets(loaded, job.chain, job.grad_modes, seed=job.seed, bf16=job.bf16, compile=job.compile)
     if isinstance(job.attack, TransferSettings):
         _, [src] = load_checkpoints([job.attack.source], device, data_dir, dataset=ds.name)
@@ -144,10 +201,11 @@ def whitebox(job: WhiteboxJob, out: str | Path, *, device: torch.device, data_di
                                    restarts=job.attack.restarts, eval_draws=job.attack.eval_draws, seed=job.seed)
     else:
         factory = job.attack.factory(len(ds.classes), job.seed)
-    return run_sweep(targets, factory, list(job.norms), list(job.eps),
-                     ds.images, ds.labels, Path(out), dataset=ds.name,
-                     examples=Examples(job.n_examples, job.example_rule, job.seed), seed=job.seed,
-                     batch_size=job.batch_size, progress=progress)
+    rows = run_sweep(targets, factory, list(job.norms), list(job.eps), ds.images, ds.labels, Path(out),
+                     dataset=ds.name, examples=Examples(job.n_examples, job.example_rule, job.seed), seed=job.seed,
+                     batch_size=job.batch_size, progress=progress, data_sha256=data_hashes(ds))
+    warn_if_wrong_data(rows, loaded)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,6 +228,7 @@ def blackbox(job: BlackboxJob, out: str | Path, *, device: torch.device, data_di
     """Run ``job`` and return its rows (one per defense and norm, each with its whole ε curve)."""
     cfg = job.config.validate()
     ds, loaded = load_checkpoints(job.checkpoints, device, data_dir)
+    out = prepare_out(out)
     targets = build_targets(loaded, job.chain, ("full",), seed=cfg.seed)  # no gradients used
     n = min(job.n_examples, len(ds))
     x, y = ds.batch(slice(0, n))
@@ -177,7 +236,8 @@ def blackbox(job: BlackboxJob, out: str | Path, *, device: torch.device, data_di
     rows: list[BlackboxRow] = []
     for t in targets:
         rows += run_blackbox(t, x.to(device), y.to(device), cfg, out_dir=Path(out), examples=f"test[0:{n}]",
-                             dataset=ds.name, eps_grids=grids, indices=range(n), progress=progress)
+                             dataset=ds.name, eps_grids=grids, indices=range(n), progress=progress,
+                             data_sha256=data_hashes(ds))
     return rows
 
 
@@ -211,8 +271,8 @@ def distal(job: DistalJob, out: str | Path, *, device: torch.device, data_dir: s
         run_distal(t.model, n_classes=len(ds.classes), mean_image=mean_image, real_images=real, cfg=cfg,
                    out_dir=out, identity=ident, extra={**provenance_fields(t.checkpoint, device)},
                    density=bare[t.checkpoint], progress=progress,
-                   save_grid=lambda imgs, path, nrow: save_grid(  # 4x nearest upscale: a few columns
-                       imgs.repeat_interleave(4, -1).repeat_interleave(4, -2), path, nrow=nrow))
+                   save_grid=lambda imgs, path, nrow: save_grid(imgs, path, nrow=nrow, scale=4,
+                                                                row_labels=list(ds.classes)))  # rows = classes
         keys = {row_key({"kind": "distal", "start": kind, **cfg.params(), **ident}) for kind in cfg.starts}
         rows += [DistalRow.from_dict(r) for r in read_rows(out / ROWS) if r.get("key") in keys]
     return rows

@@ -117,7 +117,10 @@ class StudyPlan:
     conv_steps: tuple[int, ...]
     conv_eot: tuple[int, ...]
     conv_eot_steps: int
+    conv_jem10: tuple[tuple[int, ...], tuple[int, ...]]
     blackbox_steps: int
+    blackbox_ladder: tuple[int, ...]
+    n_blackbox_ladder: int
     certify_n: int
     certify_examples: int
     extras_examples: int
@@ -127,17 +130,19 @@ PLANS = {
     "quick": StudyPlan(linf_eps=(0.0, 0.05, 0.1, 0.2, 0.5), l2_eps=(0.0, 1.0, 2.0, 6.0), linf_mid=0.1, l2_mid=2.0,
                        grids={"jem1": {"linf": (0.0, 0.05, 0.1, 0.5), "l2": (0.0, 2.0, 6.0)},
                               "jem10": {"linf": (0.05, 0.1, 0.5), "l2": (2.0,)}},
-                       n={"bare": 100, "jem0": 40, "jem1": 25, "jem10": 8},
+                       n={"bare": 100, "jem0": 40, "jem1": 20, "jem10": 8},
                        n_conv={"bare": 50, "jem0": 20, "jem1": 10, "jem10": 4}, conv_norms_jem10=("linf",),
-                       steps=50, restarts=2, eot=1, eval_draws=3, aa_steps=20, conv_steps=(10, 50, 200),
-                       conv_eot=(1, 5, 20), conv_eot_steps=5, blackbox_steps=12, certify_n=500,
+                       steps=50, restarts=2, eot=1, eval_draws=5, aa_steps=20, conv_steps=(10, 50, 200),
+                       conv_eot=(1, 5, 20), conv_eot_steps=5, conv_jem10=((10, 50, 100), (1, 5, 10)),
+                       blackbox_steps=12, blackbox_ladder=(100,),
+                       n_blackbox_ladder=10, certify_n=500,
                        certify_examples=20, extras_examples=500),
     "tiny": StudyPlan(linf_eps=(0.0, 0.1, 0.5), l2_eps=(0.0, 2.0), linf_mid=0.1, l2_mid=2.0,
                       grids={"jem10": {"linf": (0.1, 0.5), "l2": (2.0,)}},
                       n={"bare": 12, "jem0": 8, "jem1": 6, "jem10": 4}, n_conv={"bare": 6, "jem0": 4, "jem1": 4,
                                                                              "jem10": 2},
                       conv_norms_jem10=("linf",), steps=5, restarts=2, eot=1, eval_draws=2, aa_steps=3, conv_steps=(2, 5), conv_eot=(1, 2),
-                      conv_eot_steps=2, blackbox_steps=2, certify_n=20, certify_examples=5, extras_examples=50),
+                      conv_eot_steps=2, conv_jem10=((2, 5), (1, 2)), blackbox_steps=2, blackbox_ladder=(4,), n_blackbox_ladder=3, certify_n=20, certify_examples=5, extras_examples=50),
     "cifar10-paper": StudyPlan(linf_eps=(0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255, 0.5),
                                l2_eps=(0.0, 0.25, 0.5, 1.0, 2.0, 10.0), linf_mid=8 / 255, l2_mid=0.5,
                                grids={"jem10": {"linf": (2 / 255, 4 / 255, 8 / 255, 16 / 255),
@@ -145,7 +150,9 @@ PLANS = {
                                n={"bare": 10000, "jem0": 1000, "jem1": 1000, "jem10": 1000},
                                n_conv={"bare": 500, "jem0": 200, "jem1": 200, "jem10": 100},
                                conv_norms_jem10=("linf", "l2"), steps=100, restarts=2, eot=20, eval_draws=5, aa_steps=100, conv_steps=(10, 50, 200),
-                               conv_eot=(1, 5, 20), conv_eot_steps=50, blackbox_steps=1000, certify_n=10000,
+                               conv_eot=(1, 5, 20), conv_eot_steps=50,
+                               conv_jem10=((10, 50, 200), (1, 5, 20)), blackbox_steps=1000,
+                               blackbox_ladder=(5000, 25000), n_blackbox_ladder=100, certify_n=10000,
                                certify_examples=500, extras_examples=10000),
 }
 
@@ -175,8 +182,10 @@ def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
                white(f"pgd-{norm}-jem10-full", "jem10", norm, eps_of["jem10"], head, modes=("full",)),
                white(f"pgd-{norm}-jem10-bpda", "jem10", norm, (mids[norm],), head, modes=("bpda",))]
     for norm, e in mids.items():
-        for group in groups:
-            st.append(white(f"autoattack-{norm}-{group}", group, norm, (e,), aa, modes=("full",), kind="autoattack"))
+        grid = plan.linf_eps if norm == "linf" else plan.l2_eps
+        for group in groups:  # AutoAttack at every ε of the defense's curve, so no cell rests on PGD alone
+            eps = tuple(x for x in plan.grids.get(group, {}).get(norm, grid) if x > 0)
+            st.append(white(f"autoattack-{norm}-{group}", group, norm, eps, aa, modes=("full",), kind="autoattack"))
         for group in ("jem0", "jem1", "jem10"):
             for source, name in ((jem, "bare-jem"), (at, "pgd-at")):
                 st.append(white(f"transfer-{norm}-{name}-{group}", group, norm, (e,),
@@ -187,13 +196,14 @@ def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
         for group in groups:
             if group == "jem10" and norm not in plan.conv_norms_jem10:
                 continue  # the full-gradient 10-step chain is too dear for both norms on a CPU budget
-            for steps in plan.conv_steps:
+            ladder_steps, ladder_eot = (plan.conv_jem10 if group == "jem10" else (plan.conv_steps, plan.conv_eot))
+            for steps in ladder_steps:
                 st.append(white(f"conv-{norm}-{group}-steps{steps}", group, norm, (e,),
                                 PGDSettings(steps=steps, restarts=1, eot=1, eval_draws=plan.eval_draws),
                                 n=plan.n_conv[group], modes=("full",), kind="convergence"))
             if group == "bare":
                 continue  # a deterministic model: EOT is 1 whatever is asked
-            for eot in plan.conv_eot:
+            for eot in ladder_eot:
                 st.append(white(f"conv-{norm}-{group}-eot{eot}", group, norm, (e,),
                                 PGDSettings(steps=plan.conv_eot_steps, restarts=1, eot=eot,
                                             eval_draws=plan.eval_draws), n=plan.n_conv[group], modes=("full",),
@@ -205,6 +215,13 @@ def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
             cfg = BlackboxConfig(name, steps=plan.blackbox_steps, init_steps=init)
             st.append(Stage(f"blackbox-{name}-{group}", "blackbox",
                             BlackboxJob(models, cfg, Chain((k,)), n_examples=plan.n[group])))
+    # is Boundary converged? median distance against steps on a few images of the cheaper defenses
+    for group in ("bare", "jem0", "jem1"):
+        models, k = groups[group]
+        for steps in (plan.blackbox_steps, *plan.blackbox_ladder):
+            cfg = BlackboxConfig("boundary", steps=steps, init_steps=10)
+            st.append(Stage(f"blackbox-ladder-{group}-steps{steps}", "blackbox",
+                            BlackboxJob(models, cfg, Chain((k,)), n_examples=plan.n_blackbox_ladder)))
     st += [
         Stage("distal", "distal", DistalJob((ce, at, jem), chain=Chain((0, 1)))),
         Stage("calibrate", "extras", CalibrationJob((ce, at, jem), chain=Chain((0, 1)),
@@ -232,6 +249,11 @@ def run_study(preset: str = "quick", dataset: str | None = None, name: str | Non
     dataset = dataset or ("cifar10" if preset == "cifar10-paper" else "fashion-mnist")
     device = torch.device(device)
     run_dir = results_dir / (name or f"{preset}-{dataset}")
+    planned = {str(runs_dir / f"{preset}-{dataset}" / o / "final.pt") for o in STUDY_OBJECTIVES}
+    others = {r["checkpoint"] for r in read_rows(run_dir / ROWS) if r.get("checkpoint")} - planned
+    if others:  # before training and before writing anything
+        raise UserError(f"{run_dir} holds rows of other checkpoints ({sorted(others)[0]} ...: another run's "
+                        f"results); pass --name NEW to start a new run directory, or remove it")
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run_dir / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

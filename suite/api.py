@@ -1,0 +1,84 @@
+"""Benchmark your own model: any ``nn.Module`` mapping [0,1] images to logits, through the suite's protocol.
+
+    from suite import benchmark
+    rows = benchmark(model, x, y, eps={"linf": [0.03, 0.1]}, deterministic=True)
+
+A module without a ``deterministic`` attribute is treated as randomized (the safe default: 20 EOT draws per
+gradient, 5 fresh-noise verdict draws, AutoAttack's rand version); say ``deterministic=True`` for a plain
+classifier, so that AutoAttack runs its standard version (APGD-CE, APGD-T, FAB-T, Square) and one draw is
+used. A randomized module should draw its noise from torch's global RNG or offer ``reseed(seed)``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from attacks.benchmark import Examples, run_sweep
+from attacks.report import write_report
+from attacks.rows import WhiteboxRow
+from attacks.target import Target
+from attacks.white import autoattack_factory, pgd_factory
+
+
+class Declared(nn.Module):
+    """``model`` with its determinism declared (the user's module is left untouched)."""
+
+    def __init__(self, model: nn.Module, deterministic: bool) -> None:
+        super().__init__()
+        self.inner = model
+        self.deterministic = bool(deterministic)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+    def reseed(self, seed: int) -> None:
+        reseed = getattr(self.inner, "reseed", None)
+        if callable(reseed):
+            reseed(seed)
+
+
+def benchmark(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict[str, Sequence[float]],
+              label: str = "model", deterministic: bool | None = None, out: str | Path | None = None,
+              steps: int = 50, restarts: int = 2, eot: int | str = "auto", eval_draws: int = 5,
+              autoattack: bool = True, seed: int = 0, batch_size: int | None = None,
+              progress: bool = False) -> list[WhiteboxRow]:
+    """Attack ``model`` on ``(x, y)`` with the suite's white-box protocol and return the typed rows.
+
+    Args:
+        model: [0,1] images (N, C, H, W) -> logits (N, K); on the device of ``x``.
+        x, y: images in [0,1] and labels.
+        eps: norm (``linf``, ``l2``) -> budgets in [0,1] pixel units.
+        label: the model's name in rows and the report.
+        deterministic: declare the model deterministic (True) or randomized (False); None: its own
+            ``deterministic`` attribute, randomized when it has none.
+        out: a run folder: rows.jsonl, rows.csv and report.md are written there as a CLI run writes them
+            (default: a temporary folder, rows only).
+        steps, restarts, eot: the PGD budget (``eot="auto"``: 20 draws per step on a randomized model).
+        eval_draws: fresh-noise draws of the verdict (1 on a deterministic model).
+        autoattack: also run AutoAttack (rand or standard, by determinism) at every ε.
+        seed: root of every seed; batch_size: images per attack call.
+
+    Returns:
+        One :class:`~attacks.rows.WhiteboxRow` per (attack, norm, ε), with per-example outcomes.
+    """
+    wrapped = model if deterministic is None else Declared(model, deterministic)
+    target = Target(label, wrapped, {"objective": "external", "module": type(model).__name__})
+    folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="robust-jem-"))
+    factories = [pgd_factory(steps=steps, restarts=restarts, eot=eot, eval_draws=eval_draws, seed=seed)]
+    if autoattack:
+        factories.append(autoattack_factory(version="auto", steps=steps, restarts=1, eval_draws=eval_draws,
+                                            seed=seed, n_classes=int(model(x[:1]).shape[1])))
+    rows: list[WhiteboxRow] = []
+    for factory in factories:
+        for norm, budgets in eps.items():
+            rows += run_sweep([target], factory, [norm], list(budgets), x.detach().cpu(), y.detach().cpu(), folder,
+                              dataset="user", examples=Examples(), seed=seed, batch_size=batch_size,
+                              progress=progress)
+    if out is not None:
+        write_report(folder, preset="benchmark", dataset="user")
+    return rows
