@@ -232,17 +232,33 @@ class WhiteBoxAttack:
         """One restart's adversarial batch, querying the model through ``probe`` (a :class:`MarginProbe`)."""
         raise NotImplementedError
 
-    def candidates(self, x: torch.Tensor, y: torch.Tensor, stream: int = 0) -> Iterator[torch.Tensor]:
-        """Adversarial batches, one per restart (nothing when ε = 0). ``stream`` separates batches' seeds."""
+    def candidates(self, x: torch.Tensor, y: torch.Tensor, stream: int = 0,
+                   standing: Callable[[], torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+        """Adversarial batches, one per restart (nothing when ε = 0). ``stream`` separates batches' seeds.
+
+        ``standing()``, when given, says before each restart which examples are still worth attacking (not yet
+        wrong in every verdict draw); the others are left at the clean input, which the caller ignores. A restart
+        with nothing standing is skipped (AutoAttack's rule: later attacks only see the points still robust).
+        """
         if self.eps == 0:
             return
         for r in range(self.restarts):
+            mask = standing() if standing is not None else None
+            if mask is not None and not bool(mask.any()):
+                return
+            part = mask is not None and not bool(mask.all())
+            xs, ys = (x[mask], y[mask]) if part else (x, y)
             seed = derive_seed(self.seed, "attack", self.name, r, stream)
-            probe = MarginProbe(self.model, y)
+            probe = MarginProbe(self.model, ys)
             with seeded(seed, self.model):
-                x_adv = self._perturb(x, y, seed, probe).detach()
+                x_adv = self._perturb(xs, ys, seed, probe).detach()
             self.traces[f"{self.name}/r{r}"] = per_step(probe.trace, getattr(self, "eot_used", 1))
-            yield self._checked(x, x_adv)
+            x_adv = self._checked(xs, x_adv)
+            if part:
+                full = x.clone()
+                full[mask] = x_adv
+                x_adv = full
+            yield x_adv
 
     def _checked(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         over = float((delta_norm(x_adv - x, self.norm) - self.eps).max())
@@ -269,8 +285,9 @@ class WhiteBoxAttack:
             dnorm = torch.zeros(x.shape[0], device=x.device)
             advs = []
             in_bounds = True
-            for x_adv in self.candidates(x, y, stream):
+            for x_adv in self.candidates(x, y, stream, standing=lambda: worst_frac > 0):
                 ok = self.verdict_of(x_adv, y, stream)
+                ok[:, worst_frac == 0] = False  # not attacked again: its earlier candidate stands
                 advs.append(ok)
                 frac = ok.float().mean(0)
                 worse = frac < worst_frac
@@ -475,9 +492,10 @@ class WorstOf(WhiteBoxAttack):
     def __repr__(self) -> str:
         return f"WorstOf({', '.join(map(repr, self.attacks))})"
 
-    def candidates(self, x: torch.Tensor, y: torch.Tensor, stream: int = 0) -> Iterator[torch.Tensor]:
+    def candidates(self, x: torch.Tensor, y: torch.Tensor, stream: int = 0,
+                   standing: Callable[[], torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
         for a in self.attacks:
-            yield from a.candidates(x, y, stream)
+            yield from a.candidates(x, y, stream, standing)
 
     def reset_traces(self) -> None:
         for a in self.attacks:
@@ -516,8 +534,9 @@ class Transfer(WhiteBoxAttack):
     def __repr__(self) -> str:
         return f"Transfer(source={self.source_label!r}, source_id={self.source_id!r}, attack={self.source!r})"
 
-    def candidates(self, x: torch.Tensor, y: torch.Tensor, stream: int = 0) -> Iterator[torch.Tensor]:
-        yield from self.source.candidates(x, y, stream)
+    def candidates(self, x: torch.Tensor, y: torch.Tensor, stream: int = 0,
+                   standing: Callable[[], torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+        yield from self.source.candidates(x, y, stream, standing)
 
     def reset_traces(self) -> None:
         self.source.reset_traces()

@@ -164,6 +164,32 @@ def test_more_restarts_never_raise_robust_accuracy(net, batch):
     assert torch.equal(three.adv[0], one.adv[0])  # restart 0 is the same run in both
 
 
+def test_later_restarts_attack_only_the_examples_still_standing(net, batch):
+    """AutoAttack's rule: a restart sees only the examples not yet wrong in every verdict draw; the verdict is the
+    one all restarts on all examples would give for those that fell (they stay fallen)."""
+    x, y = batch
+    model = jem1(net)
+    atk = PGD(model, norm="linf", eps=0.03, steps=3, restarts=3, eval_draws=3)
+    sizes = []
+    real = atk._perturb
+
+    def counting(xs, ys, seed, probe):
+        sizes.append(len(xs))
+        return real(xs, ys, seed, probe)
+
+    atk._perturb = counting
+    res = atk(x, y)
+    assert len(sizes) == res.adv.shape[0] == 3
+    for r in range(len(sizes)):  # restart r sees what is right in some draw of the clean input and earlier candidates
+        frac = res.clean.float().mean(0)
+        if r:
+            frac = torch.minimum(frac, res.adv[:r].float().mean(1).amin(0))
+        assert sizes[r] == int((frac > 0).sum()) < len(x)
+    gone = PGD(bare(net), norm="linf", eps=1.0, steps=3, restarts=3)
+    res = gone(x, y)
+    assert res.adv.shape[0] == 1 and not bool(res.robust.any())  # nothing left standing after restart 0
+
+
 def test_worst_of_and_autoattack_rand(net, batch):
     x, y = batch
     model = jem1(net)
@@ -252,11 +278,11 @@ def test_a_killed_row_keeps_its_finished_batches(net, data, tmp_path):
             atk = factory(model, norm, eps)
             real = atk.candidates
 
-            def candidates(x, y, stream=0):
+            def candidates(x, y, stream=0, standing=None):
                 if len(batches) == n_ok:
                     raise KeyboardInterrupt  # killed while attacking this batch
                 batches.append(stream)
-                yield from real(x, y, stream)
+                yield from real(x, y, stream, standing)
 
             atk.candidates = candidates
             return atk
