@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # robust-jem: the two commands.
-#   ./run_all.sh [--preset quick|cifar10-paper] [--name RUN]   set up, then run the study
+#   ./run_all.sh [--preset quick|standard|cifar10-paper] [--name RUN]   set up, then run the study
 #   ./run_all.sh test                                          set up, then run the test suite
 #   ./run_all.sh setup                                         set up only
 set -euo pipefail

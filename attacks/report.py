@@ -239,6 +239,40 @@ def verdicts(head_cells: dict[str, dict[tuple[str, float], dict]], mids: dict[st
     return out
 
 
+def read_health(run_dir: Path) -> dict[str, Any] | None:
+    """The study's EBM health row (``health/health.json``), if it ran."""
+    path = run_dir / "health" / "health.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def health_sentence(h: dict[str, Any]) -> str:
+    """What kind of JEM was tested, in its health numbers (judged by another classifier)."""
+    return (f"- The JEM behind JEM-0/1/10 as an energy model (judged by `{h.get('judge')}`, a classifier trained "
+            f"without it): {_pct(h.get('buffer_confident'))} of {h.get('n_buffer')} replay-buffer samples are "
+            f"labelled with ≥ {h.get('threshold', 0.9)} confidence; Fréchet distance to real test images in the "
+            f"judge's logits {h['fd_buffer_real']:.1f} (uniform noise {h['fd_uniform_real']:.1f}, real vs real "
+            f"{h['fd_real_real']:.2f}); mean energy {h['energy_data']:.2f} on data vs {h['energy_buffer']:.2f} on the "
+            f"buffer; chains initialised from {h.get('sgld_init', 'uniform')}.")
+
+
+def health_table(h: dict[str, Any]) -> str:
+    cols = [("buffer ≥ 0.9 confident", _pct(h.get("buffer_confident"))),
+            ("judge agrees with JEM (buffer)", _pct(h.get("buffer_agrees_with_jem"))),
+            ("conditional chains: judge hits the class", _pct(h.get("conditional_hits_target"))),
+            ("FD buffer / real", f"{h['fd_buffer_real']:.1f}"),
+            ("FD conditional / real", f"{h['fd_conditional_real']:.1f}"),
+            ("FD init / real", "–" if h.get("fd_init_real") is None else f"{h['fd_init_real']:.1f}"),
+            ("FD uniform / real", f"{h['fd_uniform_real']:.1f}"), ("FD real / real", f"{h['fd_real_real']:.2f}"),
+            ("energy data / buffer", f"{h['energy_data']:.2f} / {h['energy_buffer']:.2f}")]
+    return "\n".join(["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols),
+                      "| " + " | ".join(v for _, v in cols) + " |"])
+
+
 def _kv_table(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> str:
     lines = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -333,7 +367,9 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
                 md += [f"> **Warning:** {mine[0].model} is {_pct(clean)} correct on the attacked clean images but its "
                        f"checkpoint recorded {_pct(c['test_acc'])} test accuracy: are these the data it was trained "
                        f"on? (data files: {', '.join(mine[0].data_sha256) or 'unknown'})", ""]
-    md += ["## Verdict", ""] + verdicts(head_cells, mids, checks, typed, rows) + [""]
+    health = read_health(run_dir)
+    md += ["## Verdict", ""] + verdicts(head_cells, mids, checks, typed, rows) + (
+        [health_sentence(health)] if health else []) + [""]
     md += ["## Clean accuracy", "", clean_table(typed, ck_info), ""]
     md += ["## Robust accuracy (headline: per-example worst case over every attack)", "",
            "Each cell: robust accuracy [95 % Wilson CI] on the examples every attack against that model covered. "
@@ -426,6 +462,13 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
             ("model", "model"), ("σ", "smoothing_sigma"), ("L2 radius", "radius"),
             ("certified accuracy", "certified_accuracy"), ("abstain rate", "abstain_rate"),
             ("empirical robust acc (EOT-PGD)", "empirical_robust_accuracy")]), ""]
+    if health:
+        md += ["## EBM health of the JEM", "",
+               f"Its replay buffer ({health.get('n_buffer')} samples) and {health.get('n_conditional')} fresh "
+               f"class-conditional chains ({health.get('steps_conditional')} SGLD steps from uniform noise), judged by "
+               f"`{health.get('judge')}` (sha256 `{str(health.get('judge_sha256', ''))[:16]}`), which was trained "
+               "without the JEM. FD: Fréchet distance in the judge's logit space to held-out real images.", "",
+               health_table(health), ""]
     grids = _images(run_dir, "samples/**/*.png")
     if grids:
         md += ["## Samples", ""] + [f"![{p}]({p})" for p in grids] + [""]

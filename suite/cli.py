@@ -13,6 +13,7 @@ import click
 
 from attacks.common import format_eps, parse_eps
 from infra.errors import InputError
+from robust_jem.config import PRESETS
 from robust_jem.errors import UserError
 
 from .targets import Chain
@@ -168,7 +169,7 @@ def data_check(dataset: str, data_dir: str | None) -> None:
               show_default=True)
 @click.option("--dataset", type=click.Choice(["fashion-mnist", "cifar10", "cifar100", "svhn"]),
               default="fashion-mnist", show_default=True)
-@click.option("--preset", type=click.Choice(["quick", "cifar10-paper", "tiny"]), default="quick", show_default=True)
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="quick", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory [runs/PRESET-OBJECTIVE].")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
               help="Continue the run in this directory from its last.pt (its config wins).")
@@ -253,9 +254,9 @@ def import_jem(src: str, dst: str, dataset: str, unconditional: bool) -> None:
 
 
 @cli.command()
-@click.option("--preset", type=click.Choice(["quick", "cifar10-paper", "tiny"]), default="quick", show_default=True)
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="quick", show_default=True)
 @click.option("--dataset", type=click.Choice(["fashion-mnist", "cifar10", "cifar100", "svhn"]), default=None,
-              help="Default: fashion-mnist (quick), cifar10 (cifar10-paper).")
+              help="Default: cifar10 for cifar10-paper, else fashion-mnist.")
 @click.option("--name", default=None, help="Results folder name [PRESET-DATASET].")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)
 @click.option("--device", default="auto", show_default=True)

@@ -581,8 +581,30 @@ def sample(job: SampleJob, out: str | Path, *, device: torch.device, data_dir: s
                         n_data=job.n_data, device=device, data_dir=data_dir, clamp=job.clamp)
 
 
+@dataclass(frozen=True)
+class HealthJob:
+    """EBM health of a JEM checkpoint judged by another classifier (see :func:`robust_jem.health.health`)."""
+
+    checkpoint: str
+    judge: str
+    n: int = 2000
+    steps: int = 100
+    per_class: int = 20
+    seed: int = 0
+
+
+def ebm_health(job: HealthJob, out: str | Path, *, device: torch.device, data_dir: str | None = None,
+               progress: bool = True) -> dict[str, Any]:
+    """Run ``job`` into ``out``; returns the row written to ``health.json``."""
+    from robust_jem.health import run_health
+
+    return run_health(job.checkpoint, job.judge, out, n=job.n, steps=job.steps, per_class=job.per_class,
+                      seed=job.seed, device=device, data_dir=data_dir)
+
+
 JOB_TYPES = {WhiteboxJob: whitebox, BlackboxJob: blackbox, DistalJob: distal, CalibrationJob: calibrate,
-             OODJob: ood, CertifyJob: certify, SampleJob: sample}
+             OODJob: ood, CertifyJob: certify, SampleJob: sample,
+             HealthJob: ebm_health}
 
 
 def run_job(job: Any, out: str | Path, *, device: torch.device, data_dir: str | None = None,

@@ -27,8 +27,8 @@ from robust_jem.config import TrainConfig, preset_config
 from robust_jem.errors import UserError
 from robust_jem.train import train
 
-from .evaluate import (AutoAttackSettings, BlackboxJob, CalibrationJob, CertifyJob, DistalJob, OODJob, PGDSettings,
-                       SampleJob, TransferSettings, WhiteboxJob, job_record, run_job)
+from .evaluate import (AutoAttackSettings, BlackboxJob, CalibrationJob, CertifyJob, DistalJob, HealthJob, OODJob,
+                       PGDSettings, SampleJob, TransferSettings, WhiteboxJob, job_record, run_job)
 from .targets import Chain
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,17 @@ PLANS = {
                        blackbox_steps=12, blackbox_ladder=(100,),
                        n_blackbox_ladder=10, certify_n=500,
                        certify_examples=20, extras_examples=500),
+    # the standard models (about 50 min of training); JEM-10 at 4 ε per norm
+    "standard": StudyPlan(linf_eps=(0.0, 0.02, 0.05, 0.1, 0.2, 0.5), l2_eps=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0),
+                          linf_mid=0.1, l2_mid=2.0,
+                          grids={"jem1": {"linf": (0.0, 0.02, 0.05, 0.1, 0.5), "l2": (0.0, 0.5, 1.0, 2.0, 8.0)},
+                                 "jem10": {"linf": (0.02, 0.05, 0.1, 0.2), "l2": (0.5, 1.0, 2.0, 4.0)}},
+                          n={"bare": 300, "jem0": 100, "jem1": 50, "jem10": 20},
+                          n_conv={"bare": 100, "jem0": 40, "jem1": 20, "jem10": 8}, conv_norms_jem10=("linf",),
+                          steps=50, restarts=2, eot=1, eval_draws=5, aa_steps=20, conv_steps=(10, 50, 200),
+                          conv_eot=(1, 5, 20), conv_eot_steps=5, conv_jem10=((10, 50, 100), (1, 5, 10)),
+                          blackbox_steps=12, blackbox_ladder=(100,), n_blackbox_ladder=20, certify_n=500,
+                          certify_examples=50, extras_examples=1000),
     "tiny": StudyPlan(linf_eps=(0.0, 0.1, 0.5), l2_eps=(0.0, 2.0), linf_mid=0.1, l2_mid=2.0,
                       grids={"jem10": {"linf": (0.1, 0.5), "l2": (2.0,)}},
                       n={"bare": 12, "jem0": 8, "jem1": 6, "jem10": 4}, n_conv={"bare": 6, "jem0": 4, "jem1": 4,
@@ -228,6 +239,7 @@ def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
                                                     n_examples=plan.extras_examples)),
         Stage("ood", "extras", OODJob((ce, at, jem), n_examples=plan.extras_examples)),
         Stage("sample", "extras", SampleJob(jem, n=4), subdir="samples"),
+        Stage("health", "extras", HealthJob(jem, judge=ce), subdir="health"),
         Stage("certify", "extras", CertifyJob(ga, n=plan.certify_n, n_examples=plan.certify_examples,
                                               attack_radii=(0.25,), attack_steps=5, forward_draws=4)),
     ]

@@ -97,7 +97,7 @@ def test_buffer_initial_uniform():
 
 # --- config, schedule, divergence guard ----------------------------------------------------------
 def test_config_roundtrip_and_presets():
-    for preset in ("quick", "cifar10-paper", "tiny"):
+    for preset in ("quick", "standard", "cifar10-paper", "tiny"):
         for obj in ("jem", "ce", "pgd-at"):
             cfg = preset_config(preset, obj, "fashion-mnist" if preset != "cifar10-paper" else "cifar10")
             assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

@@ -54,6 +54,17 @@ def test_every_check_compares_real_rows(tiny_study):
     assert len(results) == 6 and all(" compared, " in r for r in results), results
 
 
+def test_the_report_names_the_jems_health_judged_by_the_ce_model(tiny_study):
+    _, run_dir = tiny_study
+    h = json.loads((run_dir / "health" / "health.json").read_text())
+    ce = next(r for r in read_typed(run_dir / "rows.jsonl") if r.model == "CE")
+    assert h["judge_sha256"] == ce.checkpoint_sha256 != h["checkpoint_sha256"]
+    report = (run_dir / "report.md").read_text()
+    verdict = report.split("## Verdict")[1].split("\n## ")[0]
+    assert f"Fréchet distance to real test images in the judge's logits {h['fd_buffer_real']:.1f}" in verdict
+    assert "## EBM health of the JEM" in report
+
+
 def test_rerun_recomputes_nothing_and_rows_know_their_code(tiny_study):
     root, run_dir = tiny_study
     before = (run_dir / "rows.jsonl").read_bytes()
