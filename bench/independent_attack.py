@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--eot", type=int, default=4, help="gradient draws per step on randomized models")
     ap.add_argument("--draws", type=int, default=5, help="fresh draws of the final verdict")
+    ap.add_argument("--models", default=None, help="comma-separated model labels (default: every headline model)")
+    ap.add_argument("--tag", default="", help="suffix of the output files")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -97,7 +99,7 @@ def main() -> None:
         if cell["norm"] != "linf" or not any(math.isclose(cell["eps"], e) for e in eps_list):
             continue
         r = defenses.get(cell["subject"])
-        if r is None:
+        if r is None or (args.models and cell["model"] not in args.models.split(",")):
             continue
         net = load(r["checkpoint"]).requires_grad_(False)
         ref = Refinement(r["sgld_steps"], r["n_chains"], r["init_noise"], r["sgld_step_size"], r["sgld_noise"])
@@ -122,7 +124,7 @@ def main() -> None:
             "attack": "margin-loss L∞ PGD, cosine step ε/4→ε/100, uniform start, best iterate, EOT-averaged gradient",
             "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"independent_attack-{slug}.json").write_text(json.dumps(meta, indent=1))
+    (args.out / f"independent_attack-{slug}{args.tag}.json").write_text(json.dumps(meta, indent=1))
     lines = [f"# Independent attack vs the headline of `{args.run}`", "",
              f"{meta['timestamp']}, git {meta['git_sha']}, {dev}. {meta['attack']}; {args.steps} steps, EOT "
              f"{args.eot} (1 on deterministic models), verdict: correct in all {args.draws} fresh draws (own seeds). "
@@ -136,7 +138,7 @@ def main() -> None:
     worst = max((100 * r["suite_robust_but_broken_here"] / r["n"] for r in results), default=0.0)
     lines += ["", f"Largest excess of the suite over this attack: {worst:.1f} examples per 100 "
                   f"({'within' if worst <= 2 else 'ABOVE'} the bar of 2)."]
-    (args.out / f"independent_attack-{slug}.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"independent_attack-{slug}{args.tag}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

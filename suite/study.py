@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,7 @@ class StudyPlan:
     certify_n: int
     certify_examples: int
     extras_examples: int
+    eot_of: dict[str, int] = field(default_factory=dict)  # group -> headline EOT draws (default ``eot``)
 
 
 PLANS = {
@@ -136,7 +137,7 @@ PLANS = {
                        conv_eot=(1, 5, 20), conv_eot_steps=5, conv_jem10=((10, 50, 100), (1, 5, 10)),
                        blackbox_steps=12, blackbox_ladder=(100,),
                        n_blackbox_ladder=10, certify_n=500,
-                       certify_examples=20, extras_examples=500),
+                       certify_examples=20, extras_examples=500, eot_of={"jem0": 4, "jem1": 2}),
     # the standard models (about 50 min of training); JEM-10 at 4 ε per norm
     "standard": StudyPlan(linf_eps=(0.0, 0.02, 0.05, 0.1, 0.2, 0.5), l2_eps=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0),
                           linf_mid=0.1, l2_mid=2.0,
@@ -179,6 +180,8 @@ def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
     def white(name: str, group: str, norm: str, eps: tuple[float, ...], attack: Any, *, n: int | None = None,
               modes: tuple[str, ...] = ("full", "bpda"), kind: str = "whitebox") -> Stage:
         models, k = groups[group]
+        if (attack is head or attack is aa) and group in plan.eot_of:  # the headline's gradient draws for this group
+            attack = replace(attack, eot=plan.eot_of[group])
         return Stage(name, kind, WhiteboxJob(models, (norm,), tuple(eps), attack, Chain((k,)), modes,
                                              n_examples=n or plan.n[group]))
 
