@@ -137,7 +137,7 @@ PLANS = {
                        conv_eot=(1, 5, 20), conv_eot_steps=5, conv_jem10=((10, 50, 100), (1, 5, 10)),
                        blackbox_steps=12, blackbox_ladder=(100,),
                        n_blackbox_ladder=10, certify_n=500,
-                       certify_examples=20, extras_examples=500, eot_of={"jem0": 4, "jem1": 2}),
+                       certify_examples=20, extras_examples=500),
     # the standard models (about 50 min of training); JEM-10 at 4 ε per norm
     "standard": StudyPlan(linf_eps=(0.0, 0.02, 0.05, 0.1, 0.2, 0.5), l2_eps=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0),
                           linf_mid=0.1, l2_mid=2.0,
