@@ -149,12 +149,7 @@ def plot_rows(rows: Iterable[dict[str, Any]], out_png: str | os.PathLike) -> tup
                 ax.fill_between(eps, lo, hi, color=color, alpha=0.15, lw=0)
             else:  # a single ε: show its interval as an error bar
                 ax.errorbar(eps, acc, yerr=[[acc[0] - lo[0]], [hi[0] - acc[0]]], color=color, capsize=3, lw=1)
-        ax.set_title(f"{NORM_TITLES.get(norm, norm)} threat model")
-        ax.set_xlabel("ε ([0,1] pixels)")
-        ax.set_ylabel("robust accuracy")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        _accuracy_axis(ax, f"{NORM_TITLES.get(norm, norm)} threat model", legend_size=7, legend_loc="best")
     n_vals = sorted({r.get("n") for r in rows if r.get("n")})
     fig.suptitle(f"robust accuracy vs ε (95 % Wilson bands; n = {', '.join(map(str, n_vals)) or '?'})", fontsize=10)
     fig.tight_layout()
@@ -195,14 +190,20 @@ def plot_headline(head: list[dict[str, Any]], out_png: str | os.PathLike, names:
             pts = sorted(certified, key=lambda r: r["radius"])
             ax.plot([r["radius"] for r in pts], [r["certified_accuracy"] for r in pts], "--s", ms=3, color="black",
                     label=f"{pts[0]['model']} certified (n={pts[0].get('n_examples')})")
-        ax.set_title(f"{NORM_TITLES.get(norm, norm)}: worst case over every attack")
-        ax.set_xlabel("ε ([0,1] pixels)")
-        ax.set_ylabel("robust accuracy")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper right")
+        _accuracy_axis(ax, f"{NORM_TITLES.get(norm, norm)}: worst case over every attack", legend_size=8,
+                       legend_loc="upper right")
     fig.tight_layout()
     return save_figure(fig, out_png, dpi=120)
+
+
+def _accuracy_axis(ax: Any, title: str, *, legend_size: int, legend_loc: str) -> None:
+    """The common frame of an accuracy-vs-ε panel: labels, [0,1] range, grid, legend."""
+    ax.set_title(title)
+    ax.set_xlabel("ε ([0,1] pixels)")
+    ax.set_ylabel("robust accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size, loc=legend_loc)
 
 
 def _model_order(name: str) -> tuple:

@@ -246,7 +246,8 @@ def read_health(run_dir: Path) -> dict[str, Any] | None:
         return None
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError) as exc:
+        log.warning("%s is unreadable (%s): the report goes without the EBM health", path, exc)
         return None
 
 
@@ -269,8 +270,7 @@ def health_table(h: dict[str, Any]) -> str:
             ("FD init / real", "–" if h.get("fd_init_real") is None else f"{h['fd_init_real']:.1f}"),
             ("FD uniform / real", f"{h['fd_uniform_real']:.1f}"), ("FD real / real", f"{h['fd_real_real']:.2f}"),
             ("energy data / buffer", f"{h['energy_data']:.2f} / {h['energy_buffer']:.2f}")]
-    return "\n".join(["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols),
-                      "| " + " | ".join(v for _, v in cols) + " |"])
+    return _kv_table([dict(cols)], [(c, c) for c, _ in cols])
 
 
 def _kv_table(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> str:

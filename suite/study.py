@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +124,6 @@ class StudyPlan:
     certify_n: int
     certify_examples: int
     extras_examples: int
-    eot_of: dict[str, int] = field(default_factory=dict)  # group -> headline EOT draws (default ``eot``)
 
 
 PLANS = {
@@ -180,8 +179,6 @@ def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
     def white(name: str, group: str, norm: str, eps: tuple[float, ...], attack: Any, *, n: int | None = None,
               modes: tuple[str, ...] = ("full", "bpda"), kind: str = "whitebox") -> Stage:
         models, k = groups[group]
-        if (attack is head or attack is aa) and group in plan.eot_of:  # the headline's gradient draws for this group
-            attack = replace(attack, eot=plan.eot_of[group])
         return Stage(name, kind, WhiteboxJob(models, (norm,), tuple(eps), attack, Chain((k,)), modes,
                                              n_examples=n or plan.n[group]))
 
