@@ -304,11 +304,50 @@ def _images(run_dir: Path, pattern: str) -> list[str]:
     return sorted(p.relative_to(run_dir).as_posix() for p in run_dir.glob(pattern))
 
 
+REPORT_CONTEXT = "report_context.json"
+
+
+def _report_context(run_dir: Path, rows: list[dict[str, Any]], given: dict[str, Any]) -> dict[str, Any]:
+    """The report's context: as given (then stored), else as stored, else recovered from the rows."""
+    path = run_dir / REPORT_CONTEXT
+    if given["preset"] or given["dataset"] or given["checkpoints"] or given["mids"]:
+        atomic_write(path, json.dumps(given, indent=1))
+        return given
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+            return {k: stored.get(k, given[k]) for k in given}
+        except (OSError, ValueError) as e:
+            log.warning("%s is unreadable (%s); recovering the report's context from the rows", path, e)
+    checkpoints: dict[str, str] = {}
+    for r in rows:
+        if r.get("objective") and r.get("checkpoint"):
+            checkpoints.setdefault(str(r["objective"]), str(r["checkpoint"]))
+    presets = set()
+    for ck in checkpoints.values():
+        try:
+            presets.add(json.loads((Path(ck).parent / "config.json").read_text())["preset"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    datasets = sorted({str(r["dataset"]) for r in rows if r.get("dataset")})
+    return dict(given, preset=presets.pop() if len(presets) == 1 else "", dataset=", ".join(datasets),
+                checkpoints=checkpoints or None)
+
+
 def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str = "", device: str = "cpu",
                  checkpoints: dict[str, str] | None = None, mids: dict[str, float] | None = None) -> Path:
-    """Write ``report.md``, ``flags.json``, ``headline.json``, ``rows.csv`` and ``robustness.png`` in ``run_dir``."""
+    """Write ``report.md``, ``flags.json``, ``headline.json``, ``rows.csv`` and ``robustness.png`` in ``run_dir``.
+
+    The context (preset, dataset, device, checkpoints, middle ε) is kept in ``report_context.json``, so a later
+    call with none of it (``robust-jem report RUN``) writes the same report; without that file it is recovered
+    from the rows and their checkpoints' ``config.json``.
+    """
     run_dir = Path(run_dir)
     rows = read_rows(run_dir / ROWS)
+    ctx = _report_context(run_dir, rows, dict(preset=preset, dataset=dataset, device=device,
+                                              checkpoints=checkpoints, mids=mids))
+    preset, dataset, device, checkpoints, mids = (ctx[k] for k in ("preset", "dataset", "device", "checkpoints",
+                                                                  "mids"))
     typed = [t for t in map(parse_row, rows) if t is not None]
     side = load_side_files(run_dir, rows)
     checks = run_checks(typed, side)

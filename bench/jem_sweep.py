@@ -37,6 +37,10 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         "std-px03": ["--px-weight", "0.03"],
         "std-uniform": _PAPER_PX,
         "std-px03-long": ["--px-weight", "0.03", "--iters", "16000"],
+        # shorter chains: a slot lives ~1/0.2 = 5 visits (25 SGLD steps) instead of ~20 visits
+        "std-reinit20": ["--reinit-freq", "0.2"],
+        # the quick JEM's healthy regime at standard scale: 4000 CE + 3000 JEM iterations (the decay is not reached)
+        "std-short": ["--iters", "7000"],
     },
 }
 

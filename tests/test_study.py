@@ -76,3 +76,32 @@ def test_rerun_recomputes_nothing_and_rows_know_their_code(tiny_study):
     assert len({r["code"] for r in attack_rows}) == 1
     stages = read_rows(run_dir / "stages.jsonl")
     assert len(stages) == len({(s["stage"], json.dumps(s["job"], sort_keys=True)) for s in stages})  # logged once
+
+
+def _without_timestamp(report: str) -> str:
+    return "\n".join(line for line in report.splitlines() if not line.startswith("Generated "))
+
+
+@pytest.mark.parametrize("context", ["stored", "recovered"])
+def test_report_regenerates_the_studys_report_from_the_run_alone(tiny_study, tmp_path, context):
+    """`robust-jem report RUN` writes the study's report again: title, checkpoint accuracies and provenance."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from attacks.report import REPORT_CONTEXT
+    from suite.cli import cli
+
+    _, run_dir = tiny_study
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy)
+    if context == "recovered":  # a run written before the context was stored
+        (copy / REPORT_CONTEXT).unlink()
+    result = CliRunner().invoke(cli, ["report", str(copy)])
+    assert result.exit_code == 0, result.output
+    original, again = (run_dir / "report.md").read_text(), (copy / "report.md").read_text()
+    assert again.splitlines()[0] == original.splitlines()[0] == "# robust-jem report: tiny on fashion-mnist"
+    clean = lambda text: text.split("## Clean accuracy")[1].split("\n## ")[0]  # noqa: E731
+    assert "checkpoint" in clean(original) and clean(again) == clean(original)
+    if context == "stored":
+        assert _without_timestamp(again) == _without_timestamp(original)
