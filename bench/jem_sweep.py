@@ -41,6 +41,8 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         "std-reinit20": ["--reinit-freq", "0.2"],
         # the quick JEM's healthy regime at standard scale: 4000 CE + 3000 JEM iterations (the decay is not reached)
         "std-short": ["--iters", "7000"],
+        # ... with 10 SGLD steps (the quick sweep's closest buffer, cg10)
+        "std-short-k10": ["--iters", "7000", "--sgld-steps", "10"],
     },
 }
 

@@ -42,6 +42,7 @@ from .checkpoint import FORMAT, save_checkpoint
 from .config import DATASET_SHAPES, ModelConfig, preset_config
 from .errors import UserError
 from .model import EnergyModel
+from .train import check_out_dir
 
 __all__ = ["import_official", "read_official"]
 
@@ -233,6 +234,7 @@ def import_official(src: str | os.PathLike, dst: str | os.PathLike, *, dataset: 
         raise UserError(f"{dst} is a folder; give the path of the checkpoint file to write")
     if dst.exists() and dst.resolve() == src.resolve():
         raise UserError(f"{dst}: the output would overwrite the official checkpoint it is read from")
+    check_out_dir(dst.parent)  # a bad --out is one line, before the (large) source is read
     dataset = dataset or "cifar10"
     if dataset not in DATASET_SHAPES:
         raise UserError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASET_SHAPES)}")

@@ -26,7 +26,7 @@ from .data import load_dataset
 from .errors import UserError
 from .model import EnergyModel, to_internal, to_pixels
 from .sgld import sgld
-from .train import save_grid
+from .train import check_out_dir, save_grid
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ def run_sampling(checkpoint: str | os.PathLike, out: str | os.PathLike, *, class
         raise UserError(f"unknown --init {init!r}; choose from {', '.join(INITS)}")
     if n < 1 or steps < 0 or n_data < 1:
         raise UserError("--n and --n-data must be positive and --steps non-negative")
+    check_out_dir(Path(out))  # a bad --out is one line, before any chain runs
     device = torch.device(device)
     ckpt = read_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, checkpoint).to(device).eval()

@@ -207,6 +207,30 @@ def test_kill9_then_resume(tmp_path, fashion_available):
     assert steps == list(range(5, 401, 5))  # each logged step exactly once
 
 
+def test_sigterm_writes_last_pt_then_resume_finishes(tmp_path, fashion_available):
+    """SIGTERM (a scheduler's kill) mid-run, long before the next periodic save: the run writes last.pt at the
+    step it reached, says so, exits 130, and --resume takes it to the end."""
+    out = tmp_path / "termed"
+    args = [sys.executable, "-m", "robust_jem", "train", "--preset", "tiny", "--objective", "ce", "--iters", "1000",
+            "--log-every", "5", "--save-every", "100000", "--out", str(out), "--no-progress", "--device", "cpu"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    metrics = out / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 6):
+        time.sleep(0.05)
+    assert not (out / "last.pt").exists()  # no periodic save yet: whatever is there next comes from the signal
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "last.pt written" in err and "Traceback" not in err
+    step = read_checkpoint(out / "last.pt")["step"]
+    assert 30 <= step < 1000
+    done = subprocess.run(args[:3] + ["train", "--resume", str(out), "--no-progress", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert read_checkpoint(out / "final.pt")["step"] == 1000
+
+
 def test_divergence_rolls_back_then_gives_up(tmp_path, fashion_available):
     from robust_jem.train import TrainingDiverged
 

@@ -26,21 +26,42 @@ def test_unit_mistakes_are_caught(run_cli, tiny_run, tmp_path, args, needle):
     assert needle in res.err and not (tmp_path / "r" / "rows.jsonl").exists()
 
 
-@pytest.mark.parametrize("command", ["pgd", "blackbox", "plot"])
+_OUT_ARGS = {  # every command with an --out, with the least else it needs
+    "pgd": ["--eps", "0.1", "--n-examples", "2", "--no-progress"],
+    "autoattack": ["--eps", "0.1", "--n-examples", "2", "--no-progress"],
+    "blackbox": ["--attack", "boundary", "--n-examples", "2", "--no-progress"],
+    "distal": ["--no-progress"],
+    "calibrate": ["--n-examples", "20"],
+    "certify": ["--sigma", "0.25", "--n", "10", "--n-examples", "2"],
+    "ood": ["--n-examples", "20"],
+    "sample": [],
+    "health": ["--judge", "{ckpt}"],
+}
+
+
+@pytest.mark.parametrize("command", [*_OUT_ARGS, "plot", "train", "import-jem"])
 def test_a_bad_out_is_one_line_before_any_work(run_cli, tiny_run, tmp_path, command):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     out = blocker / "run"
+    ckpt = tiny_run / "final.pt"
     if command == "plot":
         run = tmp_path / "run"
-        assert run_cli("pgd", "--checkpoint", tiny_run / "final.pt", "--eps", "0.1", "--steps", "1",
+        assert run_cli("pgd", "--checkpoint", ckpt, "--eps", "0.1", "--steps", "1",
                        "--n-examples", "2", "--eot", "1", "--out", run, "--no-progress").code == 0
         res = run_cli("plot", run, "--out", out / "p.png")
+    elif command == "train":
+        res = run_cli("train", "--preset", "tiny", "--objective", "ce", "--out", out, "--no-progress")
+    elif command == "import-jem":
+        from test_import_jem import official_model, save_official
+
+        src = save_official(tmp_path / "official.pt", official_model(0), None)
+        res = run_cli("import-jem", src, "--out", out / "native.pt")
     else:
-        extra = ["--attack", "boundary"] if command == "blackbox" else ["--eps", "0.1"]
-        res = run_cli(command, *extra, "--checkpoint", tiny_run / "final.pt", "--n-examples", "2", "--out", out,
-                      "--no-progress")
+        extra = [str(a).format(ckpt=ckpt) for a in _OUT_ARGS[command]]
+        res = run_cli(command, "--checkpoint", ckpt, *extra, "--out", out)
     assert_usage_error(res)
+    assert "--out" in res.err or str(out) in res.err, res.err
     assert blocker.read_text() == "not a folder"
 
 
@@ -72,3 +93,36 @@ def test_report_command_regenerates_the_report(run_cli, tiny_run, tmp_path):
     checks = json.loads((out / "flags.json").read_text())
     assert {c["status"] for c in checks} <= {"not run", "passed", "flagged"}
     assert_usage_error(run_cli("report", tmp_path / "nothing"))
+
+
+def test_wrong_data_is_a_loud_warning(run_cli, tmp_path, fashion_available, caplog):
+    """Test labels that are not the ones the model was trained on (shifted by one class): the attack command warns
+    that clean accuracy is far below the checkpoint's recorded test accuracy; the real files give no warning."""
+    import gzip
+    import shutil
+
+    from conftest import tiny_cfg
+    from robust_jem.data import DEBIAN_FASHION_DIR, load_dataset
+    from robust_jem.train import train
+
+    ckpt = train(tiny_cfg("ce", iters=300), tmp_path / "ce", progress=False)
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        shutil.copy(DEBIAN_FASHION_DIR / name, wrong / name)
+    raw = gzip.decompress((DEBIAN_FASHION_DIR / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    shifted = raw[:8] + bytes((b + 1) % 10 for b in raw[8:])
+    (wrong / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(shifted))
+    real, bad = (load_dataset("fashion-mnist", "test", data_dir=d).labels for d in (DEBIAN_FASHION_DIR, wrong))
+    assert bool(((real + 1) % 10 == bad).all())
+
+    def attack(data_dir, out):
+        caplog.clear()
+        res = run_cli("pgd", "--checkpoint", ckpt, "--eps", "0", "--n-examples", "100", "--eot", "1",
+                      *(["--data-dir", data_dir] if data_dir else []), "--out", out, "--no-progress")
+        assert res.code == 0, res.err
+        return res.out + res.err + caplog.text
+
+    assert "are these the data it was trained on" not in attack(None, tmp_path / "right")
+    said = attack(wrong, tmp_path / "wrong-run")
+    assert "WARNING" in said and "are these the data it was trained on" in said, said
