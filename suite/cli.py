@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import click
 
@@ -541,12 +541,26 @@ def _whitebox(command: str, attack: Any, *, checkpoints: tuple[str, ...], norms:
         rows = whitebox(job, out_dir, device=dev, data_dir=data_dir, progress=not no_progress and dist.is_main)
     if not dist.is_main:
         return
+    click.echo(robust_table(rows))
+    click.echo(str(out_dir / "rows.jsonl"))
+
+
+def robust_table(rows: Sequence[Any]) -> str:
+    """The rows of a white-box command as one compact table: a line per (model, gradient mode, attack, norm),
+    a column per ε, each cell robust accuracy in % with its 95 % interval (rule: correct in every draw)."""
+    lines: dict[tuple[str, str, str], dict[float, Any]] = {}
     for r in rows:
         mode = f" {r.grad_mode}" if r.sgld_steps else ""
-        click.echo(f"{r.model}{mode} {r.attack} {r.norm} eps={format_eps(r.eps)}: clean {r.clean_acc:.3f}  "
-                   f"robust {r.robust_acc:.3f} [{r.robust_ci_low:.3f}, {r.robust_ci_high:.3f}]  "
-                   f"mean over draws {r.robust_acc_mean:.3f}  n={r.n}  {r.wall_s:.1f}s")
-    click.echo(str(out_dir / "rows.jsonl"))
+        lines.setdefault((f"{r.model}{mode}", r.attack, r.norm), {})[r.eps] = r
+    out = []
+    for (name, attack, norm), cells in lines.items():
+        grid = sorted(cells)
+        first = cells[grid[0]]
+        head = f"{name} {attack} {norm} (n={first.n}, clean {100 * first.clean_acc:.0f} %)"
+        body = "  ".join(f"ε={format_eps(e)}: {100 * cells[e].robust_acc:.0f} "
+                         f"[{100 * cells[e].robust_ci_low:.0f}, {100 * cells[e].robust_ci_high:.0f}]" for e in grid)
+        out.append(f"{head}  {body}")
+    return "robust accuracy % [95 % CI], correct in every draw:\n" + "\n".join("  " + line for line in out)
 
 
 @cli.command()
