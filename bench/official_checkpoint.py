@@ -1,0 +1,144 @@
+"""A checkpoint written by the official JEM code itself, imported and attacked by robust-jem.
+
+Runs the official model code (``wideresnet.py``, ``norms.py`` and the ``F`` / ``CCF`` classes and the ``checkpoint``
+function of ``train_wrn_ebm.py`` from a checkout of github.com/wgrathwohl/JEM; that script imports torchvision at
+module level, so only those definitions are taken from it, by name, with ``ast``). It builds a small CCF, lets the
+official ``checkpoint()`` write it (current and legacy torch file formats), then
+
+1. ``robust-jem import-jem`` converts it; the imported model's logits and energies are compared with the official
+   ``classify`` / ``forward`` on random inputs (bar: within 1e-4);
+2. ``robust-jem pgd --data-dir DATA --eps 8/255 --n-examples 10`` attacks it on CIFAR-10 files in the official
+   binary format (synthetic images, written here).
+
+    python bench/official_checkpoint.py --official /path/to/JEM [--out bench/results/official_checkpoint.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+import types
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def official_definitions(repo: Path) -> types.SimpleNamespace:
+    """``F``, ``CCF`` and ``checkpoint`` from the official train_wrn_ebm.py, with its wideresnet module."""
+    sys.path.insert(0, str(repo))
+    import wideresnet  # noqa: F401  (the official module, found on the path above)
+
+    tree = ast.parse((repo / "train_wrn_ebm.py").read_text())
+    keep = [n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name in ("F", "CCF",
+                                                                                                  "checkpoint")]
+    module = ast.Module(body=keep, type_ignores=[])
+    scope = {"nn": torch.nn, "t": torch, "os": __import__("os"), "wideresnet": wideresnet}
+    exec(compile(module, str(repo / "train_wrn_ebm.py"), "exec"), scope)  # noqa: S102  (the official code itself)
+    return types.SimpleNamespace(**{k: scope[k] for k in ("F", "CCF", "checkpoint")})
+
+
+def write_cifar10(folder: Path, n: int, seed: int) -> None:
+    """The six files of cifar-10-batches-bin: records of 1 label byte + 3072 pixel bytes (R, G, B planes)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        labels = rng.integers(0, 10, size=(n, 1), dtype=np.uint8)
+        pixels = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        (folder / name).write_bytes(np.concatenate([labels, pixels], 1).tobytes())
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--official", type=Path, required=True, help="checkout of github.com/wgrathwohl/JEM")
+    ap.add_argument("--depth", type=int, default=10)
+    ap.add_argument("--width", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "official_checkpoint.md")
+    args = ap.parse_args()
+    off = official_definitions(args.official)
+    from robust_jem import load
+
+    cli = [sys.executable, "-m", "robust_jem"]
+    lines = []
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_cifar10(tmp / "data" / "cifar-10-batches-bin", n=20, seed=0)
+        for fmt in ("zip", "legacy"):
+            torch.manual_seed(0)
+            f = off.CCF(args.depth, args.width, None, 0.0, 10).eval()
+            buffer = torch.rand(16, 3, 32, 32) * 2 - 1
+            save_dir = tmp / fmt
+            save_dir.mkdir()
+            if fmt == "legacy":  # the pre-1.6 torch format the paper's checkpoints were written in
+                real_save = torch.save
+                torch.save = lambda obj, path: real_save(obj, path, _use_new_zipfile_serialization=False)
+            try:
+                off.checkpoint(f, buffer, "ckpt.pt", types.SimpleNamespace(save_dir=str(save_dir)), "cpu")
+            finally:
+                if fmt == "legacy":
+                    torch.save = real_save
+            src, dst = save_dir / "ckpt.pt", save_dir / "native.pt"
+            imp = subprocess.run(cli + ["import-jem", str(src), "--out", str(dst)], capture_output=True, text=True)
+            row: dict = {"format": fmt, "source_sha256": sha256(src), "import_rc": imp.returncode}
+            if imp.returncode == 0:
+                model = load(dst)
+                x = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+                with torch.no_grad():
+                    want_logits = f.classify(x * 2 - 1)
+                    row["max_logit_diff"] = float((model(x) - want_logits).abs().max())
+                    row["max_energy_diff"] = float((model.energy(x) + f(x * 2 - 1)).abs().max())
+                    row["buffer_kept"] = bool(torch.equal(torch.load(dst, weights_only=True)["buffer"].float(),
+                                                          buffer))
+                out = tmp / f"pgd-{fmt}"
+                pgd = subprocess.run(cli + ["pgd", "--checkpoint", str(dst), "--data-dir", str(tmp / "data"),
+                                            "--eps", "8/255", "--n-examples", "10", "--out",
+                                            str(out), "--no-progress"], capture_output=True, text=True)
+                row["pgd_rc"] = pgd.returncode
+                row["pgd_rows"] = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()] \
+                    if (out / "rows.jsonl").exists() else []
+                row["pgd_stdout"] = (pgd.stdout + pgd.stderr).strip()
+            else:
+                row["import_error"] = imp.stderr.strip()
+            results.append(row)
+    commit = subprocess.run(["git", "-C", str(args.official), "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    lines += ["# An official JEM checkpoint, imported and attacked", "",
+              f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}, robust-jem git {git}; official code "
+              f"wgrathwohl/JEM at {commit} (`wideresnet.py`, `norms.py`, and `F`, `CCF`, `checkpoint` of "
+              f"`train_wrn_ebm.py`). CCF(depth {args.depth}, width {args.width}, norm None), seed 0, a 16-image "
+              "buffer, written by the official `checkpoint()`; 64 random inputs compared; `pgd` on synthetic "
+              "CIFAR-10 binary files (20 records a file).", "",
+              "| torch format | source sha256 | import | max logit diff | max energy diff | buffer kept | pgd | rows |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['format']} | `{r['source_sha256'][:16]}` | rc {r['import_rc']} | "
+                     f"{r.get('max_logit_diff', float('nan')):.2e} | {r.get('max_energy_diff', float('nan')):.2e} | "
+                     f"{r.get('buffer_kept', '–')} | rc {r.get('pgd_rc', '–')} | {len(r.get('pgd_rows', []))} |")
+    lines += ["", "`pgd` output (first format):", "", "```", results[0].get("pgd_stdout", ""), "```", ""]
+    ok = all(r["import_rc"] == 0 and r["max_logit_diff"] < 1e-4 and r["pgd_rc"] == 0 and r["pgd_rows"]
+             for r in results)
+    lines += [f"Bar (logits within 1e-4, pgd writes rows): {'met' if ok else 'NOT met'}.", ""]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    args.out.with_suffix(".json").write_text(json.dumps(
+        [{k: v for k, v in r.items() if k != "pgd_rows"} for r in results], indent=1))
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
