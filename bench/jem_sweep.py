@@ -43,6 +43,8 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         "std-short": ["--iters", "7000"],
         # ... with 10 SGLD steps (the quick sweep's closest buffer, cg10)
         "std-short-k10": ["--iters", "7000", "--sgld-steps", "10"],
+        # the quick JEM's short CE warm start (800), then a long JEM phase with a step decay
+        "std-w800": ["--ce-warmup-iters", "800", "--iters", "8000", "--decay-at", "7000"],
     },
 }
 

@@ -181,6 +181,8 @@ def data_check(dataset: str, data_dir: str | None) -> None:
 @click.option("--lr", type=float, default=None)
 @click.option("--warmup-iters", type=int, default=None)
 @click.option("--weight-decay", type=float, default=None)
+@click.option("--decay-at", type=INTS, default=None, help="Iterations at which the lr is multiplied by --decay-rate.")
+@click.option("--decay-rate", type=float, default=None)
 @click.option("--data-noise", type=float, default=None, help="Gaussian std added to data ([-1,1] space).")
 @click.option("--px-weight", type=float, default=None, help="Weight of the log p(x) term (JEM).")
 @click.option("--energy-l2", type=float, default=None, help="L2 penalty on data and sample energies (JEM).")
