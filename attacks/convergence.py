@@ -27,15 +27,15 @@ def ladders(rows: list[Row], norm: str, eps: float) -> dict[str, dict[str, list[
         by_model[r.model].append(r)
     out: dict[str, dict[str, list[WhiteboxRow]]] = {}
     for model, rs in by_model.items():
-        steps = _smallest_n({r.steps: r for r in rs if r.eot_used == 1}, rs, lambda r: r.eot_used == 1, "steps")
+        steps = _smallest_n(rs, lambda r: r.eot_used == 1, "steps")
         multi = [r.steps for r in rs if r.eot_used > 1]
-        eot = (_smallest_n({}, rs, lambda r, s=min(multi): r.steps == s, "eot_used") if multi else [])
+        eot = _smallest_n(rs, lambda r, s=min(multi): r.steps == s, "eot_used") if multi else []
         if len(steps) > 1 or len(eot) > 1:
             out[model] = {"steps": steps, "eot": eot}
     return out
 
 
-def _smallest_n(_: Any, rows: list[WhiteboxRow], keep: Any, attr: str) -> list[WhiteboxRow]:
+def _smallest_n(rows: list[WhiteboxRow], keep: Any, attr: str) -> list[WhiteboxRow]:
     """One row per value of ``attr`` among ``rows`` passing ``keep``: the one on the fewest examples (the
     ladder's own selection), sorted by the value."""
     best: dict[Any, WhiteboxRow] = {}

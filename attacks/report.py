@@ -34,9 +34,6 @@ def _ci(acc: float, lo: float, hi: float) -> str:
     return f"{_pct(acc)} [{100 * lo:.0f}, {100 * hi:.0f}]"
 
 
-_eps = format_eps
-
-
 def _subject_order(label: str) -> tuple:
     order = {"CE": 0, "PGD-AT": 1, "GAUSSIAN-AUG": 2}
     if label.startswith("JEM-"):
@@ -73,7 +70,7 @@ def headline_table(head: list[dict[str, Any]], norm: str) -> tuple[str, dict[tup
     cells = {(names[h["subject"]], h["eps"]): h for h in head if h["norm"] == norm}
     eps = sorted({e for _, e in cells})
     models = sorted({m for m, _ in cells}, key=_subject_order)
-    lines = ["| model | " + " | ".join(f"ε = {_eps(e)}" for e in eps) + " |",
+    lines = ["| model | " + " | ".join(f"ε = {format_eps(e)}" for e in eps) + " |",
              "|---|" + "---|" * len(eps)]
     for m in models:
         vals = []
@@ -97,7 +94,7 @@ def common_table(head: list[dict[str, Any]], norm: str) -> tuple[str, int]:
     eps = sorted({h["eps"] for h in cells})
     models = sorted({names[h["subject"]] for h in cells}, key=_subject_order)
     by = {(names[h["subject"]], h["eps"]): h for h in cells}
-    lines = ["| model | " + " | ".join(f"ε = {_eps(e)}" for e in eps) + " |", "|---|" + "---|" * len(eps)]
+    lines = ["| model | " + " | ".join(f"ε = {format_eps(e)}" for e in eps) + " |", "|---|" + "---|" * len(eps)]
     n = len(common)
     for m in models:
         vals = []
@@ -140,7 +137,8 @@ def per_attack_table(rows: list[dict[str, Any]], norm: str) -> str:
     """Rows = (model, grad mode, attack) curves, columns = ε."""
     curves = collect_curves([r for r in rows if r.get("kind") == "whitebox"]).get(norm, {})
     eps = sorted({p["eps"] for c in curves.values() for p in c["points"]})
-    lines = ["| curve | n | " + " | ".join(f"ε = {_eps(e)}" for e in eps) + " |", "|---|---|" + "---|" * len(eps)]
+    lines = ["| curve | n | " + " | ".join(f"ε = {format_eps(e)}" for e in eps) + " |",
+             "|---|---|" + "---|" * len(eps)]
     for c in sorted(curves.values(), key=lambda c: (_subject_order(c["rows"][0]["model"]), c["label"])):
         pts = {p["eps"]: p for p in c["points"]}
         ns = sorted({r["n"] for r in c["rows"]})
@@ -204,14 +202,14 @@ def verdicts(head_cells: dict[str, dict[tuple[str, float], dict]], mids: dict[st
         jems = sorted((m for m in at if m.startswith("JEM-")), key=_subject_order)
         parts = [f"{m} keeps {_ci(at[m]['robust_acc'], at[m]['ci_low'], at[m]['ci_high'])}" for m in
                  sorted(at, key=_subject_order)]
-        out.append(f"**{NORM_TITLES.get(norm, norm)} ε = {_eps(mid)}** (per-example worst case over every attack "
-                   f"run against each model): " + "; ".join(parts) + ".")
+        out.append(f"**{NORM_TITLES.get(norm, norm)} ε = {format_eps(mid)}** (per-example worst case over every "
+                   "attack run against each model): " + "; ".join(parts) + ".")
         if jems and "PGD-AT" in at:
             best = max(jems, key=lambda m: at[m]["robust_acc"])
             b, a = at[best], at["PGD-AT"]
             rel, why = compare(b, a)
             out.append(f"- Does SGLD refinement rival adversarial training at {NORM_TITLES.get(norm, norm)} "
-                       f"{_eps(mid)}? The best refined model, {best} ({_pct(b['robust_acc'])}), is {rel} PGD-AT "
+                       f"{format_eps(mid)}? The best refined model, {best} ({_pct(b['robust_acc'])}), is {rel} PGD-AT "
                        f"({_pct(a['robust_acc'])}) ({why}).")
         if "JEM-0" in at and len(jems) > 1:
             k = jems[-1]

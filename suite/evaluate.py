@@ -89,8 +89,9 @@ def _check_budgets(norms: Sequence[str], eps: Sequence[float], ds: ImageDataset)
                             f"({'x'.join(map(str, ds.shape))} pixels in [0,1])")
 
 
-def refuse_foreign_rows(out: str | Path, checkpoints: Sequence[str]) -> None:
-    """Refuse to add rows to a run folder holding rows of other checkpoints (another run's results)."""
+def refuse_foreign_rows(out: str | Path, checkpoints: Sequence[str | Path], hint: str = "pass another --out") -> None:
+    """Refuse to add rows to a run folder holding rows of other checkpoints (another run's results): its finished
+    rows would be skipped as done and its report would mix two runs."""
     from infra.provenance import file_sha256
 
     path = Path(out) / ROWS
@@ -99,8 +100,7 @@ def refuse_foreign_rows(out: str | Path, checkpoints: Sequence[str]) -> None:
     ours = {file_sha256(c) for c in checkpoints if Path(c).is_file()}
     foreign = {r["checkpoint_sha256"] for r in read_rows(path) if r.get("checkpoint_sha256")} - ours
     if foreign:
-        raise UserError(f"{out} holds rows of {len(foreign)} other checkpoint(s) (another run's results); "
-                        f"pass another --out")
+        raise UserError(f"{out} holds rows of {len(foreign)} other checkpoint(s) (another run's results); {hint}")
 
 
 def _subset(ds: ImageDataset, n: int | None) -> ImageDataset:

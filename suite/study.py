@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from attacks.black import BlackboxConfig
 from attacks.report import write_report
 from infra.io import atomic_write
-from infra.provenance import file_sha256
 from infra.records import ROWS, append_row, read_rows
 from robust_jem.checkpoint import read_checkpoint
 from robust_jem.config import TrainConfig, preset_config
@@ -28,7 +27,8 @@ from robust_jem.errors import UserError
 from robust_jem.train import train
 
 from .evaluate import (AutoAttackSettings, BlackboxJob, CalibrationJob, CertifyJob, DistalJob, HealthJob, OODJob,
-                       PGDSettings, SampleJob, TransferSettings, WhiteboxJob, job_record, run_job)
+                       PGDSettings, SampleJob, TransferSettings, WhiteboxJob, job_record, refuse_foreign_rows,
+                       run_job)
 from .targets import Chain
 
 log = logging.getLogger(__name__)
@@ -279,17 +279,6 @@ def run_study(preset: str = "quick", dataset: str | None = None, name: str | Non
         handler.close()
 
 
-def _check_same_checkpoints(run_dir: Path, models: dict[str, Path]) -> None:
-    """Refuse to resume a run directory whose rows were computed on other checkpoints: its finished stages
-    would be skipped and the report would mix two runs."""
-    ours = {file_sha256(p) for p in models.values()}
-    foreign = {r["checkpoint_sha256"] for r in read_rows(run_dir / ROWS)
-               if r.get("checkpoint_sha256") and r["checkpoint_sha256"] not in ours}
-    if foreign:
-        raise UserError(f"{run_dir} holds rows of {len(foreign)} other checkpoint(s) (another run's results); "
-                        f"pass --name NEW to start a new run directory, or remove it")
-
-
 def _run_study(preset: str, dataset: str, run_dir: Path, device: torch.device, data_dir: str | None,
                runs_dir: Path, progress: bool, only: tuple[str, ...]) -> Path:
     t0 = time.perf_counter()
@@ -305,7 +294,8 @@ def _run_study(preset: str, dataset: str, run_dir: Path, device: torch.device, d
         if (f"train-{objective}", json.dumps(record, sort_keys=True)) not in logged:
             append_row(stage_log, {"stage": f"train-{objective}", "job": record, "status": "done",
                                    "wall_s": round(time.perf_counter() - t, 2), "checkpoint": str(models[objective])})
-    _check_same_checkpoints(run_dir, models)
+    refuse_foreign_rows(run_dir, list(models.values()),
+                        hint="pass --name NEW to start a new run directory, or remove it")
     stages = study_stages(PLANS[preset], models)
     for stage in tqdm(stages, desc="study", unit="stage", disable=not progress):
         if only and stage.group not in only:

@@ -325,18 +325,18 @@ def test_study_refuses_a_run_directory_of_other_checkpoints(tmp_path):
     from infra.provenance import file_sha256
     from infra.records import append_row
     from robust_jem.errors import UserError
-    from suite.study import _check_same_checkpoints
+    from suite.evaluate import refuse_foreign_rows
 
     ours, theirs = tmp_path / "ours.pt", tmp_path / "theirs.pt"
     ours.write_bytes(b"ours")
     theirs.write_bytes(b"theirs")
     run = tmp_path / "run"
-    _check_same_checkpoints(run, {"ce": ours})  # an empty directory is fine
+    refuse_foreign_rows(run, [ours], hint="pass --name NEW")  # an empty directory is fine
     append_row(run / "rows.jsonl", {"model": "CE", "checkpoint_sha256": file_sha256(ours)})
-    _check_same_checkpoints(run, {"ce": ours})  # our own rows: resume
+    refuse_foreign_rows(run, [ours], hint="pass --name NEW")  # our own rows: resume
     append_row(run / "rows.jsonl", {"model": "CE", "checkpoint_sha256": file_sha256(theirs)})
-    with pytest.raises(UserError, match="other checkpoint"):
-        _check_same_checkpoints(run, {"ce": ours})
+    with pytest.raises(UserError, match="other checkpoint.*pass --name NEW"):
+        refuse_foreign_rows(run, [ours], hint="pass --name NEW")
 
 
 def test_prefetcher_gives_the_schedule_s_batches_in_and_out_of_order():
