@@ -86,8 +86,13 @@ def test_study_refuses_another_runs_folder_before_training(tmp_path):
 
 def test_report_command_regenerates_the_report(run_cli, tiny_run, tmp_path):
     out = tmp_path / "run"
-    assert run_cli("pgd", "--checkpoint", tiny_run / "final.pt", "--eps", "0,0.1", "--steps", "1", "--n-examples", "3",
-                   "--eot", "1", "--out", out, "--no-progress").code == 0
+    attack = run_cli("pgd", "--checkpoint", tiny_run / "final.pt", "--eps", "0,0.1", "--steps", "1", "--n-examples",
+                     "3", "--eot", "1", "--sgld-steps", "0,1", "--out", out, "--no-progress")
+    assert attack.code == 0
+    table = attack.out.splitlines()  # one compact table: a line per model and attack, a cell per ε
+    assert table[0].startswith("robust accuracy % [95 % CI]") and len(table) == 4, attack.out
+    assert table[1].strip().startswith("JEM-0 ") and table[2].strip().startswith("JEM-1 full ")
+    assert all("(n=3, clean" in line and "ε=0:" in line and "ε=0.1:" in line for line in table[1:3])
     res = run_cli("report", out)
     assert res.code == 0 and (out / "report.md").is_file() and (out / "headline.png").is_file()
     checks = json.loads((out / "flags.json").read_text())
