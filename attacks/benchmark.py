@@ -192,8 +192,8 @@ def run_sweep(targets: Sequence[Target], attack: AttackFactory, norms: Sequence[
         passes = sum(len(index) * gradient_evaluations(a) * network_passes(t.fields())
                      for (t, a), k in zip(plan, keys) if k not in done)
         if grads:
-            log.info("planned: %d attacker gradient evaluations (~%.3g network forward-backward passes; on 2 CPU "
-                     "cores the small CNN does ~2000 passes/s)", grads, passes)
+            log.info("planned: %d attacker gradient evaluations (~%.3g image forward-backward passes; measured on 2 "
+                     "CPU cores: the small CNN ~2000 passes/s, a WRN-28-10 ~9 passes/s)", grads, passes)
 
     bar = tqdm(total=len(plan), desc="white-box sweep", unit="row", disable=not (progress and main))
     for (target, atk), key in zip(plan, keys):

@@ -22,6 +22,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 import types
 from datetime import datetime, timezone
 from pathlib import Path
@@ -66,6 +67,7 @@ def main() -> None:
     ap.add_argument("--official", type=Path, required=True, help="checkout of github.com/wgrathwohl/JEM")
     ap.add_argument("--depth", type=int, default=10)
     ap.add_argument("--width", type=int, default=2)
+    ap.add_argument("--formats", default="zip,legacy", help="torch file formats to write: zip, legacy or both")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "official_checkpoint.md")
     args = ap.parse_args()
     off = official_definitions(args.official)
@@ -77,7 +79,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_cifar10(tmp / "data" / "cifar-10-batches-bin", n=20, seed=0)
-        for fmt in ("zip", "legacy"):
+        for fmt in args.formats.split(","):
             torch.manual_seed(0)
             f = off.CCF(args.depth, args.width, None, 0.0, 10).eval()
             buffer = torch.rand(16, 3, 32, 32) * 2 - 1
@@ -104,10 +106,12 @@ def main() -> None:
                     row["buffer_kept"] = bool(torch.equal(torch.load(dst, weights_only=True)["buffer"].float(),
                                                           buffer))
                 out = tmp / f"pgd-{fmt}"
+                t0 = time.perf_counter()
                 pgd = subprocess.run(cli + ["pgd", "--checkpoint", str(dst), "--data-dir", str(tmp / "data"),
                                             "--eps", "8/255", "--n-examples", "10", "--out",
                                             str(out), "--no-progress"], capture_output=True, text=True)
                 row["pgd_rc"] = pgd.returncode
+                row["pgd_wall_s"] = round(time.perf_counter() - t0, 1)
                 row["pgd_rows"] = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()] \
                     if (out / "rows.jsonl").exists() else []
                 row["pgd_stdout"] = (pgd.stdout + pgd.stderr).strip()
@@ -123,12 +127,13 @@ def main() -> None:
               f"`train_wrn_ebm.py`). CCF(depth {args.depth}, width {args.width}, norm None), seed 0, a 16-image "
               "buffer, written by the official `checkpoint()`; 64 random inputs compared; `pgd` on synthetic "
               "CIFAR-10 binary files (20 records a file).", "",
-              "| torch format | source sha256 | import | max logit diff | max energy diff | buffer kept | pgd | rows |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| torch format | source sha256 | import | max logit diff | max energy diff | buffer kept | pgd | rows | "
+              "pgd wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['format']} | `{r['source_sha256'][:16]}` | rc {r['import_rc']} | "
                      f"{r.get('max_logit_diff', float('nan')):.2e} | {r.get('max_energy_diff', float('nan')):.2e} | "
-                     f"{r.get('buffer_kept', '–')} | rc {r.get('pgd_rc', '–')} | {len(r.get('pgd_rows', []))} |")
+                     f"{r.get('buffer_kept', '–')} | rc {r.get('pgd_rc', '–')} | {len(r.get('pgd_rows', []))} | "
+                     f"{r.get('pgd_wall_s', '–')} |")
     lines += ["", "`pgd` output (first format):", "", "```", results[0].get("pgd_stdout", ""), "```", ""]
     ok = all(r["import_rc"] == 0 and r["max_logit_diff"] < 1e-4 and r["pgd_rc"] == 0 and r["pgd_rows"]
              for r in results)
