@@ -12,7 +12,20 @@ import tempfile
 from pathlib import Path
 from typing import IO, Callable, Union
 
+from .errors import InputError
+
 Payload = Union[bytes, str, Callable[[IO[bytes]], None]]
+
+
+def check_out_dir(out: str | os.PathLike) -> None:
+    """Fail early (nothing written) when the output folder ``out`` cannot be created or written: one line."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--out {out} cannot be created ({exc.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise InputError(f"--out {out} is not writable")
 
 
 def _umask() -> int:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from infra.energy import energy_of_logits
-from infra.io import atomic_write
+from infra.io import atomic_write, check_out_dir
 from infra.provenance import environment, file_sha256, now
 from infra.records import append_row
 
@@ -137,8 +137,6 @@ def health(checkpoint: str | os.PathLike, judge: str | os.PathLike, *, n: int = 
 def run_health(checkpoint: str | os.PathLike, judge: str | os.PathLike, out: str | os.PathLike, **kwargs: Any
                ) -> dict[str, Any]:
     """:func:`health` written as a row (kind ``health``) to ``out/rows.jsonl`` and as ``out/health.json``."""
-    from .train import check_out_dir
-
     out = Path(out)
     check_out_dir(out)
     device = kwargs.get("device", "cpu")

@@ -38,11 +38,11 @@ from typing import Any
 
 import torch
 
+from infra.io import check_out_dir
 from .checkpoint import FORMAT, save_checkpoint
 from .config import DATASET_SHAPES, ModelConfig, preset_config
 from .errors import UserError
 from .model import EnergyModel
-from .train import check_out_dir
 
 __all__ = ["import_official", "read_official"]
 

@@ -20,13 +20,13 @@ import torch
 
 from infra.records import append_row, provenance_fields
 from infra.energy import energy_of_logits
-from infra.io import atomic_write
+from infra.io import atomic_write, check_out_dir
 from .checkpoint import model_from_checkpoint, read_checkpoint
 from .data import load_dataset
 from .errors import UserError
 from .model import EnergyModel, to_internal, to_pixels
 from .sgld import sgld
-from .train import check_out_dir, save_grid
+from .train import save_grid
 
 log = logging.getLogger(__name__)
 

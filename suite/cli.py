@@ -626,7 +626,7 @@ def plot(runs: tuple[str, ...], out: str | None) -> None:
         raise UserError(f"no rows in {', '.join(runs)}")
     target = Path(out) if out else (Path(runs[0]) if Path(runs[0]).is_dir() else Path(runs[0]).parent) \
         / "robust_acc_vs_eps.png"
-    from robust_jem.train import check_out_dir
+    from infra.io import check_out_dir
 
     check_out_dir(target.parent)  # a bad --out is one line, before anything is drawn
     try:

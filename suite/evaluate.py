@@ -25,12 +25,12 @@ from attacks.distal import DistalConfig, run_distal
 from attacks.rows import BlackboxRow, CalibrationRow, CertificateRow, DistalRow, OODRow, WhiteboxRow
 from attacks.smoothing import SmoothedClassifier, certify_summary, empirical_l2
 from attacks.white import autoattack_factory, pgd_factory, transfer_factory
-from infra.io import atomic_write
+from infra.io import atomic_write, check_out_dir
 from infra.records import ROWS, append_row, done_keys, provenance_fields, read_rows, row_key
 from robust_jem.data import DATASETS, ImageDataset, load_dataset
 from robust_jem.errors import UserError
 from robust_jem.refined import Refinement
-from robust_jem.train import check_out_dir, save_grid
+from robust_jem.train import save_grid
 
 from .targets import Chain, build_targets, load_checkpoints, split, target_for
 
