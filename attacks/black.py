@@ -34,7 +34,7 @@ from infra.randomness import derive_seed, seeded
 from .common import AttackInputError, check_images
 from .curves import json_distances
 from .fixed_noise import FixedNoiseView, NoiseModel, as_noise_model
-from .verdict import Verdict
+from .verdict import EVAL_DRAWS, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class BlackboxConfig:
     init_steps: int
     init_directions: int = 10
     batch_size: int = 100
-    eval_draws: int = 5
+    eval_draws: int = EVAL_DRAWS
     seed: int = 0
     spherical_step: float = 0.3
     source_step: float = 0.1
@@ -415,9 +415,9 @@ def attack_chunk(model: NoiseModel, x: torch.Tensor, y: torch.Tensor, cfg: Black
     verdict = Verdict(cfg.eval_draws, cfg.seed)
     judge = scorer if scorer is not None else model
     clean_ok, adv_ok = verdict.score(judge, x, y, stream=chunk), verdict.score(judge, adv, y, stream=chunk)
-    fresh_adv = (1.0 - adv_ok.double().mean(0)).cpu()
+    fresh_adv = (1.0 - Verdict.draw_accuracy(adv_ok)).cpu()
     fresh_adv = torch.where(found, fresh_adv, torch.full_like(fresh_adv, math.nan))
-    fresh_clean = clean_ok.double().mean(0).cpu()
+    fresh_clean = Verdict.draw_accuracy(clean_ok).cpu()
     return BlackboxResult(adversarials=adv.detach(), found=found, distances=dists, fresh_misclassified=fresh_adv,
                           clean_correct_fixed=clean_fixed, clean_correct_fresh=fresh_clean, queries=queries,
                           model_evals=evaluated, wall_s=time.perf_counter() - t0,

@@ -412,6 +412,9 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
            "Each cell: robust accuracy [95 % Wilson CI] on the examples every attack against that model covered. "
            "JEM-k is the SGLD-refined classifier (k steps, 5 chains); white-box attacks went through the chain "
            "with full gradients and with BPDA, and the minimum counts.", ""]
+    rules = sorted({r.verdict_rule for r in of_kind(typed, WhiteboxRow) if r.verdict_rule and not r.deterministic})
+    if rules:
+        md += ["Verdict on the randomized models: " + "; ".join(rules) + ".", ""]
     if headline_png:
         md += [f"![headline: robust accuracy vs ε, one curve per defense]({headline_png.name})", ""]
     md += ["Attacks behind the cells (every one counts per example; rows on smaller subsets, such as the "

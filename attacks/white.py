@@ -32,7 +32,7 @@ from torch import nn
 from infra.randomness import derive_seed, seeded
 
 from .common import AttackInputError, check_images
-from .verdict import Verdict, is_deterministic
+from .verdict import EVAL_DRAWS, Verdict, is_deterministic
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +167,8 @@ class AttackResult:
 
     @property
     def clean_frac(self) -> torch.Tensor:
-        """(N,) float: fraction of eval draws correct on the clean input."""
-        return self.clean.float().mean(0)
+        """(N,) float: accuracy of one fresh draw on the clean input (:meth:`Verdict.draw_accuracy`)."""
+        return Verdict.draw_accuracy(self.clean)
 
     @property
     def robust(self) -> torch.Tensor:
@@ -200,7 +200,7 @@ class WhiteBoxAttack:
 
     name = "attack"
 
-    def __init__(self, model: nn.Module, *, norm: str, eps: float, restarts: int = 1, eval_draws: int = 5,
+    def __init__(self, model: nn.Module, *, norm: str, eps: float, restarts: int = 1, eval_draws: int = EVAL_DRAWS,
                  seed: int = 0) -> None:
         if norm not in WHITE_NORMS:
             raise AttackInputError(f"unknown norm {norm!r}; white-box attacks support {', '.join(WHITE_NORMS)}")
@@ -280,7 +280,7 @@ class WhiteBoxAttack:
         self.reset_traces()
         try:
             clean = self.verdict_of(x, y, stream)
-            worst_frac = clean.float().mean(0)
+            worst_frac = Verdict.draw_accuracy(clean)
             x_worst = x.clone()
             dnorm = torch.zeros(x.shape[0], device=x.device)
             advs = []
@@ -289,7 +289,7 @@ class WhiteBoxAttack:
                 ok = self.verdict_of(x_adv, y, stream)
                 ok[:, worst_frac == 0] = False  # not attacked again: its earlier candidate stands
                 advs.append(ok)
-                frac = ok.float().mean(0)
+                frac = Verdict.draw_accuracy(ok)
                 worse = frac < worst_frac
                 x_worst[worse] = x_adv[worse]
                 worst_frac = torch.minimum(worst_frac, frac)
@@ -353,7 +353,7 @@ class PGD(_TorchAttack):
 
     def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float, steps: int = 10,
                  step_size: float | None = None, eot: int = 1, random_start: bool = True, restarts: int = 1,
-                 eval_draws: int = 5, seed: int = 0) -> None:
+                 eval_draws: int = EVAL_DRAWS, seed: int = 0) -> None:
         super().__init__(model, norm=norm, eps=eps, restarts=restarts, eval_draws=eval_draws, seed=seed)
         _positive(steps=steps, eot=eot)
         if step_size is not None and not step_size > 0:
@@ -387,7 +387,7 @@ class APGD(_TorchAttack):
 
     def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float, steps: int = 100, loss: str = "ce",
                  targeted: bool = False, eot: int = 1, rho: float = 0.75, n_classes: int = 10,
-                 restarts: int = 1, eval_draws: int = 5, seed: int = 0) -> None:
+                 restarts: int = 1, eval_draws: int = EVAL_DRAWS, seed: int = 0) -> None:
         super().__init__(model, norm=norm, eps=eps, restarts=restarts, eval_draws=eval_draws, seed=seed)
         _positive(steps=steps, eot=eot, n_classes=n_classes)
         if loss not in ("ce", "dlr"):
@@ -432,7 +432,7 @@ class FAB(_TorchAttack):
     name = "FAB-T"
 
     def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float, steps: int = 100, n_classes: int = 10,
-                 restarts: int = 1, eval_draws: int = 5, seed: int = 0) -> None:
+                 restarts: int = 1, eval_draws: int = EVAL_DRAWS, seed: int = 0) -> None:
         super().__init__(model, norm=norm, eps=eps, restarts=restarts, eval_draws=eval_draws, seed=seed)
         _positive(steps=steps, n_classes=n_classes)
         self.steps, self.n_classes = int(steps), int(n_classes)
@@ -451,7 +451,7 @@ class Square(_TorchAttack):
     name = "Square"
 
     def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float, n_queries: int = 5000,
-                 p_init: float = 0.8, restarts: int = 1, eval_draws: int = 5, seed: int = 0) -> None:
+                 p_init: float = 0.8, restarts: int = 1, eval_draws: int = EVAL_DRAWS, seed: int = 0) -> None:
         super().__init__(model, norm=norm, eps=eps, restarts=restarts, eval_draws=eval_draws, seed=seed)
         _positive(n_queries=n_queries)
         self.n_queries, self.p_init = int(n_queries), float(p_init)
@@ -519,7 +519,7 @@ class Transfer(WhiteBoxAttack):
     """
 
     def __init__(self, model: nn.Module, source: WhiteBoxAttack, *, source_label: str, source_id: str | None = None,
-                 eval_draws: int = 5, seed: int = 0) -> None:
+                 eval_draws: int = EVAL_DRAWS, seed: int = 0) -> None:
         super().__init__(model, norm=source.norm, eps=source.eps, restarts=1, eval_draws=eval_draws, seed=seed)
         self.source, self.source_label, self.source_id = source, source_label, source_id
         self.name = f"Transfer({source.name}@{source_label})"
@@ -568,7 +568,7 @@ def resolve_eot(eot: int | str | None, model: nn.Module) -> int:
 
 
 def pgd_factory(*, steps: int = 10, step_size: float | None = None, restarts: int = 1, eot: int | str = "auto",
-                eval_draws: int = 5, seed: int = 0, random_start: bool = True) -> AttackFactory:
+                eval_draws: int = EVAL_DRAWS, seed: int = 0, random_start: bool = True) -> AttackFactory:
     """``(model, norm, eps) -> PGD(...)`` with the budget fixed once. The step size, when given, is used
     as is for every ε (otherwise ``2.5 * eps / steps``). ``eot="auto"`` draws 20 gradient samples per step on
     a randomized model and 1 on a deterministic one. Validates the budget immediately."""
@@ -586,7 +586,7 @@ def pgd_factory(*, steps: int = 10, step_size: float | None = None, restarts: in
 
 
 def transfer_factory(source_model: nn.Module, source_label: str, source_id: str | None, *, steps: int = 50,
-                     restarts: int = 2, eval_draws: int = 5, seed: int = 0) -> AttackFactory:
+                     restarts: int = 2, eval_draws: int = EVAL_DRAWS, seed: int = 0) -> AttackFactory:
     """``(model, norm, eps) -> Transfer``: PGD (``steps``, ``restarts``, EOT auto) on ``source_model``, judged
     on ``model``."""
     source = pgd_factory(steps=steps, restarts=restarts, eval_draws=1, seed=seed)
@@ -599,7 +599,7 @@ def transfer_factory(source_model: nn.Module, source_label: str, source_id: str 
 
 
 def autoattack_factory(*, attacks: Sequence[str] | None = None, version: str = "auto", steps: int = 100,
-                       eot: int | None = None, restarts: int = 1, eval_draws: int = 5, seed: int = 0,
+                       eot: int | None = None, restarts: int = 1, eval_draws: int = EVAL_DRAWS, seed: int = 0,
                        n_queries: int = 5000, n_classes: int = 10) -> AttackFactory:
     """AutoAttack-style ensembles from torchattacks components, worst case per example.
 

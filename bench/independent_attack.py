@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--eps", default="0.05,0.1")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--eot", type=int, default=4, help="gradient draws per step on randomized models")
-    ap.add_argument("--draws", type=int, default=5, help="fresh draws of the final verdict")
+    ap.add_argument("--draws", type=int, default=20, help="fresh draws of the final verdict")
     ap.add_argument("--models", default=None, help="comma-separated model labels (default: every headline model)")
     ap.add_argument("--tag", default="", help="suffix of the output files")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))

@@ -4,7 +4,7 @@
     rows = benchmark(model, x, y, eps={"linf": [0.03, 0.1]}, deterministic=True)
 
 A module without a ``deterministic`` attribute is treated as randomized (the safe default: 20 EOT draws per
-gradient, 5 fresh-noise verdict draws, AutoAttack's rand version); say ``deterministic=True`` for a plain
+gradient, 20 fresh-noise verdict draws, AutoAttack's rand version); say ``deterministic=True`` for a plain
 classifier, so that AutoAttack runs its standard version (APGD-CE, APGD-T, FAB-T, Square) and one draw is
 used. A randomized module should draw its noise from torch's global RNG or offer ``reseed(seed)``.
 """
@@ -22,6 +22,7 @@ from attacks.benchmark import Examples, run_sweep
 from attacks.report import write_report
 from attacks.rows import WhiteboxRow
 from attacks.target import Target
+from attacks.verdict import EVAL_DRAWS
 from attacks.white import autoattack_factory, pgd_factory
 
 
@@ -44,7 +45,7 @@ class Declared(nn.Module):
 
 def benchmark(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict[str, Sequence[float]],
               label: str = "model", deterministic: bool | None = None, out: str | Path | None = None,
-              steps: int = 50, restarts: int = 2, eot: int | str = "auto", eval_draws: int = 5,
+              steps: int = 50, restarts: int = 2, eot: int | str = "auto", eval_draws: int = EVAL_DRAWS,
               autoattack: bool = True, seed: int = 0, batch_size: int | None = None,
               progress: bool = False) -> list[WhiteboxRow]:
     """Attack ``model`` on ``(x, y)`` with the suite's white-box protocol and return the typed rows.

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import click
 
 from attacks.common import format_eps, parse_eps
+from attacks.verdict import EVAL_DRAWS
 from infra.errors import InputError
 from robust_jem.config import PRESETS
 from robust_jem.errors import UserError
@@ -479,7 +480,7 @@ def _whitebox_options(fn: Any) -> Any:
                           "--sgld-steps 0: the full-gradient chain needs double backward, which compile lacks."),
         click.option("--restarts", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Random restarts; an example is robust only if it survives all of them."),
-        click.option("--eval-draws", type=click.IntRange(min=1), default=5, show_default=True,
+        click.option("--eval-draws", type=click.IntRange(min=1), default=EVAL_DRAWS, show_default=True,
                      help="Fresh-noise draws for the final verdict (1 for deterministic models)."),
         click.option("--n-examples", type=click.IntRange(min=1), default=100, show_default=True,
                      help="Test images to attack (a JEM-10 row with full gradients costs about 0.5 s per image "
@@ -689,7 +690,7 @@ def _chain_options(fn: Any) -> Any:
                    "made for 5k-25k steps; its adaptation starts only after ~1000 steps).")
 @click.option("--spherical-step", type=click.FloatRange(min=0, min_open=True), default=0.3, show_default=True,
               help="boundary: initial orthogonal step, relative to the distance (foolbox: 0.01).")
-@click.option("--eval-draws", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--eval-draws", type=click.IntRange(min=1), default=EVAL_DRAWS, show_default=True,
               help="Fresh-noise forward passes re-scoring each adversarial (1 for deterministic models).")
 @click.option("--eps-grid", type=EPS, default=None, help="L2 ε grid of the accuracy curve [0, 0.1, ..., 6].")
 @click.option("--l0-grid", type=INTS, default=None, help="L0 grid (changed pixel values) [0,1,2,...,800].")

@@ -24,6 +24,7 @@ from attacks.black import BlackboxConfig
 from attacks.distal import DistalConfig, run_distal
 from attacks.rows import BlackboxRow, CalibrationRow, CertificateRow, DistalRow, OODRow, WhiteboxRow
 from attacks.smoothing import SmoothedClassifier, certify_summary, empirical_l2
+from attacks.verdict import EVAL_DRAWS
 from attacks.white import autoattack_factory, pgd_factory, transfer_factory
 from infra.io import atomic_write, check_out_dir
 from infra.records import ROWS, append_row, done_keys, provenance_fields, read_rows, row_key
@@ -121,7 +122,7 @@ class PGDSettings:
     step_size: float | None = None
     eot: int | str = "auto"
     restarts: int = 1
-    eval_draws: int = 5
+    eval_draws: int = EVAL_DRAWS
 
     def factory(self, n_classes: int, seed: int) -> Any:
         return pgd_factory(steps=self.steps, step_size=self.step_size, restarts=self.restarts, eot=self.eot,
@@ -138,7 +139,7 @@ class AutoAttackSettings:
     eot: int | None = None
     n_queries: int = 5000
     restarts: int = 1
-    eval_draws: int = 5
+    eval_draws: int = EVAL_DRAWS
 
     def factory(self, n_classes: int, seed: int) -> Any:
         return autoattack_factory(attacks=self.attacks, version=self.version, steps=self.steps, eot=self.eot,
@@ -153,7 +154,7 @@ class TransferSettings:
     source: str
     steps: int = 50
     restarts: int = 2
-    eval_draws: int = 5
+    eval_draws: int = EVAL_DRAWS
 
     def factory(self, n_classes: int, seed: int) -> Any:
         raise TypeError("a transfer attack needs its surrogate loaded: use whitebox()")

@@ -425,3 +425,52 @@ def test_transfer_from_the_model_itself_equals_the_direct_attack(net, batch):
     onto = transfer_factory(bare(net), "CE", None, steps=5, restarts=1, eval_draws=2, seed=4)(jem1(net), "linf", 0.05)
     r = onto(x, y)
     assert r.clean.shape[0] == 2 and bool((r.robust <= r.clean_correct).all())
+
+
+# --- the screened verdict -------------------------------------------------------------------------------
+class _CoinModel(torch.nn.Module):
+    """Input 0 is always right, input 1 always wrong, input 2 right with probability 0.4 (a borderline
+    candidate); counts how many inputs it is asked about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen += x.shape[0]
+        key = x.flatten(1)[:, 0].round().long()  # which kind of input
+        right = torch.where(key == 0, True, torch.where(key == 1, False, torch.rand(x.shape[0]) < 0.4))
+        return torch.stack([right.float(), (~right).float()], 1)  # label 0 is the right answer
+
+
+def test_screened_verdict_needs_all_twenty_draws_and_spends_them_only_where_needed():
+    from attacks.common import AttackInputError
+    from attacks.verdict import SCREEN, Verdict
+    kinds = torch.tensor([0.0, 1.0] + [2.0] * 400)
+    x, y = kinds.view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous(), torch.zeros(len(kinds), dtype=torch.long)
+    model = _CoinModel()
+    ok = Verdict(20, seed=1).score(model, x, y)
+    assert ok.shape == (20, len(kinds))
+    assert bool(ok[:, 0].all()) and not bool(ok[:, 1].any())
+    coin = ok[:, 2:]
+    passed_screen = coin[:SCREEN].all(0)
+    assert int(passed_screen.sum()) > 0  # 0.4^5 ≈ 1 %: about 4 of 400 pass the five screen draws ...
+    assert not bool(coin.all(0).any())  # ... and none all twenty (0.4^20)
+    # draws past the screen went only to the inputs correct in all screen draws
+    assert model.seen == SCREEN * len(kinds) + (20 - SCREEN) * (1 + int(passed_screen.sum()))
+    # the accuracy of one fresh draw is the screen mean (unbiased: ≈ 0.4), not biased by the stopping
+    acc = Verdict.draw_accuracy(coin)
+    assert abs(float(acc.mean()) - 0.4) < 0.06 and bool((acc == coin[:SCREEN].double().mean(0)).all())
+    assert "draws 6-20 only for inputs correct in the first 5" in Verdict(20).rule(model)
+    with pytest.raises(AttackInputError, match="multiple of 5"):
+        Verdict(12)
+    # the same question again (every row's clean verdict) costs nothing; a changed weight asks the model anew
+    seen = model.seen
+    assert torch.equal(Verdict(20, seed=1).score(model, x, y), ok) and model.seen == seen
+    assert not torch.equal(Verdict(20, seed=2).score(model, x, y), ok) and model.seen > seen
+    seen = model.seen
+    with torch.no_grad():
+        model.w.add_(1.0)
+    Verdict(20, seed=1).score(model, x, y)
+    assert model.seen > seen
