@@ -46,8 +46,9 @@ _MEMO_SIZE = 64
 
 
 def _memo_key(model: Any, x: torch.Tensor, y: torch.Tensor, extra: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """What makes a verdict reproducible: the module (and every parameter's in-place version, so a training step
-    or a loaded state dict is a new model), the input and label bytes, and the draws / seed / stream. None for a non-module."""
+    """What makes a verdict reproducible: the module (and the in-place version of every parameter and buffer, so a
+    training step or a loaded state dict makes a new model), the input and label bytes, and the draws, seed and
+    stream. None for a callable that is not a module."""
     if not isinstance(model, nn.Module):
         return None
     digest = hashlib.blake2b(x.detach().contiguous().cpu().numpy().tobytes(), digest_size=16)

@@ -48,7 +48,14 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         # a stable sampler: on std's final model, SGLD with step 1 from the init *raises* the energy (0.02 -> 1.16
         # in 5 steps) while step 0.1 lowers it below the data's; the same chains, 10x smaller steps
         "std-s01": ["--sgld-step-size", "0.1"],
-        "std-w800-s01": ["--ce-warmup-iters", "800", "--iters", "8000", "--decay-at", "7000", "--sgld-step-size", "0.1"],
+        "std-w800-s01": ["--ce-warmup-iters", "800", "--iters", "8000", "--decay-at", "7000",
+                         "--sgld-step-size", "0.1"],
+        # ... with the paper's log p(x) weight, or twice the SGLD steps (w800-s01's buffer: FD 13.7 but 65.5 %
+        # confident for the independent judge, the class-Gaussian init's own level)
+        "std-w800-s01-px1": ["--ce-warmup-iters", "800", "--iters", "8000", "--decay-at", "7000", "--sgld-step-size",
+                             "0.1", "--px-weight", "1"],
+        "std-w800-s01-k10": ["--ce-warmup-iters", "800", "--iters", "8000", "--decay-at", "7000", "--sgld-step-size",
+                             "0.1", "--sgld-steps", "10"],
     },
 }
 
