@@ -22,6 +22,7 @@ from pathlib import Path
 # Each variant spells out every setting it changes from the preset, so a table stays reproducible when the
 # preset moves (quick adopted "cgpx1" after its sweep; "uniform" is the quick preset before).
 _PAPER_PX = ["--sgld-init", "uniform", "--px-weight", "1"]
+_STEP1 = ["--sgld-step-size", "1"]  # the standard preset before std-s01
 VARIANTS: dict[str, dict[str, list[str]]] = {
     "quick": {
         "uniform": _PAPER_PX,  # U(-1,1) init and re-init, the paper's log p(x) weight 1
@@ -33,18 +34,20 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         "cgpx3w": ["--sgld-init", "class-gaussian", "--px-weight", "0.3", "--ce-warmup-iters", "1000"],
     },
     "standard": {
-        "std": [],  # the preset: class-Gaussian chains, log p(x) weight 0.1, 4000 CE + 8000 JEM iterations
-        "std-px03": ["--px-weight", "0.03"],
-        "std-uniform": _PAPER_PX,
-        "std-px03-long": ["--px-weight", "0.03", "--iters", "16000"],
+        # the preset until SGLD step 0.1 (std-s01) won: class-Gaussian chains, log p(x) weight 0.1, 4000 CE + 8000
+        # JEM iterations, SGLD step 1
+        "std": _STEP1,
+        "std-px03": _STEP1 + ["--px-weight", "0.03"],
+        "std-uniform": _STEP1 + _PAPER_PX,
+        "std-px03-long": _STEP1 + ["--px-weight", "0.03", "--iters", "16000"],
         # shorter chains: a slot lives ~1/0.2 = 5 visits (25 SGLD steps) instead of ~20 visits
-        "std-reinit20": ["--reinit-freq", "0.2"],
+        "std-reinit20": _STEP1 + ["--reinit-freq", "0.2"],
         # the quick JEM's healthy regime at standard scale: 4000 CE + 3000 JEM iterations (the decay is not reached)
-        "std-short": ["--iters", "7000"],
+        "std-short": _STEP1 + ["--iters", "7000"],
         # ... with 10 SGLD steps (the quick sweep's closest buffer, cg10)
-        "std-short-k10": ["--iters", "7000", "--sgld-steps", "10"],
+        "std-short-k10": _STEP1 + ["--iters", "7000", "--sgld-steps", "10"],
         # the quick JEM's short CE warm start (800), then a long JEM phase with a step decay
-        "std-w800": ["--ce-warmup-iters", "800", "--iters", "8000", "--decay-at", "7000"],
+        "std-w800": _STEP1 + ["--ce-warmup-iters", "800", "--iters", "8000", "--decay-at", "7000"],
         # a stable sampler: on std's final model, SGLD with step 1 from the init *raises* the energy (0.02 -> 1.16
         # in 5 steps) while step 0.1 lowers it below the data's; the same chains, 10x smaller steps
         "std-s01": ["--sgld-step-size", "0.1"],
