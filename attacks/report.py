@@ -253,14 +253,19 @@ def health_sentence(h: dict[str, Any]) -> str:
     """What kind of JEM was tested, in its health numbers (judged by another classifier)."""
     return (f"- The JEM behind JEM-0/1/10 as an energy model (judged by `{h.get('judge')}`, a classifier trained "
             f"without it): {_pct(h.get('buffer_confident'))} of {h.get('n_buffer')} replay-buffer samples are "
-            f"labelled with ≥ {h.get('threshold', 0.9)} confidence; Fréchet distance to real test images in the "
+            f"labelled with ≥ {h.get('threshold', 0.9)} confidence{_real_level(h)}; Fréchet distance to real test images in the "
             f"judge's logits {h['fd_buffer_real']:.1f} (uniform noise {h['fd_uniform_real']:.1f}, real vs real "
             f"{h['fd_real_real']:.2f}); mean energy {h['energy_data']:.2f} on data vs {h['energy_buffer']:.2f} on the "
             f"buffer; chains initialised from {h.get('sgld_init', 'uniform')}.")
 
 
+def _real_level(h: dict[str, Any]) -> str:
+    return "" if h.get("real_confident") is None else f" (real test images: {_pct(h['real_confident'])})"
+
+
 def health_table(h: dict[str, Any]) -> str:
     cols = [("buffer ≥ 0.9 confident", _pct(h.get("buffer_confident"))),
+            ("real images ≥ 0.9 confident", _pct(h.get("real_confident"))),
             ("judge agrees with JEM (buffer)", _pct(h.get("buffer_agrees_with_jem"))),
             ("conditional chains: judge hits the class", _pct(h.get("conditional_hits_target"))),
             ("FD buffer / real", f"{h['fd_buffer_real']:.1f}"),

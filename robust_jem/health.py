@@ -6,7 +6,8 @@ class-conditional SGLD chains this reports:
 
 * the fraction of samples the judge labels with confidence ≥ ``threshold`` (and, for conditional chains,
   the fraction where the judge agrees with the class the chain was conditioned on; for the buffer, with the
-  JEM's own label);
+  JEM's own label), beside the same fraction for held-out real images: samples distributed like the data
+  score what the data scores;
 * the Fréchet distance between samples and held-out real images in the judge's logit space (Heusel et al.
   2017's formula on K-dimensional logits), beside the same distance for uniform noise, for the sampler's own
   starting distribution when it is an informative (Gaussian) init, and between two halves of the real test
@@ -118,6 +119,7 @@ def health(checkpoint: str | os.PathLike, judge: str | os.PathLike, *, n: int = 
         "conditional_confident": confident("conditional"),
         "conditional_hits_target": float((feats["conditional"].argmax(1) == targets).double().mean()),
         "uniform_confident": confident("uniform"),
+        "real_confident": confident("real_b"),  # the judge's own level on real images: what matching data means
         "fd_buffer_real": frechet(np_feats["buffer"], np_feats["real_b"]),
         "fd_conditional_real": frechet(np_feats["conditional"], np_feats["real_b"]),
         "fd_uniform_real": frechet(np_feats["uniform"], np_feats["real_b"]),

@@ -390,7 +390,8 @@ def health(checkpoint: str, judge: str, n: int, steps: int, per_class: int, thre
 
     r = run_health(checkpoint, judge, out, n=n, steps=steps, per_class=per_class, threshold=threshold, seed=seed,
                    device=resolve_device(device), data_dir=data_dir)
-    click.echo(f"buffer: {100 * r['buffer_confident']:.1f} % confident (>= {threshold:g}) by the judge, "
+    click.echo(f"buffer: {100 * r['buffer_confident']:.1f} % confident (>= {threshold:g}) by the judge "
+               f"(real test images: {100 * r['real_confident']:.1f} %), "
                f"{100 * r['buffer_agrees_with_jem']:.1f} % agreeing with the JEM; conditional chains: "
                f"{100 * r['conditional_confident']:.1f} % confident, {100 * r['conditional_hits_target']:.1f} % on "
                f"target")

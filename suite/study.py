@@ -173,6 +173,13 @@ PLANS = {
 def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
     """The study's jobs, in order (every one resumable by itself: it skips rows that exist under its keys)."""
     ce, at, jem, ga = (str(ckpt[k]) for k in ("ce", "pgd-at", "jem", "gaussian-aug"))
+    # JEM-k runs k steps of the JEM's own sampler (its training step size and noise): the paper's refinement
+    # uses the training SGLD, and a step the model was not trained with can climb its energy instead
+    sampler = read_checkpoint(jem)["config"].sgld
+
+    def chain(*steps: int) -> Chain:
+        return Chain(steps, step_size=sampler.step_size, noise=sampler.noise)
+
     groups = {"bare": ((ce, at), 0), "jem0": ((jem,), 0), "jem1": ((jem,), 1), "jem10": ((jem,), 10)}
     head = PGDSettings(steps=plan.steps, restarts=plan.restarts, eot=plan.eot, eval_draws=plan.eval_draws)
     aa = AutoAttackSettings(version="rand", steps=plan.aa_steps, eot=plan.eot, eval_draws=plan.eval_draws)
@@ -181,7 +188,7 @@ def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
     def white(name: str, group: str, norm: str, eps: tuple[float, ...], attack: Any, *, n: int | None = None,
               modes: tuple[str, ...] = ("full", "bpda"), kind: str = "whitebox") -> Stage:
         models, k = groups[group]
-        return Stage(name, kind, WhiteboxJob(models, (norm,), tuple(eps), attack, Chain((k,)), modes,
+        return Stage(name, kind, WhiteboxJob(models, (norm,), tuple(eps), attack, chain(k), modes,
                                              n_examples=n or plan.n[group]))
 
     st: list[Stage] = []
@@ -227,17 +234,17 @@ def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
             models, k = groups[group]
             cfg = BlackboxConfig(name, steps=plan.blackbox_steps, init_steps=init)
             st.append(Stage(f"blackbox-{name}-{group}", "blackbox",
-                            BlackboxJob(models, cfg, Chain((k,)), n_examples=plan.n[group])))
+                            BlackboxJob(models, cfg, chain(k), n_examples=plan.n[group])))
     # is Boundary converged? median distance against steps on a few images of the cheaper defenses
     for group in ("bare", "jem0", "jem1"):
         models, k = groups[group]
         for steps in (plan.blackbox_steps, *plan.blackbox_ladder):
             cfg = BlackboxConfig("boundary", steps=steps, init_steps=10)
             st.append(Stage(f"blackbox-ladder-{group}-steps{steps}", "blackbox",
-                            BlackboxJob(models, cfg, Chain((k,)), n_examples=plan.n_blackbox_ladder)))
+                            BlackboxJob(models, cfg, chain(k), n_examples=plan.n_blackbox_ladder)))
     st += [
-        Stage("distal", "distal", DistalJob((ce, at, jem), chain=Chain((0, 1)))),
-        Stage("calibrate", "extras", CalibrationJob((ce, at, jem), chain=Chain((0, 1)),
+        Stage("distal", "distal", DistalJob((ce, at, jem), chain=chain(0, 1))),
+        Stage("calibrate", "extras", CalibrationJob((ce, at, jem), chain=chain(0, 1),
                                                     n_examples=plan.extras_examples)),
         Stage("ood", "extras", OODJob((ce, at, jem), n_examples=plan.extras_examples)),
         Stage("sample", "extras", SampleJob(jem, n=4), subdir="samples"),
