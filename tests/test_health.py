@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import assert_usage_error, tiny_cfg
 from robust_jem.health import frechet
@@ -38,6 +39,14 @@ def test_health_command_judges_the_buffer_by_another_model(run_cli, tiny_run, ti
     assert row["n_buffer"] == 64 and row["n_conditional"] == 30 and row["judge_sha256"] != row["checkpoint_sha256"]
     assert row["fd_real_real"] < row["fd_uniform_real"]  # the floor is below noise in any working judge
     assert 0 <= row["buffer_confident"] <= 1 and "Frechet distance" in res.out
+    # the judge's own level on real images (the second half of the real set), the buffer's yardstick
+    from robust_jem.checkpoint import load
+    from robust_jem.data import load_dataset
+
+    real = load_dataset("fashion-mnist", "test").x[200:400]
+    with torch.no_grad():
+        level = float((load(tiny_ce)(real).softmax(1).amax(1) >= 0.9).double().mean())
+    assert row["real_confident"] == pytest.approx(level) and f"real test images: {100 * level:.1f} %" in res.out
     assert_usage_error(run_cli("health", "--checkpoint", tiny_run / "final.pt", "--judge", tiny_run / "final.pt",
                                "--out", tmp_path / "h2", "--device", "cpu"))  # a model cannot judge itself
     assert_usage_error(run_cli("health", "--checkpoint", tiny_ce, "--judge", tiny_run / "final.pt",

@@ -105,3 +105,17 @@ def test_report_regenerates_the_studys_report_from_the_run_alone(tiny_study, tmp
     assert "checkpoint" in clean(original) and clean(again) == clean(original)
     if context == "stored":
         assert _without_timestamp(again) == _without_timestamp(original)
+
+
+def test_jem_k_refines_with_the_jems_own_sampler(tmp_path, fashion_available):
+    """A JEM trained with SGLD step 0.1 is refined with step 0.1 (and its noise) in every stage that refines."""
+    from robust_jem.train import train
+    from suite.study import PLANS, study_stages
+
+    from conftest import tiny_cfg
+
+    jem = train(tiny_cfg("jem", sgld_step_size=0.1, sgld_noise=0.02), tmp_path / "jem", progress=False)
+    ckpts = dict.fromkeys(("ce", "pgd-at", "jem", "gaussian-aug"), jem)
+    chains = [s.job.chain for s in study_stages(PLANS["tiny"], ckpts) if hasattr(s.job, "chain")]
+    assert len(chains) > 20 and any(10 in c.sgld_steps for c in chains)
+    assert {(c.step_size, c.noise) for c in chains} == {(0.1, 0.02)}
