@@ -19,6 +19,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from infra.provenance import file_sha256, git_sha, now  # noqa: E402
+
 # Each variant spells out every setting it changes from the preset, so a table stays reproducible when the
 # preset moves (quick adopted "cgpx1" after its sweep; "uniform" is the quick preset before).
 _PAPER_PX = ["--sgld-init", "uniform", "--px-weight", "1"]
@@ -59,6 +63,9 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
                              "0.1", "--px-weight", "1"],
         "std-w800-s01-k10": ["--ce-warmup-iters", "800", "--iters", "8000", "--decay-at", "7000", "--sgld-step-size",
                              "0.1", "--sgld-steps", "10"],
+        # ... with a 3x larger step (between the stable 0.1 and step 1, whose chains climbed the energy)
+        "std-w800-s03": ["--ce-warmup-iters", "800", "--iters", "8000", "--decay-at", "7000", "--sgld-step-size",
+                         "0.3"],
     },
 }
 
@@ -84,15 +91,20 @@ def main() -> None:
     ap.add_argument("--judge", required=True)
     ap.add_argument("--root", type=Path, default=None, help="[runs/sweep (quick), runs/sweep-PRESET]")
     ap.add_argument("--run", action="store_true", help="train and judge the missing variants")
-    ap.add_argument("--only", default=None, help="comma-separated variants to run (default: all)")
+    ap.add_argument("--only", default=None, help="comma-separated variants to run and tabulate (default: all)")
     ap.add_argument("--parallel", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="[bench/results/PRESET_jem_sweep.md]")
     args = ap.parse_args()
     variants = VARIANTS[args.preset]
     root = args.root or Path("runs/sweep" if args.preset == "quick" else f"runs/sweep-{args.preset}")
     out_md = args.out or Path(f"bench/results/{args.preset}_jem_sweep.md")
+    if args.only is not None:
+        unknown = sorted(set(args.only.split(",")) - set(variants))
+        if unknown:
+            ap.error(f"unknown variants for --preset {args.preset}: {', '.join(unknown)}")
+        variants = {n: v for n, v in variants.items() if n in args.only.split(",")}
     if args.run:
-        todo = [n for n in variants if args.only is None or n in args.only.split(",")]
+        todo = list(variants)
         threads = max(1, (os.cpu_count() or 1) // max(1, args.parallel))
         with ThreadPoolExecutor(max(1, args.parallel)) as pool:
             for f in [pool.submit(run, args.preset, n, variants[n], root, args.judge, threads) for n in todo]:
@@ -101,7 +113,9 @@ def main() -> None:
              f"`robust-jem train --objective jem --preset {args.preset}` + the overrides below, then `robust-jem health` with "
              f"the judge `{args.judge}` (an independently trained CE model). FD = Fréchet distance to real test "
              "images in the judge's logit space; uniform noise and real-vs-real are the same for every row "
-             "(one judge).", "",
+             f"(one judge). Judge sha256 `{file_sha256(Path(args.judge))[:16]}`; table built {now()} at git "
+             f"{git_sha()}; each variant's config, seed and checkpoint sha256 are in ROOT/VARIANT/health/rows.jsonl.",
+             "",
              "| variant | overrides | test acc | buffer ≥ 0.9 confident | agrees with JEM | FD buffer | FD init | "
              "FD conditional | FD uniform | FD real/real | E data | E buffer | training s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
