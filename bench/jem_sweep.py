@@ -114,27 +114,30 @@ def main() -> None:
              f"the judge `{args.judge}` (an independently trained CE model). FD = Fréchet distance to real test "
              "images in the judge's logit space; uniform noise and real-vs-real are the same for every row "
              f"(one judge). Judge sha256 `{file_sha256(Path(args.judge))[:16]}`; table built {now()} at git "
-             f"{git_sha()}; each variant's config, seed and checkpoint sha256 are in ROOT/VARIANT/health/rows.jsonl.",
+             f"{git_sha()}; each variant's config and seed are in ROOT/VARIANT/config.json. \"real\" is the judge's "
+             "confident fraction on held-out real test images: what samples distributed like the data would score.",
              "",
-             "| variant | overrides | test acc | buffer ≥ 0.9 confident | agrees with JEM | FD buffer | FD init | "
-             "FD conditional | FD uniform | FD real/real | E data | E buffer | training s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | overrides | test acc | buffer ≥ 0.9 confident | real ≥ 0.9 confident | agrees with JEM | "
+             "FD buffer | FD init | FD conditional | FD uniform | FD real/real | E data | E buffer | training s | "
+             "sha256 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, extra in variants.items():
         h_path, m_path = root / name / "health" / "health.json", root / name / "metrics.jsonl"
         if not h_path.exists() or not m_path.exists():
-            lines.append(f"| {name} | `{' '.join(extra)}` | not run | | | | | | | | | | |")
+            lines.append(f"| {name} | `{' '.join(extra)}` | not run | | | | | | | | | | | | |")
             continue
         h = json.loads(h_path.read_text())
         metrics = [json.loads(x) for x in m_path.read_text().splitlines()]
         final = next((m for m in metrics if m.get("event") == "final"), {})
         logged = [m for m in metrics if m.get("it_per_s")]
         wall = sum((m["step"] - p["step"]) / m["it_per_s"] for p, m in zip([{"step": 0}] + logged, logged))
+        real = "–" if h.get("real_confident") is None else f"{100 * h['real_confident']:.1f} %"
         fd_init = "–" if h.get("fd_init_real") is None else f"{h['fd_init_real']:.1f}"
         lines.append(f"| {name} | `{' '.join(extra) or '(preset)'}` | {final.get('test_acc', float('nan')):.3f} | "
-                     f"{100 * h['buffer_confident']:.1f} % | {100 * h['buffer_agrees_with_jem']:.1f} % | "
+                     f"{100 * h['buffer_confident']:.1f} % | {real} | {100 * h['buffer_agrees_with_jem']:.1f} % | "
                      f"{h['fd_buffer_real']:.1f} | {fd_init} | {h['fd_conditional_real']:.1f} | "
                      f"{h['fd_uniform_real']:.1f} | {h['fd_real_real']:.2f} | {h['energy_data']:.2f} | "
-                     f"{h['energy_buffer']:.2f} | {wall:.0f} |")
+                     f"{h['energy_buffer']:.2f} | {wall:.0f} | `{h['checkpoint_sha256'][:16]}` |")
     lines += ["", "Training seconds are summed from the logged it/s (the runs shared the 2 cores with other work, so "
                   "they are upper bounds).", ""]
     out_md.parent.mkdir(parents=True, exist_ok=True)
