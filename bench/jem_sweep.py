@@ -99,16 +99,18 @@ def main() -> None:
     root = args.root or Path("runs/sweep" if args.preset == "quick" else f"runs/sweep-{args.preset}")
     out_md = args.out or Path(f"bench/results/{args.preset}_jem_sweep.md")
     if args.only is not None:
-        unknown = sorted(set(args.only.split(",")) - set(variants))
-        if unknown:
-            ap.error(f"unknown variants for --preset {args.preset}: {', '.join(unknown)}")
-        variants = {n: v for n, v in variants.items() if n in args.only.split(",")}
+        only = set(args.only.split(","))
+        if only - set(variants):
+            ap.error(f"unknown variants for --preset {args.preset}: {', '.join(sorted(only - set(variants)))}")
+        variants = {n: v for n, v in variants.items() if n in only}
     if args.run:
-        todo = list(variants)
         threads = max(1, (os.cpu_count() or 1) // max(1, args.parallel))
         with ThreadPoolExecutor(max(1, args.parallel)) as pool:
-            for f in [pool.submit(run, args.preset, n, variants[n], root, args.judge, threads) for n in todo]:
+            for f in [pool.submit(run, args.preset, n, v, root, args.judge, threads) for n, v in variants.items()]:
                 f.result()
+    columns = ["variant", "overrides", "test acc", "buffer ≥ 0.9 confident", "real ≥ 0.9 confident",
+               "agrees with JEM", "FD buffer", "FD init", "FD conditional", "FD uniform", "FD real/real", "E data",
+               "E buffer", "training s", "sha256"]
     lines = [f"# {args.preset.capitalize()} JEM variants: accuracy and EBM health", "",
              f"`robust-jem train --objective jem --preset {args.preset}` + the overrides below, then `robust-jem health` with "
              f"the judge `{args.judge}` (an independently trained CE model). FD = Fréchet distance to real test "
@@ -116,15 +118,11 @@ def main() -> None:
              f"(one judge). Judge sha256 `{file_sha256(Path(args.judge))[:16]}`; table built {now()} at git "
              f"{git_sha()}; each variant's config and seed are in ROOT/VARIANT/config.json. \"real\" is the judge's "
              "confident fraction on held-out real test images: what samples distributed like the data would score.",
-             "",
-             "| variant | overrides | test acc | buffer ≥ 0.9 confident | real ≥ 0.9 confident | agrees with JEM | "
-             "FD buffer | FD init | FD conditional | FD uniform | FD real/real | E data | E buffer | training s | "
-             "sha256 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for name, extra in variants.items():
         h_path, m_path = root / name / "health" / "health.json", root / name / "metrics.jsonl"
         if not h_path.exists() or not m_path.exists():
-            lines.append(f"| {name} | `{' '.join(extra)}` | not run | | | | | | | | | | | | |")
+            lines.append(f"| {name} | `{' '.join(extra)}` | not run |" + " |" * (len(columns) - 3))
             continue
         h = json.loads(h_path.read_text())
         metrics = [json.loads(x) for x in m_path.read_text().splitlines()]
