@@ -394,6 +394,7 @@ def _write_blackbox_rows(target: Target, res: BlackboxResult, y: torch.Tensor, c
             "clean_correct_fresh_frac": res.clean_correct_fresh.tolist(),
             "queries": res.queries.tolist(),
             "status": res.status,
+            "view_seeds": res.view_seeds,
             "note": "null distance = no adversarial found; status other than 'attacked' = no view could attack "
                     "the example (no information: the headline ignores it unless its clean image fails a fresh draw)",
         }, allow_nan=False))

@@ -196,6 +196,9 @@ class BlackboxResult:
         model_evals: examples actually run through the model (cache misses), in total.
         wall_s: seconds spent (summed over chunks).
         init_failed: examples whose initialisation found no adversarial.
+        status: per example, whether a view attacked it (:data:`ATTACKED`) or why none could.
+        view_seeds: per example, the seed of the fixed-noise view whose adversarial it keeps (None where no
+            view attacked it): ``FixedNoiseView(model, seed)`` reproduces what foolbox saw.
     """
 
     adversarials: torch.Tensor | None
@@ -210,6 +213,7 @@ class BlackboxResult:
     init_failed: int = 0
     notes: list[str] = field(default_factory=list)
     status: list[str] = field(default_factory=list)
+    view_seeds: list[int | None] = field(default_factory=list)
 
     @property
     def fresh_verdict(self) -> torch.Tensor:
@@ -232,7 +236,7 @@ class BlackboxResult:
                 "clean_correct_fixed": self.clean_correct_fixed.tolist(),
                 "clean_correct_fresh": self.clean_correct_fresh.tolist(), "queries": self.queries.tolist(),
                 "model_evals": self.model_evals, "wall_s": self.wall_s, "init_failed": self.init_failed,
-                "status": self.status}
+                "status": self.status, "view_seeds": self.view_seeds}
 
     @classmethod
     def from_part(cls, piece: dict[str, Any]) -> "BlackboxResult":
@@ -247,7 +251,7 @@ class BlackboxResult:
                    clean_correct_fresh=f64(piece["clean_correct_fresh"], math.nan),
                    queries=torch.tensor(piece["queries"], dtype=torch.long), model_evals=int(piece["model_evals"]),
                    wall_s=float(piece["wall_s"]), init_failed=int(piece["init_failed"]),
-                   status=list(piece.get("status", [])))
+                   status=list(piece.get("status", [])), view_seeds=list(piece.get("view_seeds", [])))
 
     @classmethod
     def merge(cls, chunks: Sequence["BlackboxResult"]) -> "BlackboxResult":
@@ -267,7 +271,8 @@ class BlackboxResult:
                    clean_correct_fixed=torch.cat([c.clean_correct_fixed for c in chunks]),
                    clean_correct_fresh=torch.cat([c.clean_correct_fresh for c in chunks]),
                    queries=torch.cat([c.queries for c in chunks]), model_evals=sum(c.model_evals for c in chunks),
-                   wall_s=sum(c.wall_s for c in chunks), init_failed=init_failed, notes=notes, status=status)
+                   wall_s=sum(c.wall_s for c in chunks), init_failed=init_failed, notes=notes, status=status,
+                   view_seeds=[v for c in chunks for v in c.view_seeds])
 
 
 def distances(x: torch.Tensor, x_adv: torch.Tensor, norm: str) -> torch.Tensor:
@@ -383,12 +388,14 @@ def attack_chunk(model: NoiseModel, x: torch.Tensor, y: torch.Tensor, cfg: Black
     status = [CLEAN_WRONG] * n
     found = torch.zeros(n, dtype=torch.bool)
     clean_fixed = torch.zeros(n, dtype=torch.bool)
+    view_seeds: list[int | None] = [None] * n
     evaluated = 0
     todo = list(range(n))
     for v in range(cfg.view_seeds):
         if not todo:
             break
-        view = FixedNoiseView(model, seed=derive_seed(cfg.seed, "view", v), cache_size=cfg.cache_size).eval()
+        view_seed = derive_seed(cfg.seed, "view", v)
+        view = FixedNoiseView(model, seed=view_seed, cache_size=cfg.cache_size).eval()
         sub = torch.tensor(todo, device=x.device)
         sub_slots = [slots[i] for i in todo]
         a, q, st = _foolbox_chunk(view, x[sub], y[sub], sub_slots, cfg, seed=derive_seed(cfg.seed, "foolbox", v, chunk),
@@ -400,7 +407,7 @@ def attack_chunk(model: NoiseModel, x: torch.Tensor, y: torch.Tensor, cfg: Black
             queries[i] += q[j]
             status[i] = st[j]
             if st[j] == ATTACKED:
-                adv[i], found[i], clean_fixed[i] = a[j], fd[j], cf[j]
+                adv[i], found[i], clean_fixed[i], view_seeds[i] = a[j], fd[j], cf[j], view_seed
         evaluated += view.evaluated
         todo = [i for i in todo if status[i] != ATTACKED]
     for i in todo:  # no view could attack them; one that misclassifies the clean image has its adversarial at 0
@@ -421,7 +428,8 @@ def attack_chunk(model: NoiseModel, x: torch.Tensor, y: torch.Tensor, cfg: Black
     return BlackboxResult(adversarials=adv.detach(), found=found, distances=dists, fresh_misclassified=fresh_adv,
                           clean_correct_fixed=clean_fixed, clean_correct_fresh=fresh_clean, queries=queries,
                           model_evals=evaluated, wall_s=time.perf_counter() - t0,
-                          init_failed=sum(s_ == INIT_FAILED for s_ in status), status=status)
+                          init_failed=sum(s_ == INIT_FAILED for s_ in status), status=status,
+                          view_seeds=view_seeds)
 
 
 def _checked(model: NoiseModel, x: torch.Tensor, y: torch.Tensor,

@@ -53,6 +53,22 @@ def test_per_example_noise_does_not_depend_on_the_batch():
     assert torch.equal(batch.view(3, 4, 5)[:, 2], alone)
 
 
+class RecordingNoise(torch.nn.Module):
+    """Wraps a noise model and keeps every noise tensor its chain drew (to compare the noise of two queries)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.draws = inner, []
+
+    def forward(self, x, noise_fn=None):
+        def record(like):
+            eps = noise_fn(like)
+            self.draws.append(eps.clone())
+            return eps
+
+        return self.inner(x, noise_fn=record)
+
+
 def test_fixed_noise_view_same_input_same_answer(tiny_model, data):
     x = data[0][:12]
     model = stochastic(tiny_model)
@@ -61,26 +77,44 @@ def test_fixed_noise_view_same_input_same_answer(tiny_model, data):
     a = view(x)
     assert torch.equal(a, view(x))  # cached
     uncached = FixedNoiseView(model, seed=0, cache_size=0)
-    assert torch.allclose(a, uncached(x), atol=1e-5)  # recomputed: the same noise
-    assert torch.allclose(a[3:5], uncached(x[3:5], [3, 4]), atol=1e-4)  # whatever the rest of the batch
-    assert torch.allclose(a[[7, 2]], uncached(x[[7, 2]], [7, 2]), atol=1e-4)
+    assert torch.equal(a, uncached(x))  # a fresh view, the same query: bit for bit (any CPU: same kernels)
+    # whatever the rest of the batch: the same noise; the logits then differ by the kernels' rounding only,
+    # which we measure against the bare classifier's own batch dependence
+    bare_gap = (tiny_model(x)[3:5] - tiny_model(x[3:5])).abs().max()
+    tol = 1e-4 + 100 * float(bare_gap)
+    assert (a[3:5] - uncached(x[3:5], [3, 4])).abs().max() <= tol
+    assert (a[[7, 2]] - uncached(x[[7, 2]], [7, 2])).abs().max() <= tol
     other = FixedNoiseView(model, seed=1)(x)
-    assert (a - other).abs().max() > 1e-4  # another seed is another view
+    assert (a - other).abs().max() > 1e-2  # another seed is another view
     bare_view = FixedNoiseView(bare(tiny_model), seed=0)
     assert torch.allclose(bare_view(x), tiny_model(x), atol=1e-5)
 
 
 def test_fixed_noise_view_is_continuous_in_the_input(tiny_model, data):
-    """The noise is keyed on the example's slot, not its pixels: a tiny step moves the logits a tiny bit (a
-    pixel-keyed noise would redraw the chain noise and jump), so decision attacks walk the model's boundary."""
+    """The noise is keyed on the example's slot, not its pixels: a step of the input leaves every noise draw
+    exactly as it was (a pixel-keyed noise would redraw the chain noise and jump), so the view is as continuous
+    as the model with that noise, and decision attacks walk the model's boundary.
+
+    The chain of a piecewise-linear net is itself discontinuous where an activation flips (its gradient
+    jumps), so the logits are compared on the median example, shrinking with the step."""
     x = data[0][:8]
-    model = stochastic(tiny_model)
+    model = RecordingNoise(stochastic(tiny_model))
     view = FixedNoiseView(model, seed=0, cache_size=0)
-    step = (x + 1e-4 * torch.rand(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
-    near = (view(step) - view(x)).abs().max()
-    jump = (model(x) - model(x)).abs().max()  # what a fresh noise draw changes
-    assert near < 0.05 * jump, (near, jump)
-    assert (view(x, [8, 9, 10, 11, 12, 13, 14, 15]) - view(x)).abs().max() > 1e-3  # other slots, other noise
+    base = view(x)
+    noise_at_x, model.draws = model.draws, []
+    jump = (model.inner(x) - model.inner(x)).abs().amax(1).median()  # what a fresh noise draw changes
+    direction = torch.rand(x.shape, generator=torch.Generator().manual_seed(1))
+    moved = []
+    for delta in (1e-4, 1e-6):
+        step = (x + delta * direction).clamp(0, 1)
+        out = view(step)
+        assert len(model.draws) == len(noise_at_x) and all(map(torch.equal, model.draws, noise_at_x))
+        model.draws = []
+        moved.append(float((out - base).abs().amax(1).median()))
+    assert moved[0] < 0.05 * jump, (moved, jump)
+    assert moved[1] < 0.1 * moved[0] + 1e-5, moved  # shrinks with the step: continuous, not a redraw
+    view(x, [8, 9, 10, 11, 12, 13, 14, 15])
+    assert not any(map(torch.equal, model.draws, noise_at_x))  # other slots, other noise
 
 
 # --- boundary and pointwise --------------------------------------------------------------------------
@@ -114,11 +148,15 @@ def test_stochastic_model_fixed_and_fresh_verdicts(tiny_model, data):
     cfg = BlackboxConfig("boundary", steps=10, init_steps=10, batch_size=6, eval_draws=3)
     res = blackbox_attack(model, x, y, cfg, progress=False)
     assert res.found.any()
-    # the fixed-noise verdict holds on a fresh copy of the view (up to float noise at the boundary)
-    logits = FixedNoiseView(model, seed=cfg.seed, cache_size=0)(res.adversarials)
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.scatter(1, y[:, None], -math.inf).max(1).values
-    assert (other[res.found] - true[res.found] > -1e-3).all()
+    # the fixed-noise verdict holds on a fresh copy of the view that attacked each example (up to the float
+    # rounding of another batch composition at the boundary)
+    attacked = [i for i, s in enumerate(res.view_seeds) if s is not None]
+    assert attacked and all(res.status[i] == "attacked" for i in attacked)
+    for i in attacked:
+        logits = FixedNoiseView(model, seed=res.view_seeds[i], cache_size=0)(res.adversarials[i:i + 1], [i])[0]
+        other = torch.cat([logits[:y[i]], logits[y[i] + 1:]]).max()
+        if res.found[i]:
+            assert other - logits[y[i]] > -1e-3, (i, float(other - logits[y[i]]))
     frac = res.fresh_misclassified
     assert torch.isnan(frac[~res.found]).all() and ((frac[res.found] >= 0) & (frac[res.found] <= 1)).all()
     fresh = res.distances_fresh("l2")

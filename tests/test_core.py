@@ -360,15 +360,25 @@ def test_prefetcher_gives_the_schedule_s_batches_in_and_out_of_order():
 
 
 def test_training_options_fused_adam_and_prefetch_do_not_change_the_run(tmp_path, fashion_available):
-    """Both switches are pure implementation choices: the same weights within float tolerance."""
+    """Both switches are pure implementation choices: the weights differ by float rounding only. A JEM run
+    amplifies rounding (how much depends on the CPU's kernels), so the yardstick is measured in the same run:
+    the smallest real change of the recipe (the lr times 1.01) must move the weights far more."""
     from robust_jem.checkpoint import read_checkpoint
     from robust_jem.train import train
 
-    a = read_checkpoint(train(tiny_cfg("jem", fused_adam=True, prefetch=True), tmp_path / "a", progress=False))
-    b = read_checkpoint(train(tiny_cfg("jem", fused_adam=False, prefetch=False), tmp_path / "b", progress=False))
+    def weights(name: str, **options) -> dict:
+        return read_checkpoint(train(tiny_cfg("jem", **options), tmp_path / name, progress=False))
+
+    a = weights("a", fused_adam=True, prefetch=True)
+    b = weights("b", fused_adam=False, prefetch=False)
     assert a["config"].fused_adam and not b["config"].fused_adam
-    for k in a["model"]:
-        assert torch.allclose(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5), k
+    c = weights("c", fused_adam=False, prefetch=False, lr=1.01 * b["config"].lr)
+
+    def gap(u: dict, v: dict) -> float:
+        return float(torch.cat([(u["model"][k] - v["model"][k]).flatten() for k in u["model"]]).norm())
+
+    rounding, real = gap(a, b), gap(c, b)
+    assert rounding < 0.1 * real, (rounding, real)
 
 
 @pytest.mark.parametrize("command", ["distal", "calibrate", "study", "plot"])
