@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-
-import torch
+from typing import TYPE_CHECKING
 
 from infra.errors import InputError
 
+if TYPE_CHECKING:  # no torch at import time: the CLI parses ε before torch is loaded
+    import torch
+
 NORMS = ("linf", "l2", "l0")
+EVAL_DRAWS = 20  # the default verdict: correct in all 20 fresh-noise draws
 
 
 class AttackInputError(InputError):

@@ -34,11 +34,10 @@ from torch import nn
 
 from infra.randomness import derive_seed, seeded
 
-from .common import AttackInputError
+from .common import EVAL_DRAWS, AttackInputError
 
 
 SCREEN = 5  # draws every input gets; the rest go only to the inputs correct in all of them
-EVAL_DRAWS = 20  # the default verdict: correct in all 20 draws
 
 
 _MEMO: dict[tuple[Any, ...], tuple[weakref.ref, torch.Tensor]] = {}

@@ -18,14 +18,24 @@ Payload = Union[bytes, str, Callable[[IO[bytes]], None]]
 
 
 def check_out_dir(out: str | os.PathLike) -> None:
-    """Fail early (nothing written) when the output folder ``out`` cannot be created or written: one line."""
+    """Fail early (one line, nothing written) when the output folder ``out`` could not be created or written.
+
+    Nothing is created here: the folder appears with the first file written into it, so a command that fails
+    on its input leaves no empty folder behind.
+    """
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"--out {out} cannot be created ({exc.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise InputError(f"--out {out} is not writable")
+    probe = out
+    while not probe.exists():
+        if probe.is_symlink():
+            raise InputError(f"--out {out} cannot be created (dangling link {probe})")
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise InputError(f"--out {out} cannot be created ({probe} is not a folder)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out} is not writable" if probe == out else
+                         f"--out {out} cannot be created ({probe} is not writable)")
 
 
 def _umask() -> int:

@@ -9,8 +9,11 @@ import os
 import platform
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI answers --help without it
+    import torch
+
 
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -50,6 +53,8 @@ def now() -> str:
 
 def device_name(device: torch.device | str) -> str:
     """Human-readable device description (GPU name, or CPU model and thread count)."""
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -69,6 +74,8 @@ def device_name(device: torch.device | str) -> str:
 def library_versions() -> dict[str, str]:
     """Versions of the libraries whose code computes our numbers (``absent`` when not installed)."""
     from importlib import metadata
+
+    import torch
 
     out = {"torch_version": str(torch.__version__)}
     for name in ("torchattacks", "foolbox", "numpy"):

@@ -15,12 +15,13 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .io import atomic_write
 from .provenance import environment, file_sha256, now
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 

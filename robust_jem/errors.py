@@ -5,3 +5,7 @@ from infra.errors import InputError
 
 class UserError(InputError):
     """Bad input from the user (arguments, files, data). The message is one line, shown as is."""
+
+
+class TrainingDiverged(RuntimeError):
+    """JEM training diverged more often than ``max_retries`` allows."""

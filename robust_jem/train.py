@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -28,20 +28,19 @@ from tqdm.auto import tqdm
 
 from infra.energy import energy_of_logits
 from infra.io import atomic_write, check_out_dir
+from infra.interrupt import Interrupted, StopRequest, stop_at_safe_points
+from infra.precision import resolve_bf16
 from infra.records import append_row
 from .checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import ImageDataset, Prefetcher, load_dataset
 from .distributed import RANK_SEED_STRIDE, SINGLE, DistContext, shard, shard_size
-from .errors import UserError
+from .errors import TrainingDiverged, UserError  # noqa: F401  (TrainingDiverged: raised here, re-exported)
 from .model import EnergyModel, to_internal, to_pixels
 from .sgld import GaussianInit, ReplayBuffer, sgld
 
 log = logging.getLogger(__name__)
 
-
-class TrainingDiverged(RuntimeError):
-    """JEM training diverged more often than ``max_retries`` allows."""
 
 
 Net = Callable[[torch.Tensor], torch.Tensor]
@@ -282,6 +281,17 @@ class _Window:
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
         self.count += 1
 
+    def state(self) -> dict[str, Any]:
+        """The window so far, exactly (float32 sums as Python floats), for a checkpoint taken mid-window."""
+        return {"count": self.count, "sums": {k: float(v) for k, v in self.sums.items()}}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None, device: torch.device) -> "_Window":
+        if not state:
+            return cls()
+        sums = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in state["sums"].items()}
+        return cls(sums, int(state["count"]))
+
     def read(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
         """Window means (``reduce`` combines the stacked sums across ranks first, e.g. an all-reduce mean)."""
         if not self.count:
@@ -341,6 +351,7 @@ class Trainer:
         self.lr_scale = 1.0
         self.retries = 0
         self.best_acc = 0.0
+        self.window = _Window()  # metrics of the log window in progress (saved with last.pt)
         self.model: EnergyModel
         self.build(seed_offset=0)
 
@@ -426,7 +437,8 @@ class Trainer:
         if d.is_main:
             if states is not None:
                 rng["gen_ranks"] = states
-            state = {"lr_scale": self.lr_scale, "retries": self.retries, "best_acc": self.best_acc}
+            state = {"lr_scale": self.lr_scale, "retries": self.retries, "best_acc": self.best_acc,
+                     "window": self.window.state()}
             if d.enabled:
                 state["world"] = d.world
             save_checkpoint(
@@ -465,6 +477,7 @@ class Trainer:
         st = ckpt["state"]
         self.lr_scale, self.retries = st.get("lr_scale", 1.0), st.get("retries", 0)
         self.best_acc = st.get("best_acc", 0.0)
+        self.window = _Window.from_state(st.get("window"), self.device)
 
     def informative_init(self) -> GaussianInit | None:
         """The buffer's informative init (fitted once to the training set; a pure function of it), or None."""
@@ -477,11 +490,12 @@ class Trainer:
         return self._init
 
     # --- the loop ----------------------------------------------------------------------------------
-    def run(self, stop_at: int | None = None, progress: bool = True) -> dict[str, Any]:
+    def run(self, stop_at: int | None = None, progress: bool = True, stop: StopRequest | None = None) -> bool:
+        """Train up to ``stop_at`` (default: the end). Returns True when ``stop`` was requested: the loop then
+        ends between two steps, with every piece of state consistent (the caller saves it)."""
         cfg, d = self.cfg, self.dist
         metrics_path = self.out / "metrics.jsonl"
         end = cfg.iters if stop_at is None else min(stop_at, cfg.iters)
-        window = _Window()
         last_save = time.monotonic()
         t_window = time.monotonic()
         steps_window = 0
@@ -491,12 +505,12 @@ class Trainer:
             x, y = self.batch(self.step)
             lr = lr_at(cfg, self.step, self.lr_scale)
             loss, terms, ctx = self.train_step(x, y)
-            window.add(terms, loss)
+            self.window.add(terms, loss)
             self.step += 1
             steps_window += 1
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == end:
-                row = window.read(reduce=d.all_reduce_mean)  # the one host sync per log window
+                row = self.window.read(reduce=d.all_reduce_mean)  # the one host sync per log window
                 elapsed = time.monotonic() - t_window
                 row.update(step=self.step, lr=lr, it_per_s=steps_window / max(elapsed, 1e-9), phase=ctx.phase)
                 t_window, steps_window = time.monotonic(), 0
@@ -508,7 +522,6 @@ class Trainer:
                         why = "divergence detected on another rank"
                 if why:
                     self.recover(why, metrics_path)
-                    window = _Window()
                     continue
                 self.best_acc = max(self.best_acc, row.get("acc", 0.0))
                 if d.is_main:
@@ -517,8 +530,11 @@ class Trainer:
                 if save_due:
                     self.save("last.pt")
                     last_save = time.monotonic()
+            if stop:
+                bar.close()
+                return True
         bar.close()
-        return {"step": self.step}
+        return False
 
     def recover(self, why: str, metrics_path: Path) -> None:
         """Roll back to the last good checkpoint (or the start), halve the lr, reseed the sampler."""
@@ -533,7 +549,7 @@ class Trainer:
         if last.exists():
             self.restore(last)
         else:
-            self.step = 0
+            self.step, self.window = 0, _Window()
         self.retries, self.lr_scale = retries, scale
         self.gen.manual_seed(self.gen_seed(retries))
         if self.dist.is_main:
@@ -579,13 +595,47 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _config_differences(a: TrainConfig, b: TrainConfig) -> list[str]:
+    """``name: a vs b`` for every (nested) field where two configs differ."""
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    fa, fb = flat(a.to_dict()), flat(b.to_dict())
+    return [f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def existing_run(cfg: TrainConfig, out: Path) -> str | None:
+    """What to do with a run folder that already holds a checkpoint: ``"finished"`` (final.pt of this very
+    config), ``"resume"`` (last.pt of this config) or None (nothing there). Another config is refused: a run is
+    never started over silently."""
+    for name, verdict in (("final.pt", "finished"), ("last.pt", "resume")):
+        path = out / name
+        if path.exists():
+            stored = read_checkpoint(path)["config"]
+            diff = _config_differences(stored, cfg)
+            if diff:
+                raise UserError(f"{out} holds a run with another config ({'; '.join(diff[:3])}"
+                                f"{' ...' if len(diff) > 3 else ''}); continue it with --resume {out}, or choose "
+                                f"another --out")
+            return verdict
+    return None
+
+
 def train(cfg: TrainConfig | None, out: str | os.PathLike, *, device: torch.device | str = "cpu", resume: bool = False,
           data_dir: str | None = None, stop_at: int | None = None, progress: bool = True,
           dist: DistContext = SINGLE) -> Path:
-    """Train ``cfg`` into ``out`` and return the path of ``final.pt``.
+    """Train ``cfg`` into ``out`` and return the path of ``final.pt`` (``last.pt`` when ``stop_at`` comes first).
+
+    A folder that already holds this config's run is finished (returns its ``final.pt``) or resumed from its
+    ``last.pt``; one that holds another config's run is refused. The first SIGINT / SIGTERM stops the run
+    between two steps and writes ``last.pt`` there (a resumed run then ends bit-identical to an uninterrupted
+    one); :class:`infra.interrupt.Interrupted` says what was kept.
 
     Args:
-        cfg: the run's full configuration.
+        cfg: the run's full configuration (None with ``resume``).
         out: run directory (config.json, metrics.jsonl, last.pt, final.pt, samples.png).
         device: torch device.
         resume: continue from ``out/last.pt`` (its config wins).
@@ -602,6 +652,15 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike, *, device: torch.devi
             raise UserError(f"nothing to resume: {last} does not exist")
         cfg = read_checkpoint(last)["config"]
     cfg.validate()
+    cfg = replace(cfg, bf16=resolve_bf16(cfg.bf16, device, "training"))  # the config written is what runs
+    if not resume:
+        found = existing_run(cfg, out)
+        if found == "finished":
+            log.info("%s already holds this run, finished: %s (nothing to do)", out, out / "final.pt")
+            return out / "final.pt"
+        if found == "resume":
+            log.info("%s holds this run, unfinished: resuming from last.pt", out)
+            resume = True
     trainer = Trainer(cfg, out, device, data_dir, dist=dist)  # loads data: fails before anything is written
     check_out_dir(out)
     if resume:
@@ -616,17 +675,26 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike, *, device: torch.devi
         init = trainer.informative_init()
         if init is not None:  # the fitted init, stored with the run
             atomic_write(out / "init.pt", lambda f: torch.save(init.state_dict(), f))
+    resume_hint = f"continue with: robust-jem train --resume {out}"
     try:
-        with sigterm_as_interrupt():
-            trainer.run(stop_at=stop_at, progress=progress)
-    except KeyboardInterrupt:
-        if not dist.enabled and trainer.step > 0:  # a lone process can save alone (DDP would need every rank)
-            trainer.save("last.pt")
-            log.warning("interrupted at step %d: %s written; continue with robust-jem train --resume %s",
-                        trainer.step, out / "last.pt", out)
-        raise
+        if dist.enabled:  # every rank would have to stop at the same step: the periodic last.pt is what is kept
+            with sigterm_as_interrupt():
+                stopped = trainer.run(stop_at=stop_at, progress=progress)
+        else:
+            with stop_at_safe_points() as stop:
+                stopped = trainer.run(stop_at=stop_at, progress=progress, stop=stop)
+    except KeyboardInterrupt:  # a second Ctrl-C, or a signal under torchrun: state mid-step, not saved
+        last = out / "last.pt"
+        kept = (f"{last} from step {read_checkpoint(last)['step']} of {cfg.iters} (the steps since then are lost); "
+                f"{resume_hint}") if last.exists() else "nothing: no last.pt had been written yet"
+        raise Interrupted(kept) from None
     finally:
         trainer.loader.close()
+    if stopped:
+        trainer.save("last.pt")
+        kept = f"{out / 'last.pt'} at step {trainer.step} of {cfg.iters}; {resume_hint}"
+        log.warning("stopped: %s", kept)
+        raise Interrupted(kept)
     if trainer.step < cfg.iters:
         return out / "last.pt"
     final_metrics: dict[str, Any] = {}

@@ -5,19 +5,19 @@ click."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import click
 
-from attacks.common import format_eps, parse_eps
-from attacks.verdict import EVAL_DRAWS
+# Only torch-free modules at import time: --help, --version and argument errors answer before torch loads.
+from attacks.common import EVAL_DRAWS, format_eps, parse_eps
 from infra.errors import InputError
+from infra.interrupt import Interrupted
 from robust_jem.config import PRESETS
-from robust_jem.errors import UserError
-
-from .targets import Chain
+from robust_jem.errors import TrainingDiverged, UserError
 
 log = logging.getLogger("robust_jem")
 
@@ -145,10 +145,12 @@ DISTRIBUTED_COMMANDS = ("train", "pgd", "autoattack", "blackbox")
 def cli(ctx: click.Context, verbose: bool) -> None:
     """robust-jem: train JEM and its baselines, then attack them honestly."""
     setup_logging(verbose)
+    command = ctx.invoked_subcommand
+    if command in DISTRIBUTED_COMMANDS or os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
+        return  # not under torchrun (checked without importing torch, which --help must not wait for)
     from robust_jem.distributed import env_rank
 
-    command = ctx.invoked_subcommand
-    if command and command not in DISTRIBUTED_COMMANDS and env_rank().enabled:
+    if command and env_rank().enabled:
         raise UserError(f"'{command}' runs in one process; under torchrun use one of "
                         f"{', '.join(DISTRIBUTED_COMMANDS)}")
 
@@ -297,6 +299,7 @@ def calibrate(checkpoints: tuple[str, ...], sgld_steps: list[int], bins: int, n_
               seed: int, out: str, data_dir: str | None, device: str) -> None:
     """ECE, NLL, Brier score and reliability diagrams (rows of kind "calibration")."""
     from .evaluate import CalibrationJob, calibrate as run
+    from .targets import Chain
 
     job = CalibrationJob(tuple(checkpoints), Chain(tuple(sgld_steps)), bins=bins, n_examples=n_examples,
                          batch_size=batch_size, seed=seed)
@@ -512,7 +515,9 @@ def _run_name(command: str, checkpoints: tuple[str, ...], norms: list[str]) -> P
 
 
 def _chain(sgld_steps: list[int], n_chains: int, init_noise: float, sgld_step_size: float,
-           sgld_noise: float) -> Chain:
+           sgld_noise: float) -> Any:
+    from .targets import Chain
+
     return Chain(tuple(sgld_steps), n_chains, init_noise, sgld_step_size, sgld_noise)
 
 
@@ -787,8 +792,6 @@ def _one_line(message: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: exit 2 with one line on stderr for bad input, never a traceback."""
-    from robust_jem.train import TrainingDiverged
-
     try:
         rc = cli.main(args=argv, prog_name="robust-jem", standalone_mode=False)
     except click.UsageError as exc:
@@ -807,8 +810,12 @@ def main(argv: list[str] | None = None) -> None:
     except TrainingDiverged as exc:
         click.echo(f"robust-jem: {_one_line(str(exc))}", err=True)
         sys.exit(1)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("robust-jem: interrupted. Kept: finished rows and finished batches (attacks), last.pt "
-                   "(training); run the same command again to resume.", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+        cause = exc.__cause__ if isinstance(exc, click.exceptions.Abort) else exc  # click wraps Ctrl-C in Abort
+        if isinstance(cause, Interrupted):  # stopped at a safe point: it knows what it kept
+            click.echo(f"robust-jem: interrupted. Kept: {_one_line(cause.kept)}", err=True)
+            sys.exit(130)
+        click.echo("robust-jem: interrupted. Kept: only files this command had finished writing (rows already in "
+                   "rows.jsonl stay); the same command resumes from them.", err=True)
         sys.exit(130)
     sys.exit(rc if isinstance(rc, int) else 0)

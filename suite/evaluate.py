@@ -27,6 +27,7 @@ from attacks.smoothing import SmoothedClassifier, certify_summary, empirical_l2
 from attacks.verdict import EVAL_DRAWS
 from attacks.white import autoattack_factory, pgd_factory, transfer_factory
 from infra.io import atomic_write, check_out_dir
+from infra.precision import resolve_bf16
 from infra.records import ROWS, append_row, done_keys, provenance_fields, read_rows, row_key
 from robust_jem.data import DATASETS, ImageDataset, load_dataset
 from robust_jem.errors import UserError
@@ -44,7 +45,7 @@ def _json(obj: Any) -> Any:
 
 
 def prepare_out(out: str | Path) -> Path:
-    """Create ``out`` (one-line error when impossible) and return it."""
+    """Check that ``out`` can be written (one-line error when not; created by its first file) and return it."""
     out = Path(out)
     check_out_dir(out)
     return out
@@ -194,7 +195,8 @@ def whitebox(job: WhiteboxJob, out: str | Path, *, device: torch.device, data_di
     Examples(job.n_examples, job.example_rule, job.seed).validate(len(ds))
     _check_budgets(job.norms, job.eps, ds)
     out = prepare_out(out)  # before any work: a bad --out is one line, not a traceback after the first batch
-    targets = build_targets(loaded, job.chain, job.grad_modes, seed=job.seed, bf16=job.bf16, compile=job.compile)
+    bf16 = resolve_bf16(job.bf16, device, "the attack")
+    targets = build_targets(loaded, job.chain, job.grad_modes, seed=job.seed, bf16=bf16, compile=job.compile)
     if isinstance(job.attack, TransferSettings):
         _, [src] = load_checkpoints([job.attack.source], device, data_dir, dataset=ds.name)
         surrogate = target_for(src, Refinement.bare())

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, assert_usage_error, tiny_cfg
-from robust_jem import EnergyModel, ReplayBuffer, load, load_dataset, sgld
+from robust_jem import EnergyModel, ReplayBuffer, load, load_dataset
+from robust_jem.sgld import sgld
 from robust_jem.checkpoint import read_checkpoint
 from robust_jem.config import TrainConfig, preset_config
 from robust_jem.errors import UserError
@@ -180,55 +181,71 @@ def test_resume_is_equivalent(tmp_path, fashion_available):
     assert steps == [json.loads(line)["step"] for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_kill9_then_resume(tmp_path, fashion_available):
-    """A real kill -9 mid-run: last.pt stays readable and the resumed run ends like an uninterrupted one."""
-    out = tmp_path / "killed"
-    args = [sys.executable, "-m", "robust_jem", "train", "--preset", "tiny", "--objective", "ce", "--iters", "400",
-            "--log-every", "5", "--save-every", "0.05", "--out", str(out), "--no-progress", "--device", "cpu"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if (out / "last.pt").exists() and read_checkpoint(out / "last.pt")["step"] >= 30:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+def _metrics(run: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock speed (the only field a pause may change)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "it_per_s"} for r in rows]
+
+
+_TRAIN_ARGS = [sys.executable, "-m", "robust_jem", "train", "--preset", "tiny", "--objective", "ce", "--iters", "400",
+               "--log-every", "7", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, fashion_available):
+    """The reference: the signal tests' command, run to the end without interruption (as a process, like them)."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    subprocess.run(_TRAIN_ARGS + ["--out", str(out)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
+def test_a_signal_then_resume_ends_bit_identical(tmp_path, uninterrupted, sig):
+    """Ctrl-C, SIGTERM or kill -9 mid-run, then --resume: the same final weights, bit for bit, and the same metric
+    rows (each step logged once) as the uninterrupted run. SIGINT / SIGTERM stop between two steps, mid log window
+    (no periodic save is due), and write last.pt there; kill -9 loses the steps since the last periodic save."""
+    out = tmp_path / "run"
+    periodic = ["--save-every", "0.05"] if sig == signal.SIGKILL else ["--save-every", "100000"]
+    proc = subprocess.Popen(_TRAIN_ARGS + periodic + ["--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 5):
+        time.sleep(0.02)
+    if sig != signal.SIGKILL:
+        assert not (out / "last.pt").exists()  # whatever is there next comes from the signal
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
     step = read_checkpoint(out / "last.pt")["step"]
     assert 0 < step < 400
-    subprocess.run(args[:3] + ["train", "--resume", str(out), "--no-progress", "--device", "cpu"], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ref = tmp_path / "ref"
-    train(tiny_cfg("ce", iters=400, log_every=5), ref, progress=False)
-    a, b = _weights(out / "final.pt"), _weights(ref / "final.pt")
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6), k
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows if "loss" in r]
-    assert steps == list(range(5, 401, 5))  # each logged step exactly once
-
-
-def test_sigterm_writes_last_pt_then_resume_finishes(tmp_path, fashion_available):
-    """SIGTERM (a scheduler's kill) mid-run, long before the next periodic save: the run writes last.pt at the
-    step it reached, says so, exits 130, and --resume takes it to the end."""
-    out = tmp_path / "termed"
-    args = [sys.executable, "-m", "robust_jem", "train", "--preset", "tiny", "--objective", "ce", "--iters", "1000",
-            "--log-every", "5", "--save-every", "100000", "--out", str(out), "--no-progress", "--device", "cpu"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    metrics = out / "metrics.jsonl"
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 6):
-        time.sleep(0.05)
-    assert not (out / "last.pt").exists()  # no periodic save yet: whatever is there next comes from the signal
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "last.pt written" in err and "Traceback" not in err
-    step = read_checkpoint(out / "last.pt")["step"]
-    assert 30 <= step < 1000
-    done = subprocess.run(args[:3] + ["train", "--resume", str(out), "--no-progress", "--device", "cpu"],
+    if sig != signal.SIGKILL:
+        assert proc.returncode == 130 and "Traceback" not in err, err
+        assert f"Kept: {out / 'last.pt'} at step {step} of 400" in err and "--resume" in err, err
+    done = subprocess.run(_TRAIN_ARGS[:3] + ["train", "--resume", str(out), "--no-progress", "--device", "cpu"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert read_checkpoint(out / "final.pt")["step"] == 1000
+    a, b = _weights(out / "final.pt"), _weights(uninterrupted / "final.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert _metrics(out) == _metrics(uninterrupted)
+
+
+def test_rerunning_train_never_starts_a_run_over(run_cli, tmp_path, fashion_available):
+    """The same command again resumes (or reports the finished run); another config is one line, exit 2."""
+    out = tmp_path / "run"
+    cmd = ["train", "--preset", "tiny", "--objective", "ce", "--iters", "30", "--log-every", "5", "--out", out,
+           "--device", "cpu", "--no-progress"]
+    train(tiny_cfg("ce", iters=30, log_every=5), out, progress=False, stop_at=10)
+    assert not (out / "final.pt").exists()
+    res = run_cli(*cmd)
+    assert res.code == 0 and read_checkpoint(out / "final.pt")["step"] == 30, res.err
+    steps = [r["step"] for r in _metrics(out) if "loss" in r]
+    assert steps == [5, 10, 15, 20, 25, 30]  # resumed at 10, not restarted (metrics kept, each step once)
+    before = (out / "final.pt").read_bytes()
+    res = run_cli(*cmd)
+    assert res.code == 0 and (out / "final.pt").read_bytes() == before  # finished: nothing redone
+    res = run_cli(*[a if a != "30" else "40" for a in cmd])
+    assert_usage_error(res)
+    assert "another config" in res.err and "iters: 30 vs 40" in res.err and "--resume" in res.err
+    assert (out / "final.pt").read_bytes() == before
 
 
 def test_divergence_rolls_back_then_gives_up(tmp_path, fashion_available):
