@@ -131,3 +131,59 @@ def test_wrong_data_is_a_loud_warning(run_cli, tmp_path, fashion_available, capl
     assert "are these the data it was trained on" not in attack(None, tmp_path / "right")
     said = attack(wrong, tmp_path / "wrong-run")
     assert "WARNING" in said and "are these the data it was trained on" in said, said
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["pgd", "--help"], ["pgd", "--bogus"],
+                                  ["train", "--objective", "gan"], ["pgd", "--eps", "x/0"]])
+def test_quick_answers_do_not_import_torch(argv):
+    """--help, --version and argument errors answer before torch (seconds of CPU) is imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom suite.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    said = res.stdout if argv[-1] in ("--help", "--version") else res.stderr
+    assert ("Usage" in said or "version" in said) if argv[-1] in ("--help", "--version") else "error" in said
+
+
+def test_bf16_without_native_support_runs_fp32_and_says_so(monkeypatch, tmp_path, caplog, fashion_available):
+    """On a CPU that emulates bf16 (~36x slower than fp32 there) --bf16 is said once and the run is fp32; the
+    config written says what ran."""
+    import subprocess
+    import sys
+
+    import infra.precision as precision
+    from conftest import tiny_cfg
+    from robust_jem.checkpoint import read_checkpoint
+    from robust_jem.train import train
+
+    forced = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    import os
+
+    probe = subprocess.run([sys.executable, "-c", "from infra.precision import native_bf16; print(native_bf16('cpu'))"],
+                           capture_output=True, text=True, env={**os.environ, **forced}, check=True)
+    assert probe.stdout.strip() == "False"  # AVX2 kernels: no native bf16, whatever the CPU
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    path = train(tiny_cfg("ce", iters=5, bf16=True), tmp_path / "run", progress=False)
+    assert read_checkpoint(path)["config"].bf16 is False
+    assert caplog.text.count("--bf16 ignored for training") == 1
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    assert precision.resolve_bf16(True, "cpu", "x") is True  # where it pays, it is kept
+
+
+def test_failed_commands_leave_no_empty_folder(run_cli, tiny_run, tmp_path):
+    """A command refused on its input creates nothing, not even its --out folder."""
+    text = tmp_path / "official.pt"
+    text.write_text("not a checkpoint")
+    assert_usage_error(run_cli("import-jem", text, "--out", tmp_path / "imported" / "native.pt"))
+    assert not (tmp_path / "imported").exists()
+    ce = tmp_path / "ce"
+    from conftest import tiny_cfg
+    from robust_jem.train import train
+
+    train(tiny_cfg("ce", iters=2), ce, progress=False)
+    assert_usage_error(run_cli("health", "--checkpoint", ce / "final.pt", "--judge", ce / "final.pt", "--out",
+                               tmp_path / "health"))
+    assert not (tmp_path / "health").exists()
