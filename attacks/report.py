@@ -148,20 +148,25 @@ def per_attack_table(rows: list[dict[str, Any]], norm: str) -> str:
 
 
 def clean_table(rows: list[Row], checkpoints: dict[str, dict[str, Any]]) -> str:
-    """Clean accuracy: whole test set from the checkpoint, and on the attacked examples from ε = 0 rows."""
+    """Clean accuracy: whole test set from the checkpoint, and on the attacked examples: from the ε = 0 PGD rows, or
+    where there are none from every white-box row (each scores its clean inputs). Empty when nothing to show."""
     lines = ["| model | grad mode | clean acc on attacked examples [95 % CI] | n |", "|---|---|---|---|"]
     seen = set()
-    zero = [r for r in of_kind(rows, WhiteboxRow) if r.eps == 0 and r.attack_family == "pgd"]
-    for r in sorted(zero, key=lambda r: (_subject_order(r.model), r.grad_mode, r.norm)):
+    white = of_kind(rows, WhiteboxRow)
+    white = [r for r in white if r.eps == 0 and r.attack_family == "pgd"] or white
+    for r in sorted(white, key=lambda r: (_subject_order(r.model), r.grad_mode, r.eps > 0, r.norm)):
         k = (r.model, r.grad_mode if r.sgld_steps else "", r.n)
         if k in seen:
             continue
         seen.add(k)
         lines.append(f"| {r.model} | {k[1] or '–'} | {_ci(r.clean_acc, r.clean_ci_low, r.clean_ci_high)} | {r.n} |")
-    out = "\n".join(lines)
+    out = "\n".join(lines) if len(lines) > 2 else ""
     if checkpoints:
-        out += "\n\n| checkpoint | objective | test accuracy (whole test set) | sha256 |\n|---|---|---|---|\n"
-        out += "\n".join(f"| `{c['path']}` | {obj} | {_pct(c.get('test_acc'))} | `{c.get('sha256', '')[:16]}` |"
+        out += ("\n\n" if out else "") + "| checkpoint | objective | test accuracy (whole test set) | sha256 |\n|---|---|---|---|\n"
+        def acc(c: dict[str, Any]) -> str:
+            return _pct(c.get("test_acc")) + (f" ({c['note']})" if c.get("note") else "")
+
+        out += "\n".join(f"| `{c['path']}` | {obj} | {acc(c)} | `{c.get('sha256', '')[:16]}` |"
                          for obj, c in checkpoints.items())
     return out
 
@@ -314,12 +319,11 @@ def _report_context(run_dir: Path, rows: list[dict[str, Any]], given: dict[str, 
     """The report's context: as given (then stored), else as stored, else recovered from the rows."""
     path = run_dir / REPORT_CONTEXT
     if given["preset"] or given["dataset"] or given["checkpoints"] or given["mids"]:
-        atomic_write(path, json.dumps(given, indent=1))
-        return given
+        return given  # stored by write_report, with the checkpoints' facts
     if path.is_file():
         try:
             stored = json.loads(path.read_text())
-            return {k: stored.get(k, given[k]) for k in given}
+            return {**{k: stored.get(k, given[k]) for k in given}, "checkpoint_info": stored.get("checkpoint_info")}
         except (OSError, ValueError) as e:
             log.warning("%s is unreadable (%s); recovering the report's context from the rows", path, e)
     checkpoints: dict[str, str] = {}
@@ -337,13 +341,40 @@ def _report_context(run_dir: Path, rows: list[dict[str, Any]], given: dict[str, 
                 checkpoints=checkpoints or None)
 
 
+def checkpoint_info(checkpoints: dict[str, str], rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """objective -> path, sha256, test accuracy and final energies of each checkpoint, read from its run folder only
+    when the file there is the one the rows were computed with (its sha256 matches theirs); otherwise the rows'
+    sha256 and a note, never another model's facts."""
+    recorded = {str(r["checkpoint"]): str(r["checkpoint_sha256"]) for r in rows
+                if r.get("checkpoint") and r.get("checkpoint_sha256")}
+    out: dict[str, dict[str, Any]] = {}
+    for obj, path in checkpoints.items():
+        info: dict[str, Any] = {"path": path}
+        want, have = recorded.get(path), file_sha256(path) if Path(path).is_file() else None
+        info["sha256"] = want or have or ""
+        if have is None or (want and have != want):
+            info["note"] = "file absent" if have is None else "the file now at this path is another model"
+            out[obj] = info
+            continue
+        metrics = Path(path).parent / "metrics.jsonl"
+        if metrics.exists():
+            for line in metrics.read_text().splitlines():
+                r = json.loads(line)
+                if r.get("event") == "final":
+                    info["test_acc"] = r.get("test_acc")
+                    info["energy"] = {k: r[k] for k in ("test_energy", "buffer_energy") if k in r}
+        out[obj] = info
+    return out
+
+
 def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str = "", device: str = "cpu",
                  checkpoints: dict[str, str] | None = None, mids: dict[str, float] | None = None) -> Path:
     """Write ``report.md``, ``flags.json``, ``headline.json``, ``rows.csv`` and ``robustness.png`` in ``run_dir``.
 
-    The context (preset, dataset, device, checkpoints, middle ε) is kept in ``report_context.json``, so a later
-    call with none of it (``robust-jem report RUN``) writes the same report; without that file it is recovered
-    from the rows and their checkpoints' ``config.json``.
+    The context (preset, dataset, device, checkpoints, middle ε, and each checkpoint's sha256 and test accuracy)
+    is kept in ``report_context.json``, so a later call with none of it (``robust-jem report RUN``) writes the same
+    report even after the checkpoints are gone or replaced; without that file it is recovered from the rows (and
+    from checkpoint files only where their sha256 matches the rows').
     """
     run_dir = Path(run_dir)
     rows = read_rows(run_dir / ROWS)
@@ -366,19 +397,9 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
         plot, _ = plot_rows(plottable, run_dir / "robustness.png")
     headline_png = plot_headline(head, run_dir / "headline.png", display_names(head),
                                  [r for r in rows if r.get("kind") == "certify"])
-    ck_info: dict[str, dict[str, Any]] = {}
-    for obj, path in (checkpoints or {}).items():
-        info: dict[str, Any] = {"path": path}
-        if Path(path).exists():
-            info["sha256"] = file_sha256(path)
-        metrics = Path(path).parent / "metrics.jsonl"
-        if metrics.exists():
-            for line in metrics.read_text().splitlines():
-                r = json.loads(line)
-                if r.get("event") == "final":
-                    info["test_acc"] = r.get("test_acc")
-                    info["energy"] = {k: r[k] for k in ("test_energy", "buffer_energy") if k in r}
-        ck_info[obj] = info
+    ck_info = ctx.get("checkpoint_info") or checkpoint_info(checkpoints or {}, rows)
+    if not ctx.get("checkpoint_info"):
+        atomic_write(run_dir / REPORT_CONTEXT, json.dumps({**ctx, "checkpoint_info": ck_info}, indent=1))
     if mids is None:
         mids = {}
         for norm in ("linf", "l2"):
@@ -412,7 +433,8 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
     health = read_health(run_dir)
     md += ["## Verdict", ""] + verdicts(head_cells, mids, checks, typed, rows) + (
         [health_sentence(health)] if health else []) + [""]
-    md += ["## Clean accuracy", "", clean_table(typed, ck_info), ""]
+    clean = clean_table(typed, ck_info)
+    md += ["## Clean accuracy", "", clean, ""] if clean else []
     md += ["## Robust accuracy (headline: per-example worst case over every attack)", "",
            "Each cell: robust accuracy [95 % Wilson CI] on the examples every attack against that model covered. "
            "JEM-k is the SGLD-refined classifier (k steps, 5 chains); white-box attacks went through the chain "
