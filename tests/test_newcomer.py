@@ -187,3 +187,44 @@ def test_failed_commands_leave_no_empty_folder(run_cli, tiny_run, tmp_path):
     assert_usage_error(run_cli("health", "--checkpoint", ce / "final.pt", "--judge", ce / "final.pt", "--out",
                                tmp_path / "health"))
     assert not (tmp_path / "health").exists()
+
+
+def test_report_flags_speak_only_when_their_premise_holds(run_cli, tiny_run, tmp_path):
+    """A run whose only ε is small: the large-ε check is 'not run' and says why (it cannot know whether accuracy
+    would reach 0), and the clean-accuracy table is filled from the attack rows' clean verdicts, never empty.
+    With a large ε the same check compares rows."""
+    def report(eps: str, out):
+        assert run_cli("pgd", "--checkpoint", tiny_run / "final.pt", "--eps", eps, "--steps", "1", "--n-examples",
+                       "4", "--eot", "1", "--out", out, "--no-progress").code == 0
+        assert run_cli("report", out).code == 0
+        checks = {c["check"]: c for c in json.loads((out / "flags.json").read_text())}
+        return checks["large_eps_not_broken"], (out / "report.md").read_text()
+
+    large, md = report("0.05", tmp_path / "small")
+    assert large["status"] == "not run" and "below the large ε 0.3" in large["note"]
+    clean = md.split("## Clean accuracy", 1)[1].split("##", 1)[0]
+    assert "| JEM-0 |" in clean
+    large, _ = report("0.5", tmp_path / "large")
+    assert large["status"] != "not run" and large["compared"] >= 1
+
+
+def test_report_never_shows_another_models_checkpoint_facts(run_cli, tiny_run, tmp_path):
+    """Regenerating a report after the checkpoint file was replaced by another model: the rows' sha256 stays, the
+    new file's test accuracy is not borrowed."""
+    import shutil
+
+    from conftest import tiny_cfg
+    from robust_jem.train import train
+
+    ckpt_dir = tmp_path / "jem"
+    shutil.copytree(tiny_run, ckpt_dir)
+    out = tmp_path / "run"
+    assert run_cli("pgd", "--checkpoint", ckpt_dir / "final.pt", "--eps", "0.1", "--steps", "1", "--n-examples", "3",
+                   "--eot", "1", "--out", out, "--no-progress").code == 0
+    sha = read_rows(out)[0]["checkpoint_sha256"]
+    shutil.rmtree(ckpt_dir)
+    train(tiny_cfg("jem", iters=3, seed=7), ckpt_dir, progress=False)  # another model at the same path
+    assert run_cli("report", out).code == 0
+    md = (out / "report.md").read_text()
+    line = next(ln for ln in md.splitlines() if ln.startswith(f"| `{ckpt_dir / 'final.pt'}` |"))
+    assert "another model" in line and sha[:16] in line
