@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from infra.records import ROWS, append_row, done_keys, export_csv, provenance_fields, read_rows, row_key
 
+from infra.interrupt import Interrupted
 from infra.io import atomic_write
 
 from . import code_hash
@@ -80,11 +81,22 @@ class Examples:
         return {"rule": self.rule, "n": total if self.n is None else self.n, "seed": self.seed, "split_size": total}
 
 
-def auto_batch_size(info: dict[str, Any]) -> int:
-    """A batch that keeps the unrolled chain's graph modest: 256 images for a bare classifier, fewer
-    as chains x steps grow (the full-gradient graph grows with both)."""
+#: Image forward-backward passes one piece of a row may cost, per device type. A piece is what a kill or Ctrl-C
+#: can lose, so it is kept to about half a minute: the small CNN runs ~2000 passes/s on 2 CPU cores; a GPU runs
+#: a WRN-28-10 at several thousand. A pure function of the configuration and the device type (it fixes the
+#: batches, hence the seeds), never of measured speed.
+PIECE_PASSES = {"cpu": 60_000, "cuda": 6_000_000}
+
+
+def auto_batch_size(info: dict[str, Any], attack: WhiteBoxAttack | None = None, device: str = "cpu") -> int:
+    """Images per piece: at most 256, fewer as chains x steps grow (the full-gradient graph grows with both), and
+    few enough that one piece costs at most :data:`PIECE_PASSES` passes on ``device`` (at least one image)."""
     work = int(info.get("n_chains", 1) or 1) * (int(info.get("sgld_steps", 0) or 0) + 1)
-    return max(8, min(256, 2048 // work))
+    size = max(8, min(256, 2048 // work))
+    if attack is not None:
+        per_image = max(1, gradient_evaluations(attack)) * network_passes(info)
+        size = min(size, max(1, PIECE_PASSES.get(device, PIECE_PASSES["cuda"]) // per_image))
+    return size
 
 
 def _ci(successes: float, n: int) -> tuple[float, float]:
@@ -148,7 +160,7 @@ def run_sweep(targets: Sequence[Target], attack: AttackFactory, norms: Sequence[
         dataset: its name (recorded).
         examples: the selection rule.
         seed: recorded (the attack factory carries the seeds it uses).
-        batch_size: images per attack call (None: :func:`auto_batch_size` per target). It fixes which
+        batch_size: images per attack call (None: :func:`auto_batch_size` per row). It fixes which
             examples share a batch, hence the seeds each sees: rows are identical across world sizes
             for the same batch size.
         data_sha256: the data files' hashes (recorded in every row).
@@ -198,15 +210,21 @@ def run_sweep(targets: Sequence[Target], attack: AttackFactory, norms: Sequence[
     bar = tqdm(total=len(plan), desc="white-box sweep", unit="row", disable=not (progress and main))
     for (target, atk), key in zip(plan, keys):
         bar.set_postfix_str(f"{target.label} {atk.name} {atk.norm} ε={atk.eps:.4g}")
-        bs = batch_size or auto_batch_size(target.fields())
+        bs = batch_size or auto_batch_size(target.fields(), atk, _device(target.model).type)
         batches = torch.split(index, bs)
         runner = PartsRunner(out_dir, f"{key}-bs{bs}", len(batches))
         if key in done:
             runner.finish()
             bar.update(1)
             continue
-        pieces = runner.run(lambda b: attack_batch(target, atk, images, labels, batches[b]),
-                            desc=f"{target.label} {atk.name}", progress=progress)
+        try:
+            pieces = runner.run(lambda b: attack_batch(target, atk, images, labels, batches[b]),
+                                desc=f"{target.label} {atk.name} {atk.norm} ε={atk.eps:.4g}", progress=progress)
+        except Interrupted as stop:
+            bar.close()
+            finished = sum(k in done for k in keys)
+            raise Interrupted(f"{finished} of {len(plan)} rows of this sweep in {rows_path}; {stop.kept}; the same "
+                              f"command resumes from there") from None
         if pieces is not None:
             row = merge_row(target, atk, pieces, dataset=dataset, examples=ex_desc, seed=seed, batch_size=bs)
             row.key, row.data_sha256 = key, dict(data_sha256 or {})
@@ -352,7 +370,9 @@ def run_blackbox(target: Target, x: torch.Tensor, y: torch.Tensor, cfg: Blackbox
         return {**res.to_part(), "device": str(x.device)}
 
     try:
-        pieces = runner.run(chunk)
+        pieces = runner.run(chunk, desc=f"{target.label} {cfg.attack}")
+    except Interrupted as stop:
+        raise Interrupted(f"{stop.kept}; the same command resumes from there") from None
     finally:
         bar.close()
     if pieces is not None:

@@ -3,7 +3,8 @@
 A row (a white-box (target, norm, ε), or a black-box run) is computed in pieces — batches of examples —
 that depend only on the selection and the batch size, each seeded by its own position. Every finished
 piece is written atomically as a part (``RUN/parts/NAME/BBBBB.json``), so a kill loses only the piece in
-progress and a re-run computes only the missing ones. Under ``torchrun`` (any initialised
+progress and a re-run computes only the missing ones; Ctrl-C says how many pieces were kept
+(:class:`infra.interrupt.Interrupted`). Under ``torchrun`` (any initialised
 ``torch.distributed`` group) rank r computes the pieces b with b % world == r; after a barrier rank 0
 reads every part back and merges them into the row, so the row is the row of one process whatever the
 world size.
@@ -17,6 +18,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
+from infra.interrupt import Interrupted
 from infra.records import Parts
 
 from .common import barrier, world_position
@@ -46,8 +48,12 @@ class PartsRunner:
         """Compute this rank's missing pieces (``compute(b)`` -> a JSON-able dict), wait for every rank, and
         return all pieces in order on rank 0 (None on the other ranks)."""
         mine = [b for b in range(self.rank, self.parts.n_batches, self.world) if not self.parts.has(b)]
-        for b in tqdm(mine, desc=desc, unit="piece", leave=False, disable=not progress or len(mine) < 2):
-            self.parts.write(b, {**compute(b), "shard": f"{self.rank}/{self.world}"})
+        try:
+            for b in tqdm(mine, desc=desc, unit="piece", leave=False, disable=not progress):
+                self.parts.write(b, {**compute(b), "shard": f"{self.rank}/{self.world}"})
+        except KeyboardInterrupt:
+            raise Interrupted(f"{self.on_disk()} of {self.parts.n_batches} pieces of the row in progress "
+                              f"({desc or self.parts.dir.name}) in {self.parts.dir}") from None
         barrier()
         if not self.is_main:
             return None

@@ -18,12 +18,14 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from attacks.benchmark import Examples, run_sweep
+from tqdm.auto import tqdm
+
+from attacks.benchmark import Examples, gradient_evaluations, run_sweep
 from attacks.report import write_report
 from attacks.rows import WhiteboxRow
 from attacks.target import Target
 from attacks.verdict import EVAL_DRAWS
-from attacks.white import autoattack_factory, pgd_factory
+from attacks.white import AttackFactory, autoattack_factory, pgd_factory
 
 
 class Declared(nn.Module):
@@ -43,11 +45,21 @@ class Declared(nn.Module):
             reseed(seed)
 
 
+def planned_cost(model: nn.Module, factories: Sequence[AttackFactory], eps: dict[str, Sequence[float]],
+                 n: int) -> str:
+    """One line: what will run and what it costs (attacker gradient evaluations over all examples)."""
+    attacks = [factory(model, norm, e) for factory in factories for norm, budgets in eps.items() for e in budgets]
+    grads = sum(gradient_evaluations(a) for a in attacks) * n
+    names = ", ".join(dict.fromkeys(a.name for a in attacks))
+    return (f"benchmark: {len(attacks)} rows ({names}) on {n} examples: {grads:,} attacker gradient evaluations "
+            f"(each a forward-backward pass of the model on one image); rows are logged as they finish")
+
+
 def benchmark(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict[str, Sequence[float]],
               label: str = "model", deterministic: bool | None = None, out: str | Path | None = None,
               steps: int = 50, restarts: int = 2, eot: int | str = "auto", eval_draws: int = EVAL_DRAWS,
               autoattack: bool = True, seed: int = 0, batch_size: int | None = None,
-              progress: bool = False) -> list[WhiteboxRow]:
+              progress: bool = True) -> list[WhiteboxRow]:
     """Attack ``model`` on ``(x, y)`` with the suite's white-box protocol and return the typed rows.
 
     Args:
@@ -63,6 +75,7 @@ def benchmark(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict[s
         eval_draws: fresh-noise draws of the verdict (1 on a deterministic model).
         autoattack: also run AutoAttack (rand or standard, by determinism) at every ε.
         seed: root of every seed; batch_size: images per attack call.
+        progress: announce the planned cost (attacks, gradient evaluations) before starting, then progress bars.
 
     Returns:
         One :class:`~attacks.rows.WhiteboxRow` per (attack, norm, ε), with per-example outcomes.
@@ -74,6 +87,8 @@ def benchmark(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict[s
     if autoattack:
         factories.append(autoattack_factory(version="auto", steps=steps, restarts=1, eval_draws=eval_draws,
                                             seed=seed, n_classes=int(model(x[:1]).shape[1])))
+    if progress:
+        tqdm.write(planned_cost(wrapped, factories, eps, len(x)))
     rows: list[WhiteboxRow] = []
     for factory in factories:
         for norm, budgets in eps.items():

@@ -459,16 +459,31 @@ def _refinement_options() -> list[Any]:
     ]
 
 
+def _study_models_by_default(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """No --checkpoint: the seed's command as typed attacks the latest study's CE, PGD-AT and JEM (found before
+    torch is loaded, so an empty folder answers at once)."""
+    if value:
+        return value
+    from .layout import find_study_models
+
+    study_dir, models = find_study_models()
+    log.info("no --checkpoint: attacking the models of the study in %s: %s", study_dir,
+             ", ".join(f"{o} {p}" for o, p in models.items()))
+    return tuple(str(p) for p in models.values())
+
+
 def _whitebox_options(fn: Any) -> Any:
     """Options shared by ``pgd`` and ``autoattack``: models, chain, threat model, examples, output."""
     options = [
-        click.option("--checkpoint", "checkpoints", multiple=True, required=True, type=click.Path(dir_okay=False),
-                     help="Checkpoint to attack (repeat for several). JEM checkpoints are attacked as JEM-k for "
-                          "each --sgld-steps and --grad-mode; CE / PGD-AT (any non-JEM) checkpoints are attacked "
-                          "once each as the bare classifier (no chain, one copy, no noise), whatever "
-                          "--sgld-steps says."),
-        click.option("--norm", "norms", type=ChoiceList(("linf", "l2")), default="linf", show_default=True,
-                     help="Threat model: linf or l2 (ε in [0,1] pixel units; L2 at most sqrt(C·H·W))."),
+        click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(dir_okay=False),
+                     callback=_study_models_by_default,
+                     help="Checkpoint to attack (repeat for several) [the CE, PGD-AT and JEM models of the latest "
+                          "study in runs/]. JEM checkpoints are attacked as JEM-k for each --sgld-steps and "
+                          "--grad-mode; CE / PGD-AT (any non-JEM) checkpoints are attacked once each as the bare "
+                          "classifier (no chain, one copy, no noise), whatever --sgld-steps says."),
+        click.option("--norm", "norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True,
+                     help="Threat model (ε in [0,1] pixel units; L2 at most sqrt(C·H·W)); one per command, since "
+                          "L∞ and L2 budgets differ by ~30x."),
         click.option("--eps", type=EPS, required=True,
                      help="ε in [0,1] pixel units: fractions, decimals, comma lists (8/255,0.1)."),
         *_refinement_options(),
@@ -521,7 +536,7 @@ def _chain(sgld_steps: list[int], n_chains: int, init_noise: float, sgld_step_si
     return Chain(tuple(sgld_steps), n_chains, init_noise, sgld_step_size, sgld_noise)
 
 
-def _whitebox(command: str, attack: Any, *, checkpoints: tuple[str, ...], norms: list[str], eps: list[float],
+def _whitebox(command: str, attack: Any, *, checkpoints: tuple[str, ...], norm: str, eps: list[float],
               sgld_steps: list[int], n_chains: int, init_noise: float, sgld_step_size: float, sgld_noise: float,
               grad_modes: list[str], bf16: bool, compile_: bool, n_examples: int | None, example_rule: str,
               batch_size: int | None, seed: int, device: str, out: str | None, data_dir: str | None,
@@ -532,14 +547,11 @@ def _whitebox(command: str, attack: Any, *, checkpoints: tuple[str, ...], norms:
     from .evaluate import WhiteboxJob, refuse_foreign_rows, whitebox
 
     eps = list(dict.fromkeys(eps))
-    if len(norms) > 1 and any(e > 0 for e in eps):
-        raise UserError("one --eps list cannot serve two norms (L∞ and L2 budgets differ by ~30x here); run one "
-                        "command per --norm")
-    for norm in norms:
-        if norm == "linf" and any(e > 1 for e in eps):
-            big = next(e for e in eps if e > 1)
-            raise UserError(f"L∞ ε {big:g} exceeds 1, the whole [0,1] pixel range" +
-                            (f"; did you mean {big:g}/255?" if big <= 255 and big == int(big) else ""))
+    norms = [norm]
+    if norm == "linf" and any(e > 1 for e in eps):
+        big = next(e for e in eps if e > 1)
+        raise UserError(f"L∞ ε {big:g} exceeds 1, the whole [0,1] pixel range" +
+                        (f"; did you mean {big:g}/255?" if big <= 255 and big == int(big) else ""))
     job = WhiteboxJob(tuple(checkpoints), tuple(norms), tuple(eps), attack,
                       _chain(sgld_steps, n_chains, init_noise, sgld_step_size, sgld_noise), tuple(grad_modes),
                       n_examples=n_examples, example_rule=example_rule, batch_size=batch_size, seed=seed, bf16=bf16,
@@ -551,6 +563,10 @@ def _whitebox(command: str, attack: Any, *, checkpoints: tuple[str, ...], norms:
     if not dist.is_main:
         return
     click.echo(robust_table(rows))
+    versus = versus_baseline(rows)
+    if versus:
+        click.echo(versus)
+    click.echo("checkpoints: " + ", ".join(dict.fromkeys(f"{r.model} {r.checkpoint}" for r in rows)))
     click.echo(str(out_dir / "rows.jsonl"))
 
 
@@ -570,6 +586,31 @@ def robust_table(rows: Sequence[Any]) -> str:
                          f"[{100 * cells[e].robust_ci_low:.0f}, {100 * cells[e].robust_ci_high:.0f}]" for e in grid)
         out.append(f"{head}  {body}")
     return "robust accuracy % [95 % CI], correct in every draw:\n" + "\n".join("  " + line for line in out)
+
+
+def versus_baseline(rows: Sequence[Any]) -> str:
+    """Each JEM-k against the adversarial-training baseline (PGD-AT) at each ε, on the examples both attacked: the
+    per-example worst case over the JEM's gradient modes, and an exact McNemar test. Empty without both."""
+    from attacks.report import compare
+
+    def cell(rs: list[Any]) -> dict[str, Any]:
+        correct: dict[int, bool] = {}
+        for r in rs:  # worst case over gradient modes: robust only if robust under each
+            for i, c in zip(r.example_indices, r.correct):
+                correct[i] = correct.get(i, True) and bool(c)
+        return {"model": rs[0].model, "example_indices": list(correct), "correct": list(correct.values())}
+
+    groups: dict[tuple[str, float], list[Any]] = {}
+    for r in rows:
+        if r.eps > 0:
+            groups.setdefault((r.model, r.eps), []).append(r)
+    base = {e: rs for (m, e), rs in groups.items() if m == "PGD-AT"}
+    lines = []
+    for (model, e), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if model.startswith("JEM") and e in base:
+            relation, evidence = compare(cell(rs), cell(base[e]))
+            lines.append(f"  ε={format_eps(e)}: {model} is {relation} PGD-AT ({evidence})")
+    return ("JEM against adversarial training (worst case over gradient modes):\n" + "\n".join(lines)) if lines else ""
 
 
 @cli.command()

@@ -29,6 +29,7 @@ from robust_jem.train import train
 from .evaluate import (AutoAttackSettings, BlackboxJob, CalibrationJob, CertifyJob, DistalJob, HealthJob, OODJob,
                        PGDSettings, SampleJob, TransferSettings, WhiteboxJob, job_record, refuse_foreign_rows,
                        run_job)
+from .layout import study_model_dir
 from .targets import Chain
 
 log = logging.getLogger(__name__)
@@ -270,7 +271,7 @@ def run_study(preset: str = "quick", dataset: str | None = None, name: str | Non
     dataset = dataset or ("cifar10" if preset == "cifar10-paper" else "fashion-mnist")
     device = torch.device(device)
     run_dir = results_dir / (name or f"{preset}-{dataset}")
-    planned = {str(runs_dir / f"{preset}-{dataset}" / o / "final.pt") for o in STUDY_OBJECTIVES}
+    planned = {str(study_model_dir(runs_dir, preset, dataset, o) / "final.pt") for o in STUDY_OBJECTIVES}
     others = {r["checkpoint"] for r in read_rows(run_dir / ROWS) if r.get("checkpoint")} - planned
     if others:  # before training and before writing anything
         raise UserError(f"{run_dir} holds rows of other checkpoints ({sorted(others)[0]} ...: another run's "
@@ -295,8 +296,8 @@ def _run_study(preset: str, dataset: str, run_dir: Path, device: torch.device, d
     for objective in STUDY_OBJECTIVES:
         t = time.perf_counter()
         cfg = preset_config(preset, objective, dataset)
-        models[objective] = train_or_reuse(cfg, runs_dir / f"{preset}-{dataset}" / objective, device, data_dir,
-                                           progress)
+        models[objective] = train_or_reuse(cfg, study_model_dir(runs_dir, preset, dataset, objective), device,
+                                           data_dir, progress)
         record = {"train": cfg.to_dict(), "code": code_hash()}
         if (f"train-{objective}", json.dumps(record, sort_keys=True)) not in logged:
             append_row(stage_log, {"stage": f"train-{objective}", "job": record, "status": "done",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,7 @@ def test_version(run_cli):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--norm", "linf,l2", "--eps", "0.1"], "one --eps list"),
+    (["--norm", "linf,l2", "--eps", "0.1"], "is not one of"),
     (["--norm", "linf", "--eps", "8"], "did you mean 8/255"),
     (["--norm", "l2", "--eps", "40"], "largest L2 distance"),
 ])
@@ -228,3 +229,31 @@ def test_report_never_shows_another_models_checkpoint_facts(run_cli, tiny_run, t
     md = (out / "report.md").read_text()
     line = next(ln for ln in md.splitlines() if ln.startswith(f"| `{ckpt_dir / 'final.pt'}` |"))
     assert "another model" in line and sha[:16] in line
+
+
+def test_the_seeds_command_as_typed(run_cli, tiny_run, tmp_path, monkeypatch, fashion_available):
+    """`robust-jem pgd --norm linf --eps 8/255 --steps 10` with no --checkpoint: in a folder holding a study's
+    models it attacks CE, PGD-AT and JEM and sets JEM against PGD-AT, naming the checkpoints; in an empty folder
+    it says how to make a study, one line, exit 2."""
+    import shutil
+
+    from conftest import tiny_cfg
+    from robust_jem.train import train
+
+    monkeypatch.chdir(tmp_path)
+    res = run_cli("pgd", "--norm", "linf", "--eps", "8/255", "--steps", "10")
+    assert_usage_error(res)
+    assert "./run_all.sh" in res.err and not (tmp_path / "results").exists()
+    study = tmp_path / "runs" / "tiny-fashion-mnist"
+    shutil.copytree(tiny_run, study / "jem")
+    for objective in ("ce", "pgd-at"):
+        train(tiny_cfg(objective, iters=3), study / objective, progress=False)
+    res = run_cli("pgd", "--norm", "linf", "--eps", "8/255", "--steps", "2", "--n-examples", "4", "--eot", "1",
+                  "--no-progress")
+    assert res.code == 0, res.err
+    lines = res.out.splitlines()
+    assert any(ln.strip().startswith("CE PGD linf") for ln in lines)
+    assert any(ln.strip().startswith("PGD-AT PGD linf") for ln in lines)
+    assert any("JEM-0 is " in ln and " PGD-AT (on the same 4 examples" in ln for ln in lines), res.out
+    named = next(ln for ln in lines if ln.startswith("checkpoints: "))
+    assert all(str(Path("runs") / "tiny-fashion-mnist" / o / "final.pt") in named for o in ("ce", "pgd-at", "jem"))
