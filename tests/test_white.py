@@ -12,6 +12,7 @@ from conftest import assert_usage_error, trained_tiny_classifier
 from attacks.benchmark import Examples, run_sweep
 from attacks.target import Target
 from attacks.plots import plot_rows
+from infra.interrupt import Interrupted
 from infra.records import Parts, read_rows
 from attacks.white import APGD, PGD, WorstOf, autoattack_factory, delta_norm, pgd_factory
 from robust_jem import EnergyModel, RefinedClassifier, load_dataset
@@ -288,8 +289,9 @@ def test_a_killed_row_keeps_its_finished_batches(net, data, tmp_path):
             return atk
         return make
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted) as stop:  # Ctrl-C: it says exactly what it kept
         run_sweep(target, dying_after(2), ["linf"], [0.05], data.images, data.labels, tmp_path / "a", **common)
+    assert "0 of 1 rows of this sweep" in stop.value.kept and "2 of 3 pieces of the row in progress" in stop.value.kept
     assert read_rows(tmp_path / "a") == [] and len(list((tmp_path / "a" / "parts").glob("*/*.json"))) == 2
     first_two = list(batches)
     row = run_sweep(target, dying_after(3), ["linf"], [0.05], data.images, data.labels, tmp_path / "a",
@@ -474,3 +476,19 @@ def test_screened_verdict_needs_all_twenty_draws_and_spends_them_only_where_need
         model.w.add_(1.0)
     Verdict(20, seed=1).score(model, x, y)
     assert model.seen > seen
+
+
+def test_auto_pieces_are_small_enough_to_finish(net):
+    """An interrupted row loses at most its piece in progress: automatic pieces cost at most PIECE_PASSES image
+    passes on a CPU (the README's JEM-1 example, EOT 20, 2 restarts: 10 images a piece instead of all 50)."""
+    from attacks.benchmark import PIECE_PASSES, auto_batch_size, gradient_evaluations, network_passes
+
+    for k in (0, 1, 10):
+        model = RefinedClassifier(net, k)
+        fields = {**model.refinement.fields()}
+        atk = pgd_factory(steps=10, restarts=2, eot=20, eval_draws=20)(model, "linf", 8 / 255)
+        size = auto_batch_size(fields, atk, "cpu")
+        per_image = gradient_evaluations(atk) * network_passes(fields)
+        assert size >= 1 and (size == 1 or size * per_image <= PIECE_PASSES["cpu"]), (k, size, per_image)
+        assert size <= auto_batch_size(fields)  # never above the memory cap
+    assert auto_batch_size({"sgld_steps": 1, "n_chains": 5}, atk, "cpu") == 10
