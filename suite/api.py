@@ -11,6 +11,7 @@ used. A randomized module should draw its noise from torch's global RNG or offer
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -88,7 +89,7 @@ def benchmark(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict[s
         factories.append(autoattack_factory(version="auto", steps=steps, restarts=1, eval_draws=eval_draws,
                                             seed=seed, n_classes=int(model(x[:1]).shape[1])))
     if progress:
-        tqdm.write(planned_cost(wrapped, factories, eps, len(x)))
+        tqdm.write(planned_cost(wrapped, factories, eps, len(x)), file=sys.stderr)
     rows: list[WhiteboxRow] = []
     for factory in factories:
         for norm, budgets in eps.items():

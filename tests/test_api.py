@@ -18,7 +18,9 @@ def test_readme_api_example_runs_as_written(tmp_path, fashion_available, capsys)
         exec(compile(block.group(1), "README.md", "exec"), {})
     finally:
         os.chdir(cwd)
-    out = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    assert captured.err.startswith("benchmark: 4 rows") and "attacker gradient evaluations" in captured.err
     assert len(out) == 4 and out[0].startswith("PGD linf 0.05")  # PGD and AutoAttack at two ε
     assert any(line.startswith("APGD-CE+APGD-T+FAB-T+Square") for line in out)  # the standard version
     report = (tmp_path / "results" / "my-model" / "report.md").read_text()
