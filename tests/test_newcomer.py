@@ -91,7 +91,8 @@ def test_report_command_regenerates_the_report(run_cli, tiny_run, tmp_path):
                      "3", "--eot", "1", "--sgld-steps", "0,1", "--out", out, "--no-progress")
     assert attack.code == 0
     table = attack.out.splitlines()  # one compact table: a line per model and attack, a cell per ε
-    assert table[0].startswith("robust accuracy % [95 % CI]") and len(table) == 4, attack.out
+    assert table[0].startswith("robust accuracy % [95 % CI]") and len(table) == 5, attack.out
+    assert table[3].startswith("checkpoints: JEM-0 ") and table[4].endswith("rows.jsonl")
     assert table[1].strip().startswith("JEM-0 ") and table[2].strip().startswith("JEM-1 full ")
     assert all("(n=3, clean" in line and "ε=0:" in line and "ε=0.1:" in line for line in table[1:3])
     res = run_cli("report", out)
