@@ -135,11 +135,12 @@ def network_passes(fields: dict[str, Any]) -> int:
     return int(fields.get("n_chains", 1) or 1) * (1 + 2 * int(fields.get("sgld_steps", 0) or 0))
 
 
-def attack_rows_key(target: Target, attack: WhiteBoxAttack, dataset: str, examples: dict[str, Any]) -> str:
-    """Key of one row: everything that defines the experiment, and the code computing it (not the batch size
-    or the device)."""
+def attack_rows_key(target: Target, attack: WhiteBoxAttack, dataset: str, examples: dict[str, Any],
+                    data_sha256: dict[str, str] | None = None) -> str:
+    """Key of one row: everything that defines the experiment (the defense with its weights, the attack, the data
+    and which examples), and the code computing it (not the batch size or the device)."""
     return row_key({"kind": "whitebox", "target": target.fields(), "attack": repr(attack), "dataset": dataset,
-                    "examples": examples, "code": code_hash()})
+                    "examples": examples, "data": dict(sorted((data_sha256 or {}).items())), "code": code_hash()})
 
 
 def run_sweep(targets: Sequence[Target], attack: AttackFactory, norms: Sequence[str], eps: Sequence[float],
@@ -195,7 +196,7 @@ def run_sweep(targets: Sequence[Target], attack: AttackFactory, norms: Sequence[
     rank, world = world_position()
     main = rank == 0
     done = done_keys(rows_path)
-    keys = [attack_rows_key(t, a, dataset, ex_desc) for t, a in plan]
+    keys = [attack_rows_key(t, a, dataset, ex_desc, data_sha256) for t, a in plan]
     todo = sum(k not in done for k in keys)
     if main:
         log.info("%d rows in the sweep, %d already done in %s%s", len(plan), len(plan) - todo, rows_path,

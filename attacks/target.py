@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from infra.provenance import module_sha256
 from infra.records import row_key
 
 from .verdict import is_deterministic
@@ -32,7 +33,8 @@ class Target:
         label: the defense's one name (``CE``, ``PGD-AT``, ``JEM-10`` ...).
         model: what the attacker runs and differentiates ([0,1] images -> logits; maybe bf16 or compiled).
         defense: JSON fields that define the defense (objective, refinement ...), copied into rows.
-        checkpoint: file the weights came from, if any; checkpoint_sha256: its hash.
+        checkpoint: file the weights came from, if any; checkpoint_sha256: its hash. Without one, the sha256
+            of the module's state goes into ``defense`` as ``weights_sha256``.
         scorer: what verdicts are scored with (the same defense in fp32, eager); default ``model``.
         attacker: how the attacker computes gradients through it (``grad_mode``, ``precision``,
             ``compiled``), copied into rows; not part of the defense identity.
@@ -52,6 +54,9 @@ class Target:
     def __post_init__(self) -> None:
         if self.scorer is None:
             self.scorer = self.model
+        if self.checkpoint_sha256 is None and "weights_sha256" not in self.defense:
+            # no checkpoint file: the weights themselves are the identity (two models never share a row)
+            self.defense = {**self.defense, "weights_sha256": module_sha256(self.model)}
 
     @property
     def defense_id(self) -> str:

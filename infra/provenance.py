@@ -46,6 +46,29 @@ def file_sha256(path: str | os.PathLike) -> str:
     return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
+def tensors_sha256(*tensors: torch.Tensor) -> str:
+    """sha256 of tensors' shapes, dtypes and bytes (in the order given): the identity of data held in memory."""
+    import torch
+
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def module_sha256(module: torch.nn.Module) -> str:
+    """sha256 of a module's class and its state (parameter and buffer names, shapes and bytes): the identity of
+    weights that come from no checkpoint file, so two models never share a result row."""
+    state = module.state_dict()
+    h = hashlib.sha256(f"{type(module).__module__}.{type(module).__qualname__}".encode())
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(tensors_sha256(state[name]).encode())
+    return h.hexdigest()
+
+
 def now() -> str:
     """UTC timestamp, ISO 8601."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -27,6 +27,7 @@ from attacks.rows import WhiteboxRow
 from attacks.target import Target
 from attacks.verdict import EVAL_DRAWS
 from attacks.white import AttackFactory, autoattack_factory, pgd_factory
+from infra.provenance import tensors_sha256
 
 
 class Declared(nn.Module):
@@ -88,6 +89,7 @@ def benchmark(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict[s
     if autoattack:
         factories.append(autoattack_factory(version="auto", steps=steps, restarts=1, eval_draws=eval_draws,
                                             seed=seed, n_classes=int(model(x[:1]).shape[1])))
+    data = {"images": tensors_sha256(x), "labels": tensors_sha256(y)}  # rows are keyed on the data too
     if progress:
         tqdm.write(planned_cost(wrapped, factories, eps, len(x)), file=sys.stderr)
     rows: list[WhiteboxRow] = []
@@ -95,7 +97,7 @@ def benchmark(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict[s
         for norm, budgets in eps.items():
             rows += run_sweep([target], factory, [norm], list(budgets), x.detach().cpu(), y.detach().cpu(), folder,
                               dataset="user", examples=Examples(), seed=seed, batch_size=batch_size,
-                              progress=progress)
+                              progress=progress, data_sha256=data)
     if out is not None:
         write_report(folder, preset="benchmark", dataset="user")
     return rows

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from attacks.black import BlackboxConfig
 from attacks.report import write_report
+from infra.interrupt import Interrupted
 from infra.io import atomic_write
 from infra.records import ROWS, append_row, read_rows
 from robust_jem.checkpoint import read_checkpoint
@@ -311,8 +312,12 @@ def _run_study(preset: str, dataset: str, run_dir: Path, device: torch.device, d
         record = job_record(stage.job)
         log.info("stage %s: %s", stage.name, json.dumps(record))
         t = time.perf_counter()
-        run_job(stage.job, run_dir / stage.subdir if stage.subdir else run_dir, device=device, data_dir=data_dir,
-                progress=False)
+        try:
+            run_job(stage.job, run_dir / stage.subdir if stage.subdir else run_dir, device=device, data_dir=data_dir,
+                    progress=progress)
+        except Interrupted as stop:
+            raise Interrupted(f"the trained models and {stages.index(stage)} of {len(stages)} stages of {run_dir}; "
+                              f"in stage {stage.name}: {stop.kept}") from None
         wall = round(time.perf_counter() - t, 2)
         if (stage.name, json.dumps(record, sort_keys=True)) not in logged:
             append_row(stage_log, {"stage": stage.name, "job": record, "status": "done", "wall_s": wall})

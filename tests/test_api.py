@@ -25,3 +25,31 @@ def test_readme_api_example_runs_as_written(tmp_path, fashion_available, capsys)
     assert any(line.startswith("APGD-CE+APGD-T+FAB-T+Square") for line in out)  # the standard version
     report = (tmp_path / "results" / "my-model" / "report.md").read_text()
     assert "## Robust accuracy" in report
+
+
+def test_two_models_in_one_folder_keep_their_own_rows(tmp_path, fashion_available):
+    """Two modules of the same class and label benchmarked into one folder: each gets its own numbers (the
+    weights are part of every row's key), and the same model on other data is another row too."""
+    import torch
+
+    from robust_jem import load_dataset
+    from suite import benchmark
+
+    x, y = load_dataset("fashion-mnist", "test").batch(slice(0, 32))
+
+    def net(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+
+    def clean(model: torch.nn.Module, xs, ys) -> float:
+        with torch.no_grad():
+            return float((model(xs).argmax(1) == ys).float().mean())
+
+    common = dict(eps={"linf": [0.0]}, deterministic=True, steps=2, autoattack=False, out=tmp_path, progress=False)
+    a = net(0)
+    b = next(m for m in map(net, range(1, 20)) if clean(m, x, y) != clean(a, x, y))
+    for model in (a, b):
+        rows = benchmark(model, x, y, **common)
+        assert rows[0].clean_acc == clean(model, x, y)
+    rows = benchmark(a, x[:16], y[:16], **common)
+    assert rows[0].n == 16 and rows[0].clean_acc == clean(a, x[:16], y[:16])
