@@ -27,6 +27,102 @@ from .sgld import NoiseFn, sgld
 GRAD_MODES = ("full", "bpda")
 
 
+# ------------------------------------------------------------------------------------------------
+# the defense identity: which refinement, and its one label
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Refinement:
+    """The SGLD refinement in front of a classifier (JEM-k): everything that defines the defense's forward
+    pass besides the weights. The attacker's gradient path (``grad_mode``) and arithmetic (bf16) are not
+    part of it: they change the attack, not the defense.
+
+    Args:
+        sgld_steps: k in JEM-k.
+        n_chains: noisy copies per input whose logits are averaged.
+        init_noise: std of the Gaussian added before the chain ([-1,1] model space).
+        step_size, noise: SGLD settings ([-1,1] model space).
+    """
+
+    sgld_steps: int = 0
+    n_chains: int = 5
+    init_noise: float = 0.03
+    step_size: float = 1.0
+    noise: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.sgld_steps < 0 or self.n_chains < 1 or self.init_noise < 0 or self.step_size < 0 or self.noise < 0:
+            raise UserError("SGLD steps, init noise, step size and noise must be >= 0 and chains >= 1")
+        for name in ("init_noise", "step_size", "noise"):  # 0 and 0.0 are one defense
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    @classmethod
+    def bare(cls) -> "Refinement":
+        """No chain, one copy, no noise: the classifier itself."""
+        return cls(sgld_steps=0, n_chains=1, init_noise=0.0)
+
+    @property
+    def is_bare(self) -> bool:
+        return self == Refinement.bare()
+
+    @property
+    def deterministic(self) -> bool:
+        """True when the forward pass draws no noise."""
+        return self.init_noise == 0 and (self.sgld_steps == 0 or self.noise == 0)
+
+    def fields(self) -> dict[str, Any]:
+        """The refinement as row fields (the names rows have always used)."""
+        return {"sgld_steps": self.sgld_steps, "n_chains": self.n_chains, "init_noise": self.init_noise,
+                "sgld_step_size": self.step_size, "sgld_noise": self.noise}
+
+    def label(self, objective: str) -> str:
+        """The one name of (objective, refinement) in rows, tables and plots.
+
+        Baselines: ``CE``, ``PGD-AT``, ``Gauss-aug``. JEM: ``JEM-k`` for the reference chain (5 copies, init
+        noise 0.03, step 1, noise 0.01; Grathwohl et al.'s attack code), ``JEM-bare`` for the classifier
+        without chain and noise; any other setting lists what differs from the reference, e.g.
+        ``JEM-1[chains=1]``. Two different refinements never share a label.
+        """
+        base = BASELINE_LABELS.get(objective, objective)
+        if objective == "jem":
+            if self.is_bare:
+                return "JEM-bare"
+            base = f"JEM-{self.sgld_steps}"
+            ref = replace(Refinement(), sgld_steps=self.sgld_steps)
+        else:
+            if self.is_bare:
+                return base
+            ref = replace(Refinement.bare(), sgld_steps=self.sgld_steps)
+            base = f"{base}+SGLD-{self.sgld_steps}" if self.sgld_steps else base
+        diffs = [f"{short}={getattr(self, name):g}" for name, short in
+                 (("n_chains", "chains"), ("init_noise", "init_noise"), ("step_size", "step"), ("noise", "noise"))
+                 if getattr(self, name) != getattr(ref, name)]
+        return base + (f"[{', '.join(diffs)}]" if diffs else "")
+
+
+BASELINE_LABELS = {"ce": "CE", "pgd-at": "PGD-AT", "gaussian-aug": "Gauss-aug"}
+
+
+def default_refinement(sgld_steps: int, sampler: Any | None = None) -> Refinement:
+    """JEM-k of a checkpoint, as the suite defines it everywhere (CLI, study, API): ``k`` steps of *the checkpoint's
+    own SGLD sampler* (the step size and noise it was trained with), from 5 copies with init noise 0.03.
+
+    Why the checkpoint's sampler and not a fixed step 1: the paper refines with its training sampler (step 1, noise
+    0.01 for both), so for the paper's JEM and official checkpoints the two coincide; a JEM trained with another
+    step (the standard preset's 0.1) was never shaped for step 1, and there step 1 climbs its energy instead of
+    descending it. ``sampler``: an object with ``step_size`` and ``noise`` (a :class:`~robust_jem.config.SGLDConfig`);
+    None gives the reference chain.
+    """
+    if sampler is None:
+        return Refinement(sgld_steps)
+    return Refinement(sgld_steps, step_size=float(sampler.step_size), noise=float(sampler.noise))
+
+
+def refinement_for(objective: str, refinement: Refinement) -> Refinement:
+    """The refinement a checkpoint is evaluated with: JEM checkpoints as asked, every baseline bare (a
+    classifier not trained as an energy model has no sampler worth running)."""
+    return refinement if objective == "jem" else Refinement.bare()
+
+
 class RefinedClassifier(nn.Module):
     """[0,1] images -> logits averaged over ``n_chains`` SGLD-refined copies.
 
@@ -49,8 +145,9 @@ class RefinedClassifier(nn.Module):
     Shape: (N, C, H, W) -> (N, K).
     """
 
-    def __init__(self, model: EnergyModel, sgld_steps: int = 0, n_chains: int = 5, init_noise: float = 0.03,
-                 step_size: float = 1.0, noise: float = 0.01, grad_mode: str = "full", seed: int = 0,
+    def __init__(self, model: EnergyModel, sgld_steps: int = 0, n_chains: int = Refinement.n_chains,
+                 init_noise: float = Refinement.init_noise, step_size: float = Refinement.step_size,
+                 noise: float = Refinement.noise, grad_mode: str = "full", seed: int = 0,
                  generator: torch.Generator | None = None, bf16: bool = False, compile: bool = False) -> None:
         super().__init__()
         if grad_mode not in GRAD_MODES:
@@ -159,82 +256,3 @@ class RefinedClassifier(nn.Module):
         return logits.view(self.n_chains, n, -1).mean(0)
 
 
-# ------------------------------------------------------------------------------------------------
-# the defense identity: which refinement, and its one label
-# ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Refinement:
-    """The SGLD refinement in front of a classifier (JEM-k): everything that defines the defense's forward
-    pass besides the weights. The attacker's gradient path (``grad_mode``) and arithmetic (bf16) are not
-    part of it: they change the attack, not the defense.
-
-    Args:
-        sgld_steps: k in JEM-k.
-        n_chains: noisy copies per input whose logits are averaged.
-        init_noise: std of the Gaussian added before the chain ([-1,1] model space).
-        step_size, noise: SGLD settings ([-1,1] model space).
-    """
-
-    sgld_steps: int = 0
-    n_chains: int = 5
-    init_noise: float = 0.03
-    step_size: float = 1.0
-    noise: float = 0.01
-
-    def __post_init__(self) -> None:
-        if self.sgld_steps < 0 or self.n_chains < 1 or self.init_noise < 0 or self.step_size < 0 or self.noise < 0:
-            raise UserError("SGLD steps, init noise, step size and noise must be >= 0 and chains >= 1")
-        for name in ("init_noise", "step_size", "noise"):  # 0 and 0.0 are one defense
-            object.__setattr__(self, name, float(getattr(self, name)))
-
-    @classmethod
-    def bare(cls) -> "Refinement":
-        """No chain, one copy, no noise: the classifier itself."""
-        return cls(sgld_steps=0, n_chains=1, init_noise=0.0)
-
-    @property
-    def is_bare(self) -> bool:
-        return self == Refinement.bare()
-
-    @property
-    def deterministic(self) -> bool:
-        """True when the forward pass draws no noise."""
-        return self.init_noise == 0 and (self.sgld_steps == 0 or self.noise == 0)
-
-    def fields(self) -> dict[str, Any]:
-        """The refinement as row fields (the names rows have always used)."""
-        return {"sgld_steps": self.sgld_steps, "n_chains": self.n_chains, "init_noise": self.init_noise,
-                "sgld_step_size": self.step_size, "sgld_noise": self.noise}
-
-    def label(self, objective: str) -> str:
-        """The one name of (objective, refinement) in rows, tables and plots.
-
-        Baselines: ``CE``, ``PGD-AT``, ``Gauss-aug``. JEM: ``JEM-k`` for the reference chain (5 copies, init
-        noise 0.03, step 1, noise 0.01; Grathwohl et al.'s attack code), ``JEM-bare`` for the classifier
-        without chain and noise; any other setting lists what differs from the reference, e.g.
-        ``JEM-1[chains=1]``. Two different refinements never share a label.
-        """
-        base = BASELINE_LABELS.get(objective, objective)
-        if objective == "jem":
-            if self.is_bare:
-                return "JEM-bare"
-            base = f"JEM-{self.sgld_steps}"
-            ref = replace(Refinement(), sgld_steps=self.sgld_steps)
-        else:
-            if self.is_bare:
-                return base
-            ref = replace(Refinement.bare(), sgld_steps=self.sgld_steps)
-            base = f"{base}+SGLD-{self.sgld_steps}" if self.sgld_steps else base
-        diffs = [f"{short}={getattr(self, name):g}" for name, short in
-                 (("n_chains", "chains"), ("init_noise", "init_noise"), ("step_size", "step"), ("noise", "noise"))
-                 if getattr(self, name) != getattr(ref, name)]
-        return base + (f"[{', '.join(diffs)}]" if diffs else "")
-
-
-BASELINE_LABELS = {"ce": "CE", "pgd-at": "PGD-AT", "gaussian-aug": "Gauss-aug"}
-
-
-def refinement_for(objective: str, refinement: Refinement) -> Refinement:
-    """The refinement a checkpoint is evaluated with: JEM checkpoints as asked, every baseline bare (a
-    classifier not trained as an energy model has no sampler worth running)."""
-    return refinement if objective == "jem" else Refinement.bare()

@@ -446,16 +446,19 @@ def certify(checkpoint: str, sigma: float | None, n: int, n0: int, alpha: float,
 # white-box suite: pgd, autoattack, plot (attacks.white / attacks.benchmark / attacks.plots)
 # ------------------------------------------------------------------------------------------------
 def _refinement_options() -> list[Any]:
-    """The JEM-k chain settings every attack command takes (RefinedClassifier's arguments)."""
+    """The JEM-k chain settings every attack command takes; unset ones are the defense's definition (the
+    checkpoint's own SGLD sampler, 5 chains, init noise 0.03: robust_jem.refined.default_refinement)."""
     return [
         click.option("--sgld-steps", type=INTS, default="0", show_default=True,
                      help="JEM-k refinement steps, comma list (JEM checkpoints only)."),
-        click.option("--n-chains", type=click.IntRange(min=1), default=5, show_default=True,
-                     help="Noisy copies per input, logits averaged (JEM only)."),
-        click.option("--init-noise", type=click.FloatRange(min=0), default=0.03, show_default=True,
-                     help="Std of the noise added before the chain, in [-1,1] model space (JEM only)."),
-        click.option("--sgld-step-size", type=click.FloatRange(min=0), default=1.0, show_default=True),
-        click.option("--sgld-noise", type=click.FloatRange(min=0), default=0.01, show_default=True),
+        click.option("--n-chains", type=click.IntRange(min=1), default=None,
+                     help="Noisy copies per input, logits averaged (JEM only) [5]."),
+        click.option("--init-noise", type=click.FloatRange(min=0), default=None,
+                     help="Std of the noise added before the chain, in [-1,1] model space (JEM only) [0.03]."),
+        click.option("--sgld-step-size", type=click.FloatRange(min=0), default=None,
+                     help="SGLD step of the refinement [the checkpoint's own sampler step: 1 for the paper's JEM]."),
+        click.option("--sgld-noise", type=click.FloatRange(min=0), default=None,
+                     help="SGLD noise of the refinement [the checkpoint's own sampler noise: 0.01 for the paper's]."),
     ]
 
 
@@ -529,16 +532,17 @@ def _run_name(command: str, checkpoints: tuple[str, ...], norms: list[str]) -> P
     return Path("results") / "-".join([command, "+".join(dict.fromkeys(names)), *norms])
 
 
-def _chain(sgld_steps: list[int], n_chains: int, init_noise: float, sgld_step_size: float,
-           sgld_noise: float) -> Any:
+def _chain(sgld_steps: list[int], n_chains: int | None, init_noise: float | None, sgld_step_size: float | None,
+           sgld_noise: float | None) -> Any:
     from .targets import Chain
 
     return Chain(tuple(sgld_steps), n_chains, init_noise, sgld_step_size, sgld_noise)
 
 
 def _whitebox(command: str, attack: Any, *, checkpoints: tuple[str, ...], norm: str, eps: list[float],
-              sgld_steps: list[int], n_chains: int, init_noise: float, sgld_step_size: float, sgld_noise: float,
-              grad_modes: list[str], bf16: bool, compile_: bool, n_examples: int | None, example_rule: str,
+              sgld_steps: list[int], n_chains: int | None, init_noise: float | None, sgld_step_size: float | None,
+              sgld_noise: float | None, grad_modes: list[str], bf16: bool, compile_: bool, n_examples: int | None,
+              example_rule: str,
               batch_size: int | None, seed: int, device: str, out: str | None, data_dir: str | None,
               no_progress: bool) -> None:
     """Build the white-box job, run it (under ``torchrun``: batches shared over ranks), print one line per row."""
@@ -743,8 +747,8 @@ def _chain_options(fn: Any) -> Any:
 @click.option("--l0-grid", type=INTS, default=None, help="L0 grid (changed pixel values) [0,1,2,...,800].")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run directory [results/blackbox-CHECKPOINTS-ATTACK]; re-running skips finished rows.")
-def blackbox(attack: str, checkpoints: tuple[str, ...], sgld_steps: list[int], n_chains: int, init_noise: float,
-             sgld_step_size: float, sgld_noise: float, seed: int, device: str, data_dir: str | None,
+def blackbox(attack: str, checkpoints: tuple[str, ...], sgld_steps: list[int], n_chains: int | None,
+             init_noise: float | None, sgld_step_size: float | None, sgld_noise: float | None, seed: int, device: str, data_dir: str | None,
              no_progress: bool, n_examples: int, batch_size: int, steps: int | None, init_steps: int | None,
              init_directions: int, source_step: float, spherical_step: float, eval_draws: int,
              eps_grid: list[float] | None, l0_grid: list[int] | None, out: str | None) -> None:
@@ -799,8 +803,8 @@ def blackbox(attack: str, checkpoints: tuple[str, ...], sgld_steps: list[int], n
               help="Real test images for the reference log-density.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run directory [results/distal-CHECKPOINTS]; re-running skips finished rows.")
-def distal(checkpoints: tuple[str, ...], sgld_steps: list[int], n_chains: int, init_noise: float,
-           sgld_step_size: float, sgld_noise: float, seed: int, device: str, data_dir: str | None, no_progress: bool,
+def distal(checkpoints: tuple[str, ...], sgld_steps: list[int], n_chains: int | None, init_noise: float | None,
+           sgld_step_size: float | None, sgld_noise: float | None, seed: int, device: str, data_dir: str | None, no_progress: bool,
            grad_modes: list[str], steps: int, step_size: float, method: str, seeds: int, starts: list[str],
            mean_noise: float, threshold: float, n_real: int, out: str | None) -> None:
     """Distal adversarials: optimise noise towards every class through each model; confidence, fraction

@@ -175,12 +175,8 @@ PLANS = {
 def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
     """The study's jobs, in order (every one resumable by itself: it skips rows that exist under its keys)."""
     ce, at, jem, ga = (str(ckpt[k]) for k in ("ce", "pgd-at", "jem", "gaussian-aug"))
-    # JEM-k runs k steps of the JEM's own sampler (its training step size and noise): the paper's refinement
-    # uses the training SGLD, and a step the model was not trained with can climb its energy instead
-    sampler = read_checkpoint(jem)["config"].sgld
-
-    def chain(*steps: int) -> Chain:
-        return Chain(steps, step_size=sampler.step_size, noise=sampler.noise)
+    def chain(*steps: int) -> Chain:  # JEM-k as defined everywhere: the checkpoint's own sampler (default_refinement)
+        return Chain(steps)
 
     groups = {"bare": ((ce, at), 0), "jem0": ((jem,), 0), "jem1": ((jem,), 1), "jem10": ((jem,), 10)}
     head = PGDSettings(steps=plan.steps, restarts=plan.restarts, eot=plan.eot, eval_draws=plan.eval_draws)

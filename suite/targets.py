@@ -7,7 +7,7 @@ the same checkpoint and refinement carry the same label and the same ``defense_i
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,7 +19,7 @@ from robust_jem.checkpoint import load
 from robust_jem.data import ImageDataset, load_dataset
 from robust_jem.errors import UserError
 from robust_jem.model import EnergyModel
-from robust_jem.refined import GRAD_MODES, RefinedClassifier, Refinement, refinement_for
+from robust_jem.refined import GRAD_MODES, RefinedClassifier, Refinement, default_refinement, refinement_for
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,19 +34,22 @@ def defense_code() -> str:
 class Chain:
     """The JEM-k refinements asked for: one per ``sgld_steps`` value, the other settings shared.
 
-    Defaults are the reference attack code's (Grathwohl et al. 2020): 5 chains, init noise 0.03, SGLD step 1,
-    noise 0.01, in the model's [-1,1] space.
+    A setting left at None is the defense's definition (:func:`robust_jem.refined.default_refinement`): the
+    checkpoint's own SGLD step size and noise, 5 chains, init noise 0.03. A value given here overrides it for
+    every checkpoint, and the label says so (``JEM-1[step=0.5]``).
     """
 
     sgld_steps: tuple[int, ...] = (0,)
-    n_chains: int = 5
-    init_noise: float = 0.03
-    step_size: float = 1.0
-    noise: float = 0.01
+    n_chains: int | None = None
+    init_noise: float | None = None
+    step_size: float | None = None
+    noise: float | None = None
 
-    def refinements(self) -> list[Refinement]:
-        return [Refinement(k, self.n_chains, self.init_noise, self.step_size, self.noise)
-                for k in dict.fromkeys(self.sgld_steps)]
+    def refinements(self, sampler: Any | None = None) -> list[Refinement]:
+        """The refinements for a checkpoint trained with ``sampler`` (its ``SGLDConfig``; None: the reference)."""
+        given = {name: v for name, v in (("n_chains", self.n_chains), ("init_noise", self.init_noise),
+                                         ("step_size", self.step_size), ("noise", self.noise)) if v is not None}
+        return [replace(default_refinement(k, sampler), **given) for k in dict.fromkeys(self.sgld_steps)]
 
 
 @dataclass
@@ -112,7 +115,8 @@ def build_targets(loaded: Sequence[Loaded], chain: Chain, grad_modes: Sequence[s
         raise UserError(f"unknown gradient mode {bad[0] if bad else None!r}; choose from {', '.join(GRAD_MODES)}")
     out: dict[tuple, Target] = {}
     for c in loaded:
-        for r in chain.refinements():
+        config = c.info.get("config")
+        for r in chain.refinements(getattr(config, "sgld", None)):
             r = refinement_for(c.objective, r)
             for mode in (["full"] if r.sgld_steps == 0 else list(dict.fromkeys(grad_modes))):
                 t = target_for(c, r, grad_mode=mode, seed=seed, bf16=bf16, compile=compile)

@@ -119,3 +119,27 @@ def test_jem_k_refines_with_the_jems_own_sampler(tmp_path, fashion_available):
     chains = [s.job.chain for s in study_stages(PLANS["tiny"], ckpts) if hasattr(s.job, "chain")]
     assert len(chains) > 20 and any(10 in c.sgld_steps for c in chains)
     assert {(c.step_size, c.noise) for c in chains} == {(0.1, 0.02)}
+
+
+def test_the_cli_and_the_study_attack_the_same_defense(run_cli, tmp_path, fashion_available):
+    """One definition of JEM-k: `pgd --checkpoint J --sgld-steps 1` and the study's JEM-1 stage build the same
+    defense from a JEM trained with SGLD step 0.5 (its own sampler), not the reference step 1."""
+    from conftest import tiny_cfg
+    from robust_jem.train import train
+    from suite.evaluate import WhiteboxJob
+    from suite.study import PLANS, study_stages
+    from suite.targets import build_targets, load_checkpoints
+
+    jem = train(tiny_cfg("jem", sgld_step_size=0.5), tmp_path / "jem", progress=False)
+    out = tmp_path / "run"
+    res = run_cli("pgd", "--checkpoint", jem, "--sgld-steps", "1", "--eps", "0.1", "--steps", "1", "--n-examples",
+                  "2", "--eot", "1", "--out", out, "--no-progress")
+    assert res.code == 0, res.err
+    row = read_rows(out)[0]
+    assert row["sgld_step_size"] == 0.5 and row["model"] == "JEM-1[step=0.5]"
+    ckpts = {o: jem for o in ("ce", "pgd-at", "jem", "gaussian-aug")}
+    [stage] = [s for s in study_stages(PLANS["tiny"], ckpts) if s.name == "pgd-linf-jem1"]
+    assert isinstance(stage.job, WhiteboxJob)
+    _, loaded = load_checkpoints([str(jem)], __import__("torch").device("cpu"))
+    ids = {t.defense_id for t in build_targets(loaded, stage.job.chain, ("full",))}
+    assert ids == {row["defense_id"]}
