@@ -331,7 +331,9 @@ def worst_case(rows: list[Row], side: dict[str, dict[str, Any]] | None = None) -
         k = sum(verdict[i] for i in common)
         n = len(common)
         lo, hi = wilson(k, n)
-        out.append({"subject": subj, "model": label, "norm": norm, "eps": eps, "n": n,
+        out.append({"subject": subj, "model": label, "objective": largest.objective,
+                    "sgld_steps": largest.sgld_steps, "bare": largest.n_chains == 1 and largest.init_noise == 0,
+                    "norm": norm, "eps": eps, "n": n,
                     "robust_acc": k / n if n else float("nan"), "ci_low": lo, "ci_high": hi,
                     "robust_acc_one_draw": sum(frac[i] for i in common) / n if n else float("nan"),
                     "attacks": len(contributors), "families": sorted(families), "rows": contributors,

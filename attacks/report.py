@@ -195,6 +195,17 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, str]:
     return rel, text
 
 
+def best_on_shared(cells: dict[str, dict[str, Any]], names: list[str]) -> tuple[str, int]:
+    """The most robust of ``names`` counted on the examples all of their cells share (never point estimates on
+    different n); ties go to the first. Returns (name, number of shared examples)."""
+    shared = set.intersection(*(set(cells[m]["example_indices"]) for m in names))
+
+    def robust(m: str) -> int:
+        return sum(c for i, c in zip(cells[m]["example_indices"], cells[m]["correct"]) if i in shared)
+
+    return max(names, key=robust), len(shared)
+
+
 def verdicts(head_cells: dict[str, dict[tuple[str, float], dict]], mids: dict[str, float],
              checks: list[CheckResult], rows: list[Row], dict_rows: list[dict[str, Any]]) -> list[str]:
     """Plain-language answers, each filled from the numbers."""
@@ -204,26 +215,29 @@ def verdicts(head_cells: dict[str, dict[tuple[str, float], dict]], mids: dict[st
         at = {m: h for (m, e), h in cells.items() if abs(e - mid) < 1e-12}
         if not at:
             continue
-        jems = sorted((m for m in at if m.startswith("JEM-")), key=_subject_order)
+        # models are found by what they are (objective, refinement), never by their labels
+        jems = sorted((m for m in at if at[m].get("objective") == "jem" and not at[m].get("bare")),
+                      key=lambda m: (at[m].get("sgld_steps", 0), m))
+        jem0 = next((m for m in jems if at[m].get("sgld_steps") == 0), None)
+        base = next((m for m in at if at[m].get("objective") == "pgd-at"), None)
         parts = [f"{m} keeps {_ci(at[m]['robust_acc'], at[m]['ci_low'], at[m]['ci_high'])}" for m in
                  sorted(at, key=_subject_order)]
         out.append(f"**{NORM_TITLES.get(norm, norm)} ε = {format_eps(mid)}** (per-example worst case over every "
                    "attack run against each model): " + "; ".join(parts) + ".")
-        if jems and "PGD-AT" in at:
-            best = max(jems, key=lambda m: at[m]["robust_acc"])
-            b, a = at[best], at["PGD-AT"]
+        if jems and base is not None:
+            best, shared = best_on_shared(at, jems)
+            b, a = at[best], at[base]
             rel, why = compare(b, a)
             out.append(f"- Does SGLD refinement rival adversarial training at {NORM_TITLES.get(norm, norm)} "
-                       f"{format_eps(mid)}? The best refined model, {best} ({_pct(b['robust_acc'])}), is {rel} PGD-AT "
-                       f"({_pct(a['robust_acc'])}) ({why}).")
-        if "JEM-0" in at and len(jems) > 1:
-            k = jems[-1]
-            d = at[k]["robust_acc"] - at["JEM-0"]["robust_acc"]
-            rel, why = compare(at[k], at["JEM-0"])
-            out.append(f"- Does refinement buy robustness over the same network without it? {k} − JEM-0 = "
-                       f"{100 * d:+.1f} points: {k} is {rel} JEM-0 ({why}).")
-        if "CE" in at:
-            out.append(f"- The undefended classifier keeps {_pct(at['CE']['robust_acc'])}.")
+                       f"{format_eps(mid)}? The best refined model on the {shared} examples every JEM-k shares, "
+                       f"{best}, is {rel} {base} ({why}).")
+        for k in (m for m in jems if jem0 is not None and m != jem0):
+            rel, why = compare(at[k], at[jem0])
+            out.append(f"- Does refinement buy robustness over the same network without it? {k} is {rel} {jem0} "
+                       f"({why}).")
+        ce = next((m for m in at if at[m].get("objective") == "ce"), None)
+        if ce is not None:
+            out.append(f"- The undefended classifier keeps {_pct(at[ce]['robust_acc'])}.")
     bb = next((c for c in checks if c.check == "blackbox_beats_whitebox"), None)
     black = of_kind(rows, BlackboxRow)
     if black and bb is not None:
