@@ -284,11 +284,26 @@ def run_study(preset: str = "quick", dataset: str | None = None, name: str | Non
         handler.close()
 
 
+def planned_cost(preset: str, dataset: str, runs_dir: Path, done: int, results_dir: Path = Path("results")) -> str:
+    """One line before the study starts: what it will run, and what the committed reference run of this preset
+    took (its ``stages.jsonl``), when there is one."""
+    planned = {o: study_model_dir(runs_dir, preset, dataset, o) / "final.pt" for o in STUDY_OBJECTIVES}
+    n_stages = len(study_stages(PLANS[preset], planned))
+    line = (f"study {preset} on {dataset}: {len(STUDY_OBJECTIVES)} models (trained unless a finished run of the same "
+            f"config and code is there), then {n_stages} stages ({done} stages and trainings already logged here)")
+    ref = results_dir / f"reference-{preset}-{dataset}" / "stages.jsonl"
+    if ref.is_file():
+        wall = sum(float(r.get("wall_s", 0)) for r in read_rows(ref))
+        line += f"; the reference run of this preset took {wall / 60:.0f} min ({ref})"
+    return line
+
+
 def _run_study(preset: str, dataset: str, run_dir: Path, device: torch.device, data_dir: str | None,
                runs_dir: Path, progress: bool, only: tuple[str, ...]) -> Path:
     t0 = time.perf_counter()
     stage_log = run_dir / "stages.jsonl"
     logged = {(r["stage"], json.dumps(r.get("job"), sort_keys=True)) for r in read_rows(stage_log)}
+    log.info(planned_cost(preset, dataset, runs_dir, len(logged)))
     models = {}
     for objective in STUDY_OBJECTIVES:
         t = time.perf_counter()
