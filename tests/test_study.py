@@ -118,7 +118,14 @@ def test_jem_k_refines_with_the_jems_own_sampler(tmp_path, fashion_available):
     ckpts = dict.fromkeys(("ce", "pgd-at", "jem", "gaussian-aug"), jem)
     chains = [s.job.chain for s in study_stages(PLANS["tiny"], ckpts) if hasattr(s.job, "chain")]
     assert len(chains) > 20 and any(10 in c.sgld_steps for c in chains)
-    assert {(c.step_size, c.noise) for c in chains} == {(0.1, 0.02)}
+    assert {(c.step_size, c.noise) for c in chains} == {(None, None)}  # no override: the defense's definition
+    import torch
+
+    from suite.targets import build_targets, load_checkpoints
+
+    _, loaded = load_checkpoints([str(jem)], torch.device("cpu"))
+    refined = [t for c in chains for t in build_targets(loaded, c) if t.defense["sgld_steps"] > 0]
+    assert refined and {(t.defense["sgld_step_size"], t.defense["sgld_noise"]) for t in refined} == {(0.1, 0.02)}
 
 
 def test_the_cli_and_the_study_attack_the_same_defense(run_cli, tmp_path, fashion_available):
