@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from infra.energy import log_density_of_logits
+from infra.norms import ascent_step
+from infra.records import ROWS, append_row, done_keys, row_key
 
 from .common import AttackInputError, check_images
-from infra.records import ROWS, append_row, done_keys, row_key
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def optimise(model: Model, x0: torch.Tensor, targets: torch.Tensor, steps: int, 
                 opt.step()
                 x.clamp_(0, 1)
             else:
-                x = (x + step_size * grad.sign()).clamp(0, 1)
+                x = ascent_step(x, grad, "linf", step_size).clamp(0, 1)  # unbounded in ε, kept in [0,1]
     return x.detach(), torch.stack(trace) if trace else x.new_zeros(0, x.shape[0])
 
 

@@ -29,6 +29,7 @@ import torch
 import torchattacks
 from torch import nn
 
+from infra.norms import ascent_step, delta_norm, project
 from infra.randomness import derive_seed, seeded
 
 from .common import AttackInputError, check_images
@@ -44,25 +45,8 @@ TOL = 1e-6  # slack allowed on ‖δ‖ ≤ ε before a candidate is re-projecte
 
 
 # ------------------------------------------------------------------------------------------------
-# the threat model
+# the attacker's objective
 # ------------------------------------------------------------------------------------------------
-def delta_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-example ‖δ‖ (``linf`` or ``l2``), shape (N,)."""
-    flat = delta.flatten(1)
-    return flat.abs().amax(1) if norm == "linf" else flat.norm(p=2, dim=1)
-
-
-def project(x: torch.Tensor, x_adv: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
-    """Project ``x_adv`` onto the ε-ball around ``x`` and into [0,1]."""
-    delta = x_adv - x
-    if norm == "linf":
-        delta = delta.clamp(-eps, eps)
-    else:
-        n = delta_norm(delta, "l2").clamp_min(1e-12)
-        delta = delta * (eps / n).clamp(max=1.0).view(-1, *([1] * (x.dim() - 1)))
-    return (x + delta).clamp(0.0, 1.0)
-
-
 def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-example margin: true-class logit minus the best other logit (negative = misclassified)."""
     true = logits.gather(1, y[:, None]).squeeze(1)
@@ -115,7 +99,6 @@ class EOTPGDL2(torchattacks.PGDL2):
         images = images.clone().detach().to(self.device)
         labels = labels.clone().detach().to(self.device)
         loss = nn.CrossEntropyLoss()
-        n = len(images)
         view = (-1,) + (1,) * (images.dim() - 1)
         adv = images.clone().detach()
         if self.random_start:
@@ -129,11 +112,8 @@ class EOTPGDL2(torchattacks.PGDL2):
             for _ in range(self.eot_iter):
                 cost = loss(self.get_logits(adv), labels)
                 grad += torch.autograd.grad(cost, adv)[0]
-            grad = grad / (grad.view(n, -1).norm(p=2, dim=1) + self.eps_for_division).view(view)
-            adv = adv.detach() + self.alpha * grad
-            delta = adv - images
-            factor = torch.clamp(self.eps / delta.view(n, -1).norm(p=2, dim=1), max=1.0)
-            adv = torch.clamp(images + delta * factor.view(view), 0, 1).detach()
+            adv = ascent_step(adv.detach(), grad, "l2", self.alpha, self.eps_for_division)
+            adv = project(images, adv, "l2", self.eps).detach()
         return adv
 
 

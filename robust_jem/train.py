@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from infra.energy import energy_of_logits
 from infra.io import atomic_write, check_out_dir
+from infra.norms import ascent_step, project
 from infra.interrupt import Interrupted, StopRequest, stop_at_safe_points
 from infra.precision import resolve_bf16
 from infra.records import append_row
@@ -159,8 +160,7 @@ def pgd_linf(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: 
         with autocast():
             loss = F.cross_entropy(model(x_adv).float(), y)
         (grad,) = torch.autograd.grad(loss, x_adv)
-        x_adv = x_adv.detach() + step_size * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+        x_adv = project(x, ascent_step(x_adv.detach(), grad, "linf", step_size), "linf", eps)
     return x_adv.detach()
 
 
