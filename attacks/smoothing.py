@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from infra.randomness import derive_seed, generator, generator_on, seeded
+
 from .common import AttackInputError, check_images, wilson
 
 log = logging.getLogger(__name__)
@@ -111,8 +113,7 @@ class SmoothedClassifier(nn.Module):
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The running noise stream of ``forward`` on ``device``."""
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        self._generator = generator_on(self._generator, self.seed, device)
         return self._generator
 
     def reseed(self, seed: int) -> None:
@@ -171,7 +172,7 @@ class SmoothedClassifier(nn.Module):
         return torch.cat(rows)
 
     def _fresh(self, device: torch.device) -> torch.Generator:
-        return torch.Generator(device=device).manual_seed(self.seed)
+        return generator(self.seed, device)
 
     def predict(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Cohen et al.'s PREDICT: majority vote over ``n`` draws, ``ABSTAIN`` unless the binomial test passes.
@@ -263,8 +264,7 @@ def empirical_l2(smoothed: SmoothedClassifier, x: torch.Tensor, y: torch.Tensor,
             x_adv = x
         else:
             attack = torchattacks.PGDL2(smoothed, eps=e, alpha=step_fraction * e, steps=steps, random_start=True)
-            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-                torch.manual_seed(seed)  # torchattacks draws its random start from the global RNG
+            with seeded(derive_seed(seed, "empirical-l2", e)):  # torchattacks' random start: the global RNG
                 x_adv = attack(x, y)
         pred = smoothed.predict(x_adv)
         k = int((pred == y.cpu()).sum())

@@ -2,7 +2,7 @@
 
 A CPU without native bf16 (AVX2 only, or AVX-512 without its BF16 extension, or kernels forced down with
 ``ATEN_CPU_CAPABILITY=avx2``) emulates it: a 1024² bf16 matmul measured ~36x *slower* than fp32 on such a
-machine. There ``--bf16`` is said once, in one line, and the work runs in fp32.
+machine. There a bf16 request is said once, in one line, and the work runs in fp32.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def resolve_bf16(requested: bool, device: torch.device | str, what: str) -> bool
         return requested
     import torch
 
-    log.warning("--bf16 ignored for %s: this %s has no native bf16 (kernels: %s), where it runs ~36x slower than "
-                "fp32; running in fp32", what, torch.device(device).type.upper(), torch.backends.cpu.get_cpu_capability())
+    log.warning("bf16 asked for %s but not used: this %s has no native bf16 (kernels: %s), where it runs ~36x slower "
+                "than fp32; running in fp32", what, torch.device(device).type.upper(),
+                torch.backends.cpu.get_cpu_capability())
     return False

@@ -24,6 +24,19 @@ def derive_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded with ``seed``: the one way library code makes its own stream."""
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def generator_on(current: torch.Generator | None, seed: int, device: torch.device) -> torch.Generator:
+    """``current`` when it already lives on ``device``, else a fresh stream from ``seed`` there: a module's lazily
+    created noise source, made where its inputs are."""
+    if current is None or current.device != torch.device(device):
+        return generator(seed, device)
+    return current
+
+
 @contextlib.contextmanager
 def seeded(seed: int, model: Any = None) -> Iterator[None]:
     """Run a block with torch's global RNGs (CPU and every CUDA device) and numpy's forked and seeded from

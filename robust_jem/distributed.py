@@ -10,8 +10,8 @@ everything here is a no-op and the single-process path is untouched. Conventions
   the single-process mean loss (exactly for deterministic losses, up to float summation order).
 * replay buffer: rank r owns the contiguous shard ``torch.tensor_split(buffer, world)[r]``; checkpoints hold
   the full buffer gathered in rank order, so they resume on any world size (re-sharded on load).
-* randomness: each rank has its own generator, seeded ``seed + 7919 * retry + RANK_SEED_STRIDE * rank``
-  (rank 0 uses exactly the single-process seed).
+* randomness: each rank has its own generator, seeded ``derive_seed(seed, "sampler", retry, rank)`` (rank 0
+  uses exactly the single-process seed).
 * files: only rank 0 writes (checkpoints, metrics, samples); all ranks read the same ``--out`` directory
   on resume, so with several machines ``--out`` must be on a shared file system.
 """
@@ -30,9 +30,6 @@ import torch.distributed as dist
 from .errors import UserError
 
 log = logging.getLogger(__name__)
-
-RANK_SEED_STRIDE = 1_000_003
-
 
 @dataclass(frozen=True)
 class DistContext:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from infra.energy import energy_of_logits
+from infra.randomness import generator_on
 
 from .model import EnergyModel, to_internal
 from .errors import UserError
@@ -184,8 +185,7 @@ class RefinedClassifier(nn.Module):
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The module's noise source on ``device`` (created from ``seed`` on first use)."""
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        self._generator = generator_on(self._generator, self.seed, device)
         return self._generator
 
     def reseed(self, seed: int) -> None:

@@ -29,13 +29,14 @@ from tqdm.auto import tqdm
 from infra.energy import energy_of_logits
 from infra.io import atomic_write, check_out_dir
 from infra.norms import ascent_step, project
+from infra.randomness import derive_seed, generator
 from infra.interrupt import Interrupted, StopRequest, stop_at_safe_points
 from infra.precision import resolve_bf16
 from infra.records import append_row
 from .checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import ImageDataset, Prefetcher, load_dataset
-from .distributed import RANK_SEED_STRIDE, SINGLE, DistContext, shard, shard_size
+from .distributed import SINGLE, DistContext, shard, shard_size
 from .errors import TrainingDiverged, UserError  # noqa: F401  (TrainingDiverged: raised here, re-exported)
 from .model import EnergyModel, to_internal, to_pixels
 from .sgld import GaussianInit, ReplayBuffer, sgld
@@ -212,7 +213,7 @@ class BatchOrder:
     def indices(self, step: int) -> torch.Tensor:
         epoch, pos = divmod(step, self.per_epoch)
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = generator(derive_seed(self.seed, "batch-order", epoch))
             self._perm, self._epoch = torch.randperm(self.n, generator=g), epoch
         return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
 
@@ -392,7 +393,7 @@ class Trainer:
 
     def gen_seed(self, seed_offset: int) -> int:
         """Seed of this rank's generator for retry ``seed_offset`` (rank 0: the single-process seed)."""
-        return self.cfg.seed + 7919 * seed_offset + RANK_SEED_STRIDE * self.dist.rank
+        return derive_seed(self.cfg.seed, "sampler", seed_offset, self.dist.rank)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
@@ -471,7 +472,7 @@ class Trainer:
         elif d.is_main and "gen" in rng:
             self.gen.set_state(rng["gen"])
         else:  # another world size wrote it: a fresh, deterministic stream for this rank
-            self.gen.manual_seed(self.gen_seed(0) + 7 * int(ckpt["step"]))
+            self.gen.manual_seed(derive_seed(self.cfg.seed, "sampler-reshard", d.rank, int(ckpt["step"])))
             log.info("rank %d: sampler generator reseeded (checkpoint written by another world size)", d.rank)
         self.step = int(ckpt["step"])
         st = ckpt["state"]

@@ -22,12 +22,13 @@ from attacks import ood as ood_lib
 from attacks.benchmark import Examples, run_blackbox, run_sweep
 from attacks.black import BlackboxConfig
 from attacks.distal import DistalConfig, run_distal
-from attacks.rows import BlackboxRow, CalibrationRow, CertificateRow, DistalRow, OODRow, WhiteboxRow
+from attacks.rows import BlackboxRow, CalibrationRow, CertificateRow, DistalRow, WhiteboxRow
 from attacks.smoothing import SmoothedClassifier, certify_summary, empirical_l2
 from attacks.verdict import EVAL_DRAWS
 from attacks.white import autoattack_factory, pgd_factory, transfer_factory
 from infra.io import atomic_write, check_out_dir
 from infra.precision import resolve_bf16
+from infra.randomness import derive_seed, generator
 from infra.records import ROWS, append_row, done_keys, provenance_fields, read_rows, row_key
 from robust_jem.data import DATASETS, ImageDataset, load_dataset
 from robust_jem.errors import UserError
@@ -365,7 +366,7 @@ def build_ood_sets(names: Sequence[str], data: ImageDataset, seed: int,
     conversions: dict[str, str] = {}
     skipped: dict[str, str] = {}
     for name in names:
-        g = torch.Generator().manual_seed(seed * 1009 + OOD_SETS.index(name) if name in OOD_SETS else seed)
+        g = generator(derive_seed(seed, "ood", name))
         if name in ood_lib.SYNTHETIC:
             sets[name] = ood_lib.synthetic_ood(name, data.x, g)
             conversions[name] = "none"
@@ -439,11 +440,6 @@ def ood(job: OODJob, out: str | Path, *, device: torch.device, data_dir: str | N
                      ", ".join(f"{s} AUROC {m['auroc']:.3f}" for s, m in metrics.items()))
     atomic_write(out / "ood.json", json.dumps(summary, indent=2, default=str))
     return summary
-
-
-def ood_rows_of(out: str | Path) -> list[OODRow]:
-    """The OOD rows of a run folder."""
-    return [OODRow.from_dict(r) for r in read_rows(Path(out) / ROWS) if r.get("kind") == "ood"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -101,3 +101,21 @@ def test_one_atomic_writer_one_energy_formula_one_verdict():
     assert energies == ["attacks/smoothing.py", "infra/energy.py"], energies
     verdicts = sorted(str(p.relative_to(ROOT)) for p, s in sources.items() if '"verdict", m' in s)
     assert verdicts == ["attacks/verdict.py"], verdicts
+
+
+def test_bench_attack_precision_runs_in_its_quick_mode(tiny_run, tmp_path):
+    """A bench nobody runs rots: the bf16-vs-fp32 attack bench, seconds-long, on tiny checkpoints."""
+    import importlib.util
+
+    from conftest import tiny_cfg
+    from robust_jem.train import train
+
+    ce = train(tiny_cfg("ce", iters=3), tmp_path / "ce", progress=False)
+    at = train(tiny_cfg("pgd-at", iters=3), tmp_path / "at", progress=False)
+    spec = importlib.util.spec_from_file_location("attack_precision", ROOT / "bench" / "attack_precision.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    md = bench.main(["--quick", "--ce", str(ce), "--pgd-at", str(at), "--jem", str(tiny_run / "final.pt"),
+                     "--out", str(tmp_path / "out")])
+    text = md.read_text()
+    assert all(f"| {m} | 4 |" in text for m in ("CE", "PGD-AT", "JEM-0", "JEM-1")), text
