@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attacks.benchmark import Examples, gradient_evaluations, run_sweep
-from attacks.report import write_report
+from .report import write_report
 from attacks.rows import WhiteboxRow
 from attacks.target import Target
 from attacks.verdict import EVAL_DRAWS

@@ -595,7 +595,7 @@ def robust_table(rows: Sequence[Any]) -> str:
 def versus_baseline(rows: Sequence[Any]) -> str:
     """Each JEM-k against the adversarial-training baseline (PGD-AT) at each ε, on the examples both attacked: the
     per-example worst case over the JEM's gradient modes, and an exact McNemar test. Empty without both."""
-    from attacks.report import compare
+    from .report import compare
 
     def cell(rs: list[Any]) -> dict[str, Any]:
         correct: dict[int, bool] = {}
@@ -693,7 +693,7 @@ def plot(runs: tuple[str, ...], out: str | None) -> None:
 @click.argument("run", type=click.Path(file_okay=False))
 def report(run: str) -> None:
     """Regenerate RUN/report.md (with flags.json, headline.json, rows.csv and the figures) from RUN's rows."""
-    from attacks.report import write_report
+    from .report import write_report
     from infra.records import ROWS
 
     if not (Path(run) / ROWS).is_file():

@@ -18,7 +18,6 @@ import torch
 from tqdm.auto import tqdm
 
 from attacks.black import BlackboxConfig
-from attacks.report import write_report
 from infra.interrupt import Interrupted
 from infra.io import atomic_write
 from infra.records import ROWS, append_row, read_rows
@@ -31,6 +30,7 @@ from .evaluate import (AutoAttackSettings, BlackboxJob, CalibrationJob, CertifyJ
                        PGDSettings, SampleJob, TransferSettings, WhiteboxJob, job_record, refuse_foreign_rows,
                        run_job)
 from .layout import study_model_dir
+from .report import write_report
 from .targets import Chain
 
 log = logging.getLogger(__name__)

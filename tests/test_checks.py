@@ -18,7 +18,7 @@ from attacks.benchmark import Examples, run_blackbox, run_sweep
 from attacks.target import Target
 from attacks.black import BlackboxConfig
 from attacks.checks import all_flags, check_bpda_full, check_eot, check_more_steps, run_checks, worst_case
-from attacks.report import load_side_files, write_report
+from suite.report import load_side_files, write_report
 from attacks.rows import WhiteboxRow, read_typed
 from attacks.white import pgd_factory
 

@@ -89,7 +89,7 @@ def test_report_regenerates_the_studys_report_from_the_run_alone(tiny_study, tmp
 
     from click.testing import CliRunner
 
-    from attacks.report import REPORT_CONTEXT
+    from suite.report import REPORT_CONTEXT
     from suite.cli import cli
 
     _, run_dir = tiny_study

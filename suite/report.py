@@ -17,11 +17,12 @@ from infra.io import atomic_write
 from infra.provenance import environment, file_sha256, now
 from infra.records import ROWS, export_csv, read_rows
 
-from .checks import CheckResult, all_flags, mcnemar_p, run_checks, worst_case
-from .common import format_eps, wilson
+from attacks.checks import CheckResult, all_flags, mcnemar_p, run_checks, worst_case
+from attacks.common import format_eps, wilson
+from attacks.plots import NORM_TITLES, collect_curves, plot_headline, plot_rows
+from attacks.rows import BlackboxRow, Row, WhiteboxRow, of_kind, parse_row
+
 from .convergence import convergence_table, plot_convergence
-from .plots import NORM_TITLES, collect_curves, plot_headline, plot_rows
-from .rows import BlackboxRow, Row, WhiteboxRow, of_kind, parse_row
 
 log = logging.getLogger(__name__)
 
@@ -423,7 +424,7 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
     env = environment(device)
     stages = read_rows(run_dir / "stages.jsonl")
     md: list[str] = [f"# robust-jem report: {preset or run_dir.name} on {dataset}", ""]
-    md += [f"Generated {now()} by `attacks/report.py` from `{ROWS}` ({len(rows)} rows); every number below comes "
+    md += [f"Generated {now()} by `suite/report.py` from `{ROWS}` ({len(rows)} rows); every number below comes "
            f"from those rows. Code {env['git_sha']}, torch {env['torch_version']}, device {env['device']}.", ""]
     head_cells: dict[str, dict] = {}
     tables = []

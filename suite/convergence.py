@@ -14,8 +14,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .plots import NORM_TITLES, save_figure
-from .rows import Row, WhiteboxRow, of_kind
+from attacks.plots import NORM_TITLES, save_figure
+from attacks.rows import Row, WhiteboxRow, of_kind
 
 
 def ladders(rows: list[Row], norm: str, eps: float) -> dict[str, dict[str, list[WhiteboxRow]]]:
