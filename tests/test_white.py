@@ -400,13 +400,15 @@ def test_cli_compile_with_full_gradients_is_a_usage_error(run_cli, tiny_run, tmp
 
 def test_cli_pgd_default_eot_is_20_on_a_randomized_model_and_1_on_a_bare_one(run_cli, tiny_run, tmp_path):
     out = tmp_path / "run"
+    # 30 examples: the tiny model (~17 % accurate) gets some right, so the attack runs (it skips wrong ones)
     res = run_cli("pgd", "--checkpoint", tiny_run / "final.pt", "--eps", "8/255", "--steps", "1", "--sgld-steps", "0",
-                  "--n-chains", "2", "--eval-draws", "1", "--n-examples", "2", "--out", out, "--no-progress")
+                  "--n-chains", "2", "--eval-draws", "1", "--n-examples", "30", "--out", out, "--no-progress")
     assert res.code == 0, res.err
     res = run_cli("pgd", "--checkpoint", tiny_run / "final.pt", "--eps", "8/255", "--steps", "1", "--sgld-steps", "0",
                   "--n-chains", "1", "--init-noise", "0", "--n-examples", "2", "--out", out, "--no-progress")
     assert res.code == 0, res.err
     rows = {r["model"]: r for r in read_rows(out)}
+    assert rows["JEM-0[chains=2]"]["clean_acc"] > 0
     assert rows["JEM-0[chains=2]"]["eot_used"] == 20 and rows["JEM-0[chains=2]"]["attack"] == "EOTPGD"
     assert rows["JEM-bare"]["eot_used"] == 1 and rows["JEM-bare"]["attack"] == "PGD"
     assert len(rows["JEM-0[chains=2]"]["margin_trace"]["EOTPGD/r0"]) == 1  # one step, its 20 draws averaged
