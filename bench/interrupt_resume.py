@@ -62,7 +62,7 @@ def main() -> None:
         lines.append(f"| {sig.name} | {step} | {proc.returncode} | {said[:90]} | rc {done.returncode} | {equal} | "
                      f"{diff:.3g} |")
     print("\n".join(lines))
-    print(f"\nmetrics identical (it/s aside): " + ", ".join(
+    print("\nmetrics identical (it/s aside): " + ", ".join(
         f"{s}: {_metrics(root / s) == _metrics(root / 'whole')}" for s in ("SIGINT", "SIGTERM", "SIGKILL")))
 
 

@@ -56,7 +56,8 @@ from robust_jem.data import ImageDataset, load_dataset  # noqa: E402
 from robust_jem.errors import UserError  # noqa: E402
 from robust_jem.model import EnergyModel  # noqa: E402
 from robust_jem.sgld import sgld  # noqa: E402
-from robust_jem.train import Context, Trainer, _Window, jem_loss  # noqa: E402
+from robust_jem.objectives import Context, jem_loss  # noqa: E402
+from robust_jem.train import Trainer, _Window  # noqa: E402
 
 # Peak FLOP/s used for MFU. CPU: measured in the same run (best torch.mm throughput, see matmul_peak), since
 # this machine's speed varies with its load. GPUs: dense tensor-core spec sheets; fp32 convolutions on CUDA

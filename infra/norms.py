@@ -2,7 +2,7 @@
 and the [0,1] image domain, for L∞ and L2.
 
 Every gradient loop of the suite steps and projects through these two functions: the attack side's own PGD variant
-(:class:`attacks.white.EOTPGDL2`), PGD adversarial training's inner maximisation (:func:`robust_jem.train.pgd_linf`)
+(:class:`attacks.white.EOTPGDL2`), PGD adversarial training's inner maximisation (:func:`robust_jem.objectives.pgd_linf`)
 and distal adversarials. (torchattacks' attacks keep their own code; the independent attack in ``bench/`` is
 written apart on purpose.)
 """

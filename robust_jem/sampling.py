@@ -26,7 +26,7 @@ from .data import load_dataset
 from .errors import UserError
 from .model import EnergyModel, to_internal, to_pixels
 from .sgld import sgld
-from .train import save_grid
+from .images import save_grid
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """One training loop for every objective: JEM, plain CE, PGD adversarial training, Gaussian augmentation.
 
-The loop is shared; each objective contributes one loss function ``loss(ctx, x, y) -> (loss, terms)``.
+The loop is shared; each objective contributes one loss function ``loss(ctx, x, y) -> (loss, terms)``
+(:mod:`robust_jem.objectives`).
 Resumable (``last.pt`` at log boundaries, at least every ``save_every_s`` seconds), with a divergence
 guard that rolls back to the last good checkpoint and retries with a lower learning rate and a new
 sampler seed a bounded number of times. Under ``torchrun`` the same loop runs as DDP (see
@@ -9,10 +10,6 @@ sampler seed a bounded number of times. Under ``torchrun`` the same loop runs as
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
-
 import json
 import logging
 import math
@@ -20,173 +17,29 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from infra.energy import energy_of_logits
+from infra.interrupt import Interrupted, StopRequest, sigterm_as_interrupt, stop_at_safe_points
 from infra.io import atomic_write, check_out_dir
-from infra.norms import ascent_step, project
-from infra.randomness import derive_seed, generator
-from infra.interrupt import Interrupted, StopRequest, stop_at_safe_points
 from infra.precision import resolve_bf16
-from infra.records import append_row
+from infra.randomness import derive_seed, generator
+
 from .checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import ImageDataset, Prefetcher, load_dataset
 from .distributed import SINGLE, DistContext, shard, shard_size
 from .errors import TrainingDiverged, UserError  # noqa: F401  (TrainingDiverged: raised here, re-exported)
+from .images import save_grid
 from .model import EnergyModel, to_internal, to_pixels
-from .sgld import GaussianInit, ReplayBuffer, sgld
+from .objectives import LOSSES, Context, ce_loss
+from .runs import append_metrics, existing_run, truncate_metrics
+from .sgld import GaussianInit, ReplayBuffer
 
 log = logging.getLogger(__name__)
 
-
-
-Net = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class Context:
-    """What a loss function may use besides the batch.
-
-    ``net`` is the backbone used for the training forward pass (internal [-1,1] space -> logits): the
-    model's own ``net``, or its ``torch.compile``d and/or DDP-wrapped form. ``sample_net`` is the one for
-    inner loops that only need input gradients (SGLD, PGD): compiled when enabled, never DDP-wrapped.
-    Train/eval mode is switched on ``model``, which owns the parameters of both.
-    """
-
-    cfg: TrainConfig
-    model: EnergyModel
-    generator: torch.Generator
-    buffer: ReplayBuffer | None
-    autocast: Callable[[], Any]
-    phase: str = "main"
-    net: Net | None = None
-    sample_net: Net | None = None
-
-    def __post_init__(self) -> None:
-        if self.net is None:
-            self.net = self.model.net
-        if self.sample_net is None:
-            self.sample_net = self.model.net
-
-    def logits_z(self, z: torch.Tensor) -> torch.Tensor:
-        """Training forward: logits of internal-space inputs."""
-        return self.net(z)  # type: ignore[misc]
-
-    def sample_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Inner-loop forward: logits of [0,1] images."""
-        return self.sample_net(to_internal(x))  # type: ignore[misc]
-
-    def sample_energy_z(self, z: torch.Tensor) -> torch.Tensor:
-        """Inner-loop energy ``-logsumexp(logits)``, as :meth:`EnergyModel.energy_z` computes it."""
-        return energy_of_logits(self.sample_net(z))  # type: ignore[misc]
-
-
-LossFn = Callable[[Context, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
-
-
-def _randn_like(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    return torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
-
-
-def _ce_terms(ctx: Context, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    ce = F.cross_entropy(logits.float(), y)
-    pred = logits.argmax(1)
-    # class counts by scatter_add (torch.bincount syncs with the host on CUDA to size its output)
-    counts = torch.zeros(ctx.cfg.model.n_classes, device=pred.device).scatter_add_(
-        0, pred, torch.ones_like(pred, dtype=torch.float32))
-    return ce, {"ce": ce.detach(), "acc": (pred == y).float().mean(), "pred_top": counts.max() / y.numel()}
-
-
-def ce_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Plain cross-entropy on [0,1] images (with ``data_noise`` in the internal space, as JEM does)."""
-    z = to_internal(x)
-    if ctx.cfg.data_noise > 0:
-        z = z + ctx.cfg.data_noise * _randn_like(z, ctx.generator)
-    with ctx.autocast():
-        logits = ctx.logits_z(z)
-    return _ce_terms(ctx, logits, y)
-
-
-def jem_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """JEM: CE + log p(x) by PCD (Grathwohl et al. 2020, Eq. 8), optional L2 penalty on energies."""
-    cfg, model, buf = ctx.cfg, ctx.model, ctx.buffer
-    assert buf is not None
-    z = to_internal(x)
-    if cfg.data_noise > 0:
-        z = z + cfg.data_noise * _randn_like(z, ctx.generator)
-    z0, idx = buf.sample(x.shape[0])
-    if cfg.channels_last and z0.dim() == 4:
-        z0 = z0.contiguous(memory_format=torch.channels_last)
-    was_training = model.training
-    model.eval()
-    with ctx.autocast():
-        zq = sgld(ctx.sample_energy_z, z0, cfg.sgld.steps, cfg.sgld.step_size, cfg.sgld.noise,
-                  generator=ctx.generator, bounds=(-1.0, 1.0) if cfg.sgld.clamp else None,
-                  grad_clip=cfg.sgld.grad_clip or None)
-    model.train(was_training)
-    buf.update(idx, zq)
-    with ctx.autocast():
-        logits = ctx.logits_z(torch.cat([z, zq]))
-    logits = logits.float()
-    n = x.shape[0]
-    e_data = energy_of_logits(logits[:n])
-    e_sample = energy_of_logits(logits[n:])
-    ce, terms = _ce_terms(ctx, logits[:n], y)
-    l_px = e_data.mean() - e_sample.mean()
-    loss = ce + cfg.px_weight * l_px
-    if cfg.energy_l2 > 0:
-        loss = loss + cfg.energy_l2 * (e_data.pow(2).mean() + e_sample.pow(2).mean())
-    terms.update(px=l_px.detach(), e_data=e_data.mean().detach(), e_sample=e_sample.mean().detach())
-    return loss, terms
-
-
-def pgd_linf(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, eps: float,
-             steps: int, step_size: float, generator: torch.Generator, autocast: Callable[[], Any]) -> torch.Tensor:
-    """Madry et al. (2018) L-inf PGD with random start, for the inner maximisation of PGD-AT only.
-
-    ``model`` maps [0,1] images to logits.
-
-    (The attack suite uses torchattacks; this copy exists so training draws its random start from the
-    run's own generator and stays resumable bit for bit.)
-    """
-    delta = (torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1) * eps
-    x_adv = (x + delta).clamp(0, 1)
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        with autocast():
-            loss = F.cross_entropy(model(x_adv).float(), y)
-        (grad,) = torch.autograd.grad(loss, x_adv)
-        x_adv = project(x, ascent_step(x_adv.detach(), grad, "linf", step_size), "linf", eps)
-    return x_adv.detach()
-
-
-def pgd_at_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Madry PGD adversarial training: CE on L-inf PGD examples."""
-    cfg, model = ctx.cfg, ctx.model
-    was_training = model.training
-    model.eval()
-    x_adv = pgd_linf(ctx.sample_logits, x, y, cfg.pgd_eps, cfg.pgd_steps, cfg.pgd_step_size, ctx.generator,
-                     ctx.autocast)
-    model.train(was_training)
-    with ctx.autocast():
-        logits = ctx.logits_z(to_internal(x_adv))
-    return _ce_terms(ctx, logits, y)
-
-
-def gaussian_aug_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Gaussian data augmentation with std ``sigma`` in pixel space (Cohen et al. 2019; Salman et al. 2019)."""
-    x_noisy = x + ctx.cfg.sigma * _randn_like(x, ctx.generator)
-    with ctx.autocast():
-        logits = ctx.logits_z(to_internal(x_noisy))
-    return _ce_terms(ctx, logits, y)
-
-
-LOSSES: dict[str, LossFn] = {"jem": jem_loss, "ce": ce_loss, "pgd-at": pgd_at_loss, "gaussian-aug": gaussian_aug_loss}
 
 
 def lr_at(cfg: TrainConfig, step: int, lr_scale: float = 1.0) -> float:
@@ -229,43 +82,6 @@ def evaluate(model: torch.nn.Module, data: ImageDataset, device: torch.device, b
         correct += (model(x.to(device)).argmax(1) == y.to(device)).sum()
     model.train(was)
     return float(correct) / len(data)
-
-
-def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 10,
-              row_labels: list[str] | None = None, scale: int = 1) -> None:
-    """Save [0,1] images (N, C, H, W) as one PNG grid (matplotlib; no torchvision). ``scale`` enlarges each
-    pixel (nearest); ``row_labels`` names the rows (a figure with the labels on the left)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    images = images.detach().float().clamp(0, 1).cpu()
-    if scale > 1:
-        images = images.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
-    n, c, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    grid = torch.ones(c, rows * (h + 2) + 2, nrow * (w + 2) + 2)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[:, 2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + col * (w + 2): 2 + col * (w + 2) + w] = images[i]
-    arr = grid.permute(1, 2, 0).numpy()
-    image = arr[..., 0] if c == 1 else arr
-    cmap = "gray" if c == 1 else None
-    if not row_labels:
-        atomic_write(path, lambda f: plt.imsave(f, image, cmap=cmap, vmin=0, vmax=1, format="png"))
-        return
-    dpi = 100
-    fig = plt.figure(figsize=(image.shape[1] / dpi + 1.6, image.shape[0] / dpi + 0.2), dpi=dpi)
-    ax = fig.add_axes((1.6 / (image.shape[1] / dpi + 1.6), 0, 1 - 1.6 / (image.shape[1] / dpi + 1.6), 1))
-    ax.imshow(image, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([2 + r * (h + 2) + h / 2 for r in range(min(rows, len(row_labels)))],
-                  row_labels[:rows], fontsize=9)
-    for side in ax.spines.values():
-        side.set_visible(False)
-    atomic_write(path, lambda f: fig.savefig(f, dpi=dpi, format="png"))
-    plt.close(fig)
 
 
 @dataclass
@@ -526,7 +342,7 @@ class Trainer:
                     continue
                 self.best_acc = max(self.best_acc, row.get("acc", 0.0))
                 if d.is_main:
-                    _append_jsonl(metrics_path, row)
+                    append_metrics(metrics_path, row)
                 bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "acc", "e_data", "e_sample") if k in row})
                 if save_due:
                     self.save("last.pt")
@@ -555,74 +371,8 @@ class Trainer:
         self.gen.manual_seed(self.gen_seed(retries))
         if self.dist.is_main:
             truncate_metrics(metrics_path, self.step)
-            _append_jsonl(metrics_path, {"step": self.step, "event": "rollback", "reason": why, "retry": retries,
+            append_metrics(metrics_path, {"step": self.step, "event": "rollback", "reason": why, "retry": retries,
                                          "lr_scale": scale})
-
-
-def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    append_row(path, row)
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep only metric rows up to ``step`` (so a resumed run logs each step once)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line torn by a kill
-        if row.get("step", 0) <= step:
-            keep.append(line)
-    text = "".join(line + "\n" for line in keep)
-    atomic_write(path, text)
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM (a scheduler's polite kill) like Ctrl-C inside the block, so the same clean-up runs."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _config_differences(a: TrainConfig, b: TrainConfig) -> list[str]:
-    """``name: a vs b`` for every (nested) field where two configs differ."""
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    fa, fb = flat(a.to_dict()), flat(b.to_dict())
-    return [f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
-
-
-def existing_run(cfg: TrainConfig, out: Path) -> str | None:
-    """What to do with a run folder that already holds a checkpoint: ``"finished"`` (final.pt of this very
-    config), ``"resume"`` (last.pt of this config) or None (nothing there). Another config is refused: a run is
-    never started over silently."""
-    for name, verdict in (("final.pt", "finished"), ("last.pt", "resume")):
-        path = out / name
-        if path.exists():
-            stored = read_checkpoint(path)["config"]
-            diff = _config_differences(stored, cfg)
-            if diff:
-                raise UserError(f"{out} holds a run with another config ({'; '.join(diff[:3])}"
-                                f"{' ...' if len(diff) > 3 else ''}); continue it with --resume {out}, or choose "
-                                f"another --out")
-            return verdict
-    return None
 
 
 def train(cfg: TrainConfig | None, out: str | os.PathLike, *, device: torch.device | str = "cpu", resume: bool = False,
@@ -709,7 +459,7 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike, *, device: torch.devi
                 final_metrics["test_energy"] = float(model.energy(x.to(device)).mean())
                 final_metrics["buffer_energy"] = float(model.energy_z(trainer.buffer.buffer[:500]).mean())
             save_grid(to_pixels(trainer.buffer.buffer[:100]), out / "samples.png")
-        _append_jsonl(out / "metrics.jsonl", {"step": trainer.step, "event": "final", **final_metrics})
+        append_metrics(out / "metrics.jsonl", {"step": trainer.step, "event": "final", **final_metrics})
     trainer.save("final.pt", metrics=final_metrics)
     if dist.is_main:
         log.info("%s: test accuracy %.4f -> %s", cfg.objective, final_metrics["test_acc"], out / "final.pt")

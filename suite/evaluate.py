@@ -33,7 +33,7 @@ from infra.records import ROWS, append_row, done_keys, provenance_fields, read_r
 from robust_jem.data import DATASETS, ImageDataset, load_dataset
 from robust_jem.errors import UserError
 from robust_jem.refined import Refinement
-from robust_jem.train import save_grid
+from robust_jem.images import save_grid
 
 from .targets import Chain, build_targets, load_checkpoints, split, target_for
 

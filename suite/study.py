@@ -36,7 +36,8 @@ from .targets import Chain
 log = logging.getLogger(__name__)
 
 STUDY_OBJECTIVES = ("ce", "pgd-at", "jem", "gaussian-aug")
-_CODE_FILES = ("config.py", "data.py", "model.py", "nets.py", "sgld.py", "train.py", "checkpoint.py")
+_CODE_FILES = ("config.py", "data.py", "model.py", "nets.py", "sgld.py", "objectives.py", "train.py", "runs.py",
+               "checkpoint.py")
 
 
 def code_hash() -> str:

@@ -22,7 +22,7 @@ from conftest import assert_usage_error, trained_tiny_classifier
 from robust_jem.data import load_dataset
 from robust_jem.model import EnergyModel
 from robust_jem.refined import RefinedClassifier
-from robust_jem.train import save_grid
+from robust_jem.images import save_grid
 
 
 @pytest.fixture(scope="module")
