@@ -1,7 +1,8 @@
 """White-box attacks on any module mapping [0,1] images to logits, randomized or not.
 
 An attack is configured once (model, norm, ε, budget) and called on ``(x, y)``. The gradient steps come
-from **torchattacks** (PGD, PGDL2, EOTPGD, APGD, APGD-T, FAB, Square); this module adds what a stochastic
+from **torchattacks** (PGD, PGDL2, EOTPGD here; APGD, APGD-T, FAB, Square in :mod:`attacks.autoattack`); this
+module adds what a stochastic
 defense such as JEM's SGLD-refined classifier needs for an honest number (Athalye et al. 2018; Carlini
 et al. 2019; Croce & Hein 2020, "rand" version of AutoAttack):
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import torch
 import torchattacks
@@ -38,9 +39,7 @@ from .verdict import EVAL_DRAWS, Verdict, is_deterministic
 log = logging.getLogger(__name__)
 
 WHITE_NORMS = ("linf", "l2")
-_TA_NORM = {"linf": "Linf", "l2": "L2"}
-ATTACK_NAMES = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
-AA_VERSIONS = {"rand": ("apgd-ce", "apgd-dlr"), "standard": ("apgd-ce", "apgd-t", "fab-t", "square")}
+TORCHATTACKS_NORM = {"linf": "Linf", "l2": "L2"}
 TOL = 1e-6  # slack allowed on ‖δ‖ ≤ ε before a candidate is re-projected (and a warning logged)
 
 
@@ -189,7 +188,7 @@ class WhiteBoxAttack:
             raise AttackInputError(f"ε must be a finite non-negative number, got {eps}")
         if norm == "linf" and eps > 1:
             raise AttackInputError(f"L∞ ε {eps:g} exceeds 1, the whole [0,1] pixel range")
-        _positive(restarts=restarts, eval_draws=eval_draws)
+        positive_ints(restarts=restarts, eval_draws=eval_draws)
         self.model, self.norm, self.eps = model, norm, eps
         self.restarts, self.eval_draws, self.seed = int(restarts), int(eval_draws), int(seed)
         self.verdict = Verdict(self.eval_draws, self.seed)
@@ -289,7 +288,7 @@ class WhiteBoxAttack:
         return dict(self.traces)
 
 
-class _TorchAttack(WhiteBoxAttack):
+class TorchAttack(WhiteBoxAttack):
     """A torchattacks attack built once; seeded per restart (its ``seed`` attribute too, if it has one)."""
 
     def __init__(self, model: nn.Module, **kwargs: Any) -> None:
@@ -320,7 +319,7 @@ class _TorchAttack(WhiteBoxAttack):
         return atk(x, y)
 
 
-class PGD(_TorchAttack):
+class PGD(TorchAttack):
     """Projected gradient descent (Madry et al. 2018) via torchattacks: PGD / PGDL2, EOTPGD / EOTPGDL2.
 
     Args:
@@ -335,7 +334,7 @@ class PGD(_TorchAttack):
                  step_size: float | None = None, eot: int = 1, random_start: bool = True, restarts: int = 1,
                  eval_draws: int = EVAL_DRAWS, seed: int = 0) -> None:
         super().__init__(model, norm=norm, eps=eps, restarts=restarts, eval_draws=eval_draws, seed=seed)
-        _positive(steps=steps, eot=eot)
+        positive_ints(steps=steps, eot=eot)
         if step_size is not None and not step_size > 0:
             raise AttackInputError(f"step size must be positive, got {step_size}")
         self.steps, self.eot, self.random_start = int(steps), int(eot), bool(random_start)
@@ -359,130 +358,6 @@ class PGD(_TorchAttack):
         if self.eot_used > 1:
             return EOTPGDL2(self.model, eot_iter=self.eot_used, **common)
         return torchattacks.PGDL2(self.model, **common)
-
-
-class APGD(_TorchAttack):
-    """Auto-PGD (Croce & Hein 2020) via torchattacks: ``loss`` ``ce`` / ``dlr``, or ``targeted=True``
-    for APGD-T (DLR, all ``n_classes - 1`` runner-up targets). EOT through ``eot_iter``."""
-
-    def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float, steps: int = 100, loss: str = "ce",
-                 targeted: bool = False, eot: int = 1, rho: float = 0.75, n_classes: int = 10,
-                 restarts: int = 1, eval_draws: int = EVAL_DRAWS, seed: int = 0) -> None:
-        super().__init__(model, norm=norm, eps=eps, restarts=restarts, eval_draws=eval_draws, seed=seed)
-        _positive(steps=steps, eot=eot, n_classes=n_classes)
-        if loss not in ("ce", "dlr"):
-            raise AttackInputError(f"APGD loss must be ce or dlr, got {loss!r}")
-        self.steps, self.loss, self.targeted, self.rho = int(steps), loss, bool(targeted), float(rho)
-        self.eot, self.n_classes = int(eot), int(n_classes)
-        self.eot_used = 1 if self.deterministic else self.eot
-        self.name = "APGD-T" if self.targeted else f"APGD-{loss.upper()}"
-
-    def params(self) -> dict[str, Any]:
-        p = {**super().params(), "steps": self.steps, "loss": "dlr-targeted" if self.targeted else self.loss,
-             "eot": self.eot, "eot_used": self.eot_used, "rho": self.rho}
-        if self.targeted:
-            p["n_classes"] = self.n_classes
-        return p
-
-    def _build(self) -> torchattacks.Attack:
-        common = dict(norm=_TA_NORM[self.norm], eps=self.eps, steps=self.steps, n_restarts=1, seed=self.seed,
-                      eot_iter=self.eot_used, rho=self.rho)
-        if self.targeted:
-            return torchattacks.APGDT(self.model, n_classes=self.n_classes, **common)
-        return torchattacks.APGD(self.model, loss=self.loss, **common)
-
-    def _run(self, atk: torchattacks.Attack, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One APGD run on every example. torchattacks' ``perturb`` hands back the *clean* image for each
-        example its own single noisy check did not flip; on a randomized model that throws away the attack's
-        work exactly where the model looks robust. Here the candidate is the adversarial APGD found where it
-        flipped the prediction at least once, and its maximum-loss iterate everywhere else, so the fresh-noise
-        verdict judges a real attack point for every example. (APGD-T keeps torchattacks' own loop over
-        target classes: it runs on deterministic models only, where the single check is exact.)"""
-        if self.targeted:
-            return atk(x, y)
-        with torch.enable_grad():
-            best, acc, _, best_adv = atk.attack_single_run(x.clone().detach(), y.clone().detach())
-        flipped = (acc == 0).view(-1, *([1] * (x.dim() - 1)))
-        return torch.where(flipped, best_adv, best).detach()
-
-
-class FAB(_TorchAttack):
-    """FAB-T (Croce & Hein 2020), multi-targeted, via torchattacks (for deterministic models)."""
-
-    name = "FAB-T"
-
-    def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float, steps: int = 100, n_classes: int = 10,
-                 restarts: int = 1, eval_draws: int = EVAL_DRAWS, seed: int = 0) -> None:
-        super().__init__(model, norm=norm, eps=eps, restarts=restarts, eval_draws=eval_draws, seed=seed)
-        _positive(steps=steps, n_classes=n_classes)
-        self.steps, self.n_classes = int(steps), int(n_classes)
-
-    def params(self) -> dict[str, Any]:
-        return {**super().params(), "steps": self.steps, "n_classes": self.n_classes, "multi_targeted": True}
-
-    def _build(self) -> torchattacks.Attack:
-        return torchattacks.FAB(self.model, norm=_TA_NORM[self.norm], eps=self.eps, steps=self.steps, n_restarts=1,
-                                seed=self.seed, multi_targeted=True, n_classes=self.n_classes)
-
-
-class Square(_TorchAttack):
-    """Square Attack (Andriushchenko et al. 2020), score-based, via torchattacks."""
-
-    name = "Square"
-
-    def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float, n_queries: int = 5000,
-                 p_init: float = 0.8, restarts: int = 1, eval_draws: int = EVAL_DRAWS, seed: int = 0) -> None:
-        super().__init__(model, norm=norm, eps=eps, restarts=restarts, eval_draws=eval_draws, seed=seed)
-        _positive(n_queries=n_queries)
-        self.n_queries, self.p_init = int(n_queries), float(p_init)
-
-    def params(self) -> dict[str, Any]:
-        return {**super().params(), "n_queries": self.n_queries, "p_init": self.p_init, "loss": "margin"}
-
-    def _build(self) -> torchattacks.Attack:
-        return torchattacks.Square(self.model, norm=_TA_NORM[self.norm], eps=self.eps, n_queries=self.n_queries,
-                                   n_restarts=1, p_init=self.p_init, loss="margin", seed=self.seed)
-
-
-class WorstOf(WhiteBoxAttack):
-    """Per-sample worst case over several attacks (AutoAttack's ensemble rule), judged by the shared
-    fresh-noise verdict rather than by each attack's own noisy success check."""
-
-    def __init__(self, attacks: Sequence[WhiteBoxAttack]) -> None:
-        if not attacks:
-            raise AttackInputError("WorstOf needs at least one attack")
-        first = attacks[0]
-        for a in attacks[1:]:
-            if (a.model, a.norm, a.eps, a.eval_draws, a.seed) != (first.model, first.norm, first.eps,
-                                                                  first.eval_draws, first.seed):
-                raise AttackInputError("WorstOf: attacks must share model, norm, ε, eval draws and seed")
-        super().__init__(first.model, norm=first.norm, eps=first.eps, restarts=1, eval_draws=first.eval_draws,
-                         seed=first.seed)
-        self.attacks = list(attacks)
-        self.name = "+".join(a.name for a in attacks)
-
-    def params(self) -> dict[str, Any]:
-        p = super().params()
-        subs = [a.params() for a in self.attacks]
-        for name in ("restarts", "steps", "eot", "eot_used"):  # the largest over the parts, for the row
-            p[name] = max((s[name] for s in subs if name in s), default=1)
-        p["attacks"] = [{"attack": a.name, **s} for a, s in zip(self.attacks, subs)]
-        return p
-
-    def __repr__(self) -> str:
-        return f"WorstOf({', '.join(map(repr, self.attacks))})"
-
-    def candidates(self, x: torch.Tensor, y: torch.Tensor, stream: int = 0,
-                   standing: Callable[[], torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
-        for a in self.attacks:
-            yield from a.candidates(x, y, stream, standing)
-
-    def reset_traces(self) -> None:
-        for a in self.attacks:
-            a.reset_traces()
-
-    def collect_traces(self) -> dict[str, list[float]]:
-        return {k: v for a in self.attacks for k, v in a.collect_traces().items()}
 
 
 class Transfer(WhiteBoxAttack):
@@ -531,7 +406,7 @@ class Transfer(WhiteBoxAttack):
 AttackFactory = Callable[[nn.Module, str, float], WhiteBoxAttack]
 
 
-def _positive(**values: int) -> None:
+def positive_ints(**values: int) -> None:
     for name, v in values.items():
         if int(v) != v or v < 1:
             raise AttackInputError(f"{name.replace('_', ' ')} must be a positive integer, got {v}")
@@ -553,8 +428,8 @@ def pgd_factory(*, steps: int = 10, step_size: float | None = None, restarts: in
     as is for every ε (otherwise ``2.5 * eps / steps``). ``eot="auto"`` draws 20 gradient samples per step on
     a randomized model and 1 on a deterministic one. Validates the budget immediately."""
     if eot != "auto":
-        _positive(eot=eot)
-    _positive(steps=steps, restarts=restarts, eval_draws=eval_draws)
+        positive_ints(eot=eot)
+    positive_ints(steps=steps, restarts=restarts, eval_draws=eval_draws)
     if step_size is not None and not step_size > 0:
         raise AttackInputError(f"step size must be positive, got {step_size}")
 
@@ -574,47 +449,5 @@ def transfer_factory(source_model: nn.Module, source_label: str, source_id: str 
     def make(model: nn.Module, norm: str, eps: float) -> WhiteBoxAttack:
         return Transfer(model, source(source_model, norm, eps), source_label=source_label, source_id=source_id,
                         eval_draws=eval_draws, seed=seed)
-
-    return make
-
-
-def autoattack_factory(*, attacks: Sequence[str] | None = None, version: str = "auto", steps: int = 100,
-                       eot: int | None = None, restarts: int = 1, eval_draws: int = EVAL_DRAWS, seed: int = 0,
-                       n_queries: int = 5000, n_classes: int = 10) -> AttackFactory:
-    """AutoAttack-style ensembles from torchattacks components, worst case per example.
-
-    ``version``: ``rand`` (APGD-CE + APGD-DLR with EOT, for randomized defenses), ``standard`` (APGD-CE,
-    APGD-T, FAB-T, Square) or ``auto`` (``rand`` for randomized models, ``standard`` for deterministic
-    ones). ``attacks`` (names from :data:`ATTACK_NAMES` minus ``pgd``) overrides the version's list.
-    ``eot`` defaults to 20 (AutoAttack's rand version) and is 1 for deterministic models.
-    """
-    if version not in ("auto", *AA_VERSIONS):
-        raise AttackInputError(f"unknown AutoAttack version {version!r}; choose auto, rand or standard")
-    names = list(attacks) if attacks else None
-    bad = [a for a in names or [] if a not in ATTACK_NAMES or a == "pgd"]
-    if bad:
-        raise AttackInputError(f"unknown attack {bad[0]!r}; choose from {', '.join(ATTACK_NAMES[1:])}")
-    _positive(steps=steps, restarts=restarts, eval_draws=eval_draws, n_queries=n_queries, n_classes=n_classes)
-    if eot is not None:
-        _positive(eot=eot)
-
-    def make(model: nn.Module, norm: str, eps: float) -> WhiteBoxAttack:
-        det = is_deterministic(model)
-        chosen = names or list(AA_VERSIONS[version if version != "auto" else ("standard" if det else "rand")])
-        common = dict(norm=norm, eps=eps, restarts=restarts, eval_draws=eval_draws, seed=seed)
-        e = resolve_eot(eot, model)
-        built: list[WhiteBoxAttack] = []
-        for name in chosen:
-            if name == "apgd-ce":
-                built.append(APGD(model, steps=steps, loss="ce", eot=e, **common))
-            elif name == "apgd-dlr":
-                built.append(APGD(model, steps=steps, loss="dlr", eot=e, **common))
-            elif name == "apgd-t":
-                built.append(APGD(model, steps=steps, targeted=True, eot=e, n_classes=n_classes, **common))
-            elif name == "fab-t":
-                built.append(FAB(model, steps=steps, n_classes=n_classes, **common))
-            else:
-                built.append(Square(model, n_queries=n_queries, **common))
-        return built[0] if len(built) == 1 else WorstOf(built)
 
     return make

@@ -26,7 +26,8 @@ from .report import write_report
 from attacks.rows import WhiteboxRow
 from attacks.target import Target
 from attacks.verdict import EVAL_DRAWS
-from attacks.white import AttackFactory, autoattack_factory, pgd_factory
+from attacks.autoattack import autoattack_factory
+from attacks.white import AttackFactory, pgd_factory
 from infra.provenance import tensors_sha256
 
 

@@ -25,7 +25,8 @@ from attacks.distal import DistalConfig, run_distal
 from attacks.rows import BlackboxRow, CalibrationRow, CertificateRow, DistalRow, WhiteboxRow
 from attacks.smoothing import SmoothedClassifier, certify_summary, empirical_l2
 from attacks.verdict import EVAL_DRAWS
-from attacks.white import autoattack_factory, pgd_factory, transfer_factory
+from attacks.autoattack import autoattack_factory
+from attacks.white import pgd_factory, transfer_factory
 from infra.io import atomic_write, check_out_dir
 from infra.precision import resolve_bf16
 from infra.randomness import derive_seed, generator

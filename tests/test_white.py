@@ -14,7 +14,8 @@ from attacks.target import Target
 from attacks.plots import plot_rows
 from infra.interrupt import Interrupted
 from infra.records import Parts, read_rows
-from attacks.white import APGD, PGD, WorstOf, autoattack_factory, delta_norm, pgd_factory
+from attacks.autoattack import APGD, WorstOf, autoattack_factory
+from attacks.white import PGD, delta_norm, pgd_factory
 from robust_jem import EnergyModel, RefinedClassifier, load_dataset
 from robust_jem.model import to_internal
 from robust_jem.sgld import sgld
