@@ -255,7 +255,7 @@ def empirical_l2(smoothed: SmoothedClassifier, x: torch.Tensor, y: torch.Tensor,
         import torchattacks
     except ImportError:
         raise AttackInputError("the empirical check needs torchattacks (pip install --no-deps torchattacks==3.5.1); "
-                               "or skip it with --attack-steps 0") from None
+                               "or skip it (0 attack steps)") from None
 
     check_images(x)
     out = []

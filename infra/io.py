@@ -27,15 +27,15 @@ def check_out_dir(out: str | os.PathLike) -> None:
     probe = out
     while not probe.exists():
         if probe.is_symlink():
-            raise InputError(f"--out {out} cannot be created (dangling link {probe})")
+            raise InputError(f"output folder {out} cannot be created (dangling link {probe})")
         if probe.parent == probe:
             break
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        raise InputError(f"--out {out} cannot be created ({probe} is not a folder)")
+        raise InputError(f"output folder {out} cannot be created ({probe} is not a folder)")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out} is not writable" if probe == out else
-                         f"--out {out} cannot be created ({probe} is not writable)")
+        raise InputError(f"output folder {out} is not writable" if probe == out else
+                         f"output folder {out} cannot be created ({probe} is not writable)")
 
 
 def _umask() -> int:

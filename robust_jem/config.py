@@ -122,11 +122,11 @@ class TrainConfig:
         if self.sgld.buffer_size <= 0:
             raise UserError(f"buffer size must be positive, got {self.sgld.buffer_size}")
         if self.objective == "pgd-at" and not (self.pgd_eps > 0 and self.pgd_steps > 0 and self.pgd_step_size > 0):
-            raise UserError("pgd-at needs positive --pgd-eps, --pgd-steps and --pgd-step-size")
+            raise UserError("pgd-at needs a positive PGD ε, number of steps and step size")
         if self.objective == "gaussian-aug" and not self.sigma > 0:
-            raise UserError(f"--sigma must be positive, got {self.sigma}")
+            raise UserError(f"the Gaussian augmentation sigma must be positive, got {self.sigma}")
         if self.save_every_s <= 0:
-            raise UserError(f"--save-every must be positive, got {self.save_every_s}")
+            raise UserError(f"the seconds between saves must be positive, got {self.save_every_s}")
         return self
 
 

@@ -134,7 +134,7 @@ def launch(device: torch.device) -> Iterator[tuple[DistContext, torch.device]]:
         return
     if device.type == "cuda":
         if device.index is not None and device.index != ctx.local_rank:
-            raise UserError(f"under torchrun each rank uses cuda:LOCAL_RANK; pass --device cuda or auto, "
+            raise UserError(f"under torchrun each rank uses cuda:LOCAL_RANK; ask for the device cuda or auto, "
                             f"not {device}")
         if ctx.local_rank >= torch.cuda.device_count():
             raise UserError(f"LOCAL_RANK {ctx.local_rank} but only {torch.cuda.device_count()} CUDA devices")

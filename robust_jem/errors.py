@@ -9,3 +9,7 @@ class UserError(InputError):
 
 class TrainingDiverged(RuntimeError):
     """JEM training diverged more often than ``max_retries`` allows."""
+
+
+class AnotherRun(UserError):
+    """A run folder already holds a run of another configuration (never started over silently)."""

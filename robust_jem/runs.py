@@ -12,7 +12,7 @@ from infra.records import append_row
 
 from .checkpoint import read_checkpoint
 from .config import TrainConfig
-from .errors import UserError
+from .errors import AnotherRun
 
 
 def append_metrics(path: Path, row: dict[str, Any]) -> None:
@@ -58,8 +58,7 @@ def existing_run(cfg: TrainConfig, out: Path) -> str | None:
             stored = read_checkpoint(path)["config"]
             diff = _config_differences(stored, cfg)
             if diff:
-                raise UserError(f"{out} holds a run with another config ({'; '.join(diff[:3])}"
-                                f"{' ...' if len(diff) > 3 else ''}); continue it with --resume {out}, or choose "
-                                f"another --out")
+                raise AnotherRun(f"{out} holds a run with another config ({'; '.join(diff[:3])}"
+                                 f"{' ...' if len(diff) > 3 else ''})")
             return verdict
     return None

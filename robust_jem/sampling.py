@@ -93,9 +93,9 @@ def run_sampling(checkpoint: str | os.PathLike, out: str | os.PathLike, *, class
     Returns: the summary written to ``samples.json``.
     """
     if init not in INITS:
-        raise UserError(f"unknown --init {init!r}; choose from {', '.join(INITS)}")
+        raise UserError(f"unknown chain start {init!r}; choose from {', '.join(INITS)}")
     if n < 1 or steps < 0 or n_data < 1:
-        raise UserError("--n and --n-data must be positive and --steps non-negative")
+        raise UserError("the numbers of chains and of data images must be positive and the SGLD steps non-negative")
     check_out_dir(Path(out))  # a bad --out is one line, before any chain runs
     device = torch.device(device)
     ckpt = read_checkpoint(checkpoint)
@@ -107,20 +107,21 @@ def run_sampling(checkpoint: str | os.PathLike, out: str | os.PathLike, *, class
     classes = list(range(k)) if classes is None else list(classes)
     bad = [c for c in classes if not 0 <= c < k]
     if bad or not classes:
-        raise UserError(f"--class must be in 0..{k - 1}, got {','.join(map(str, bad)) or 'nothing'}")
+        raise UserError(f"classes must be in 0..{k - 1}, got {','.join(map(str, bad)) or 'nothing'}")
     step_size = cfg.sgld.step_size if step_size is None else step_size
     noise = cfg.sgld.noise if noise is None else noise
     clamp = bool(getattr(cfg.sgld, "clamp", False)) if clamp is None else clamp
     if step_size < 0 or noise < 0:
-        raise UserError("--step-size and --noise must be non-negative")
+        raise UserError("the SGLD step size and noise must be non-negative")
     buffer = ckpt.get("buffer")
     if init == "buffer" and buffer is None:
-        raise UserError(f"{checkpoint} has no replay buffer (objective {cfg.objective}); use --init uniform")
+        raise UserError(f"{checkpoint} has no replay buffer (objective {cfg.objective}); start the chains from uniform "
+                        f"noise instead")
     data = load_dataset(cfg.dataset, "test", data_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
-        raise UserError(f"--out {out} is not writable")
+        raise UserError(f"output folder {out} is not writable")
 
     g = torch.Generator(device=device).manual_seed(seed)
     g_idx = torch.Generator().manual_seed(seed)  # picks buffer entries (CPU, where the buffer lives)

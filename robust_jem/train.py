@@ -426,7 +426,6 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike, *, device: torch.devi
         init = trainer.informative_init()
         if init is not None:  # the fitted init, stored with the run
             atomic_write(out / "init.pt", lambda f: torch.save(init.state_dict(), f))
-    resume_hint = f"continue with: robust-jem train --resume {out}"
     try:
         if dist.enabled:  # every rank would have to stop at the same step: the periodic last.pt is what is kept
             with sigterm_as_interrupt():
@@ -436,14 +435,14 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike, *, device: torch.devi
                 stopped = trainer.run(stop_at=stop_at, progress=progress, stop=stop)
     except KeyboardInterrupt:  # a second Ctrl-C, or a signal under torchrun: state mid-step, not saved
         last = out / "last.pt"
-        kept = (f"{last} from step {read_checkpoint(last)['step']} of {cfg.iters} (the steps since then are lost); "
-                f"{resume_hint}") if last.exists() else "nothing: no last.pt had been written yet"
+        kept = (f"{last} from step {read_checkpoint(last)['step']} of {cfg.iters} (the steps since then are lost; "
+                f"the run resumes from it)") if last.exists() else "nothing: no last.pt had been written yet"
         raise Interrupted(kept) from None
     finally:
         trainer.loader.close()
     if stopped:
         trainer.save("last.pt")
-        kept = f"{out / 'last.pt'} at step {trainer.step} of {cfg.iters}; {resume_hint}"
+        kept = f"{out / 'last.pt'} at step {trainer.step} of {cfg.iters} (the run resumes from it)"
         log.warning("stopped: %s", kept)
         raise Interrupted(kept)
     if trainer.step < cfg.iters:

@@ -228,17 +228,20 @@ def train(objective: str, dataset: str, preset: str, out: str | None, resume_dir
     """
     from robust_jem.config import preset_config
     from robust_jem.distributed import launch
+    from robust_jem.errors import AnotherRun
     from robust_jem.train import train as run_train
 
     dev = resolve_device(device)
     cfg = None if resume_dir else preset_config(preset, objective, dataset, compile=compile_, **overrides)
-    with launch(dev) as (dist, dev):
-        if cfg is None:
-            path = run_train(None, resume_dir, device=dev, resume=True, data_dir=data_dir,  # type: ignore[arg-type]
+    out_dir = Path(resume_dir or out or f"runs/{preset}-{objective}")
+    try:
+        with launch(dev) as (dist, dev):
+            path = run_train(cfg, out_dir, device=dev, resume=cfg is None, data_dir=data_dir,
                              progress=not no_progress, dist=dist)
-        else:
-            out_dir = Path(out or f"runs/{preset}-{objective}")
-            path = run_train(cfg, out_dir, device=dev, data_dir=data_dir, progress=not no_progress, dist=dist)
+    except Interrupted as stop:  # the library says what it kept; the command line says how to go on
+        raise Interrupted(f"{stop.kept}; continue with: robust-jem train --resume {out_dir}") from None
+    except AnotherRun as exc:
+        raise UserError(f"{exc}: resume it with robust-jem train --resume {out_dir}, or pass another --out") from None
     if dist.is_main:
         click.echo(str(path))
 
