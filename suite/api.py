@@ -18,17 +18,19 @@ from typing import Sequence
 
 import torch
 from torch import nn
-
 from tqdm.auto import tqdm
 
+from attacks.autoattack import autoattack_factory
 from attacks.benchmark import Examples, gradient_evaluations, run_sweep
-from .report import write_report
 from attacks.rows import WhiteboxRow
 from attacks.target import Target
 from attacks.verdict import EVAL_DRAWS
-from attacks.autoattack import autoattack_factory
 from attacks.white import AttackFactory, pgd_factory
 from infra.provenance import tensors_sha256
+from robust_jem.errors import UserError
+
+from .jobs import check_budgets
+from .report import write_report
 
 
 class Declared(nn.Module):
@@ -83,6 +85,13 @@ def benchmark(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict[s
     Returns:
         One :class:`~attacks.rows.WhiteboxRow` per (attack, norm, ε), with per-example outcomes.
     """
+    if x.dim() != 4 or y.shape != x.shape[:1]:
+        raise UserError(f"x must be images (N, C, H, W) with one label each in y, got {tuple(x.shape)} and "
+                        f"{tuple(y.shape)}")
+    for norm, budgets in eps.items():  # the command line's checks, before any work
+        if norm not in ("linf", "l2"):
+            raise UserError(f"unknown norm {norm!r}; choose linf or l2")
+        check_budgets([norm], list(budgets), tuple(x.shape[1:]), "these")
     wrapped = model if deterministic is None else Declared(model, deterministic)
     target = Target(label, wrapped, {"objective": "external", "module": type(model).__name__})
     folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="robust-jem-"))

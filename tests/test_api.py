@@ -53,3 +53,21 @@ def test_two_models_in_one_folder_keep_their_own_rows(tmp_path, fashion_availabl
         assert rows[0].clean_acc == clean(model, x, y)
     rows = benchmark(a, x[:16], y[:16], **common)
     assert rows[0].n == 16 and rows[0].clean_acc == clean(a, x[:16], y[:16])
+
+
+def test_the_api_checks_budgets_like_the_command_line(tmp_path, fashion_available):
+    """Unit mistakes are refused before any work, as the CLI refuses them: one InputError, nothing written."""
+    import pytest
+    import torch
+
+    from infra.errors import InputError
+    from robust_jem import load_dataset
+    from suite import benchmark
+
+    x, y = load_dataset("fashion-mnist", "test").batch(slice(0, 4))
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    for eps, needle in (({"linf": [8]}, "exceeds 1"), ({"l2": [40.0]}, "largest L2 distance"),
+                        ({"l7": [0.1]}, "unknown norm")):
+        with pytest.raises(InputError, match=needle):
+            benchmark(net, x, y, eps=eps, deterministic=True, out=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
