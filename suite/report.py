@@ -18,28 +18,15 @@ from infra.provenance import environment, file_sha256, now
 from infra.records import ROWS, export_csv, read_rows
 
 from attacks.checks import CheckResult, all_flags, mcnemar_p, run_checks, worst_case
-from attacks.common import format_eps, wilson
-from attacks.plots import NORM_TITLES, collect_curves, plot_headline, plot_rows
+from attacks.common import format_eps
+from attacks.plots import NORM_TITLES, plot_headline, plot_rows
 from attacks.rows import BlackboxRow, Row, WhiteboxRow, of_kind, parse_row
 
 from .convergence import convergence_table, plot_convergence
+from .tables import (ci_text, clean_table, common_table, display_names, headline_table, kv_table, pct,
+                     per_attack_table, protocol_table, subject_order)
 
 log = logging.getLogger(__name__)
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None or x != x else f"{100 * x:.1f} %"
-
-
-def _ci(acc: float, lo: float, hi: float) -> str:
-    return f"{_pct(acc)} [{100 * lo:.0f}, {100 * hi:.0f}]"
-
-
-def _subject_order(label: str) -> tuple:
-    order = {"CE": 0, "PGD-AT": 1, "GAUSSIAN-AUG": 2}
-    if label.startswith("JEM-"):
-        return (3, int(label.split("-")[1]) if label.split("-")[1].isdigit() else 99)
-    return (order.get(label.upper(), 2), 0)
 
 
 def load_side_files(run_dir: Path, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -54,122 +41,6 @@ def load_side_files(run_dir: Path, rows: list[dict[str, Any]]) -> dict[str, dict
             else:
                 log.warning("missing side file %s", path)
     return side
-
-
-def display_names(head: list[dict[str, Any]]) -> dict[str, str]:
-    """subject -> the name shown: its label, plus its defense id where two defenses share a label."""
-    by_label: dict[str, set] = defaultdict(set)
-    for h in head:
-        by_label[h["model"]].add(h["subject"])
-    return {h["subject"]: h["model"] if len(by_label[h["model"]]) == 1 else f"{h['model']} [{h['subject']}]"
-            for h in head}
-
-
-def headline_table(head: list[dict[str, Any]], norm: str) -> tuple[str, dict[tuple[str, float], dict]]:
-    """Rows = defenses, columns = ε: per-example worst case over every attack, with 95 % CIs."""
-    names = display_names(head)
-    cells = {(names[h["subject"]], h["eps"]): h for h in head if h["norm"] == norm}
-    eps = sorted({e for _, e in cells})
-    models = sorted({m for m, _ in cells}, key=_subject_order)
-    lines = ["| model | " + " | ".join(f"ε = {format_eps(e)}" for e in eps) + " |",
-             "|---|" + "---|" * len(eps)]
-    for m in models:
-        vals = []
-        for e in eps:
-            h = cells.get((m, e))
-            vals.append("" if h is None else f"{_ci(h['robust_acc'], h['ci_low'], h['ci_high'])} (n={h['n']}, "
-                                             f"{h['attacks']} attacks)")
-        lines.append(f"| {m} | " + " | ".join(vals) + " |")
-    return "\n".join(lines), cells
-
-
-def common_table(head: list[dict[str, Any]], norm: str) -> tuple[str, int]:
-    """One fixed example subset for the whole table: the examples every cell of this norm covers. Two
-    numbers per cell: correct in all fresh-noise draws (the headline rule) and the accuracy of one fresh
-    draw. Returns the table and the subset's size."""
-    names = display_names(head)
-    cells = [h for h in head if h["norm"] == norm and h["n"]]
-    if not cells:
-        return "", 0
-    common = set.intersection(*(set(h["example_indices"]) for h in cells))
-    eps = sorted({h["eps"] for h in cells})
-    models = sorted({names[h["subject"]] for h in cells}, key=_subject_order)
-    by = {(names[h["subject"]], h["eps"]): h for h in cells}
-    lines = ["| model | " + " | ".join(f"ε = {format_eps(e)}" for e in eps) + " |", "|---|" + "---|" * len(eps)]
-    n = len(common)
-    for m in models:
-        vals = []
-        for e in eps:
-            h = by.get((m, e))
-            if h is None or not n:
-                vals.append("")
-                continue
-            keep = [i for i, idx in enumerate(h["example_indices"]) if idx in common]
-            k = sum(h["correct"][i] for i in keep)
-            one = sum(h["frac"][i] for i in keep) / n
-            lo, hi = wilson(k, n)
-            vals.append(f"{_ci(k / n, lo, hi)} · one draw {_pct(one)}")
-        lines.append(f"| {m} | " + " | ".join(vals) + " |")
-    return "\n".join(lines), n
-
-
-def protocol_table(head: list[dict[str, Any]], rows: list[Row]) -> str:
-    """What each defense's headline rests on: per model and norm, the attacks whose rows covered its cells
-    (family, steps x restarts, EOT, gradient mode), so budgets can be compared at a glance."""
-    by_key = {r.key: r for r in rows}
-    names = display_names(head)
-    seen: dict[tuple[str, str], set[str]] = defaultdict(set)
-    for h in head:
-        for k in h["rows"]:
-            r = by_key.get(k)
-            if isinstance(r, WhiteboxRow):
-                mode = f", {r.grad_mode}" if r.sgld_steps and r.attack_family != "transfer" else ""
-                seen[(names[h["subject"]], h["norm"])].add(
-                    f"{r.attack} {r.steps}×{r.restarts} EOT {r.eot_used}{mode}")
-            elif isinstance(r, BlackboxRow):
-                seen[(names[h["subject"]], h["norm"])].add(f"{r.attack} {r.attack_params.get('steps')} steps")
-    lines = ["| model | norm | attacks in the headline (steps × restarts, EOT draws, gradient) |", "|---|---|---|"]
-    for (m, norm), attacks in sorted(seen.items(), key=lambda kv: (_subject_order(kv[0][0]), kv[0][1])):
-        lines.append(f"| {m} | {NORM_TITLES.get(norm, norm)} | {'; '.join(sorted(attacks))} |")
-    return "\n".join(lines)
-
-
-def per_attack_table(rows: list[dict[str, Any]], norm: str) -> str:
-    """Rows = (model, grad mode, attack) curves, columns = ε."""
-    curves = collect_curves([r for r in rows if r.get("kind") == "whitebox"]).get(norm, {})
-    eps = sorted({p["eps"] for c in curves.values() for p in c["points"]})
-    lines = ["| curve | n | " + " | ".join(f"ε = {format_eps(e)}" for e in eps) + " |",
-             "|---|---|" + "---|" * len(eps)]
-    for c in sorted(curves.values(), key=lambda c: (_subject_order(c["rows"][0]["model"]), c["label"])):
-        pts = {p["eps"]: p for p in c["points"]}
-        ns = sorted({r["n"] for r in c["rows"]})
-        vals = [(_ci(pts[e]["acc"], pts[e]["ci_low"], pts[e]["ci_high"]) if e in pts else "") for e in eps]
-        lines.append(f"| {c['label']} | {','.join(map(str, ns))} | " + " | ".join(vals) + " |")
-    return "\n".join(lines)
-
-
-def clean_table(rows: list[Row], checkpoints: dict[str, dict[str, Any]]) -> str:
-    """Clean accuracy: whole test set from the checkpoint, and on the attacked examples: from the ε = 0 PGD rows, or
-    where there are none from every white-box row (each scores its clean inputs). Empty when nothing to show."""
-    lines = ["| model | grad mode | clean acc on attacked examples [95 % CI] | n |", "|---|---|---|---|"]
-    seen = set()
-    white = of_kind(rows, WhiteboxRow)
-    white = [r for r in white if r.eps == 0 and r.attack_family == "pgd"] or white
-    for r in sorted(white, key=lambda r: (_subject_order(r.model), r.grad_mode, r.eps > 0, r.norm)):
-        k = (r.model, r.grad_mode if r.sgld_steps else "", r.n)
-        if k in seen:
-            continue
-        seen.add(k)
-        lines.append(f"| {r.model} | {k[1] or '–'} | {_ci(r.clean_acc, r.clean_ci_low, r.clean_ci_high)} | {r.n} |")
-    out = "\n".join(lines) if len(lines) > 2 else ""
-    if checkpoints:
-        out += ("\n\n" if out else "") + "| checkpoint | objective | test accuracy (whole test set) | sha256 |\n|---|---|---|---|\n"
-        def acc(c: dict[str, Any]) -> str:
-            return _pct(c.get("test_acc")) + (f" ({c['note']})" if c.get("note") else "")
-
-        out += "\n".join(f"| `{c['path']}` | {obj} | {acc(c)} | `{c.get('sha256', '')[:16]}` |"
-                         for obj, c in checkpoints.items())
-    return out
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, str]:
@@ -221,8 +92,8 @@ def verdicts(head_cells: dict[str, dict[tuple[str, float], dict]], mids: dict[st
                       key=lambda m: (at[m].get("sgld_steps", 0), m))
         jem0 = next((m for m in jems if at[m].get("sgld_steps") == 0), None)
         base = next((m for m in at if at[m].get("objective") == "pgd-at"), None)
-        parts = [f"{m} keeps {_ci(at[m]['robust_acc'], at[m]['ci_low'], at[m]['ci_high'])}" for m in
-                 sorted(at, key=_subject_order)]
+        parts = [f"{m} keeps {ci_text(at[m]['robust_acc'], at[m]['ci_low'], at[m]['ci_high'])}" for m in
+                 sorted(at, key=subject_order)]
         out.append(f"**{NORM_TITLES.get(norm, norm)} ε = {format_eps(mid)}** (per-example worst case over every "
                    "attack run against each model): " + "; ".join(parts) + ".")
         if jems and base is not None:
@@ -238,7 +109,7 @@ def verdicts(head_cells: dict[str, dict[tuple[str, float], dict]], mids: dict[st
                        f"({why}).")
         ce = next((m for m in at if at[m].get("objective") == "ce"), None)
         if ce is not None:
-            out.append(f"- The undefended classifier keeps {_pct(at[ce]['robust_acc'])}.")
+            out.append(f"- The undefended classifier keeps {pct(at[ce]['robust_acc'])}.")
     bb = next((c for c in checks if c.check == "blackbox_beats_whitebox"), None)
     black = of_kind(rows, BlackboxRow)
     if black and bb is not None:
@@ -249,8 +120,8 @@ def verdicts(head_cells: dict[str, dict[tuple[str, float], dict]], mids: dict[st
     distal = [r for r in dict_rows if r.get("kind") == "distal"]
     if distal:
         parts = [f"{r.get('model')}{' ' + r['grad_mode'] if r.get('sgld_steps') else ''}: "
-                 f"{_pct(r.get('frac_above_threshold'))} of results above {r.get('threshold', 0.9)} confidence"
-                 for r in sorted(distal, key=lambda r: _subject_order(str(r.get("model"))))
+                 f"{pct(r.get('frac_above_threshold'))} of results above {r.get('threshold', 0.9)} confidence"
+                 for r in sorted(distal, key=lambda r: subject_order(str(r.get("model"))))
                  if r.get("start") in (None, "uniform")]
         if parts:
             out.append("- Distal adversarials from uniform noise: " + "; ".join(parts) + ".")
@@ -272,7 +143,7 @@ def read_health(run_dir: Path) -> dict[str, Any] | None:
 def health_sentence(h: dict[str, Any]) -> str:
     """What kind of JEM was tested, in its health numbers (judged by another classifier)."""
     return (f"- The JEM behind JEM-0/1/10 as an energy model (judged by `{h.get('judge')}`, a classifier trained "
-            f"without it): {_pct(h.get('buffer_confident'))} of {h.get('n_buffer')} replay-buffer samples are "
+            f"without it): {pct(h.get('buffer_confident'))} of {h.get('n_buffer')} replay-buffer samples are "
             f"labelled with ≥ {h.get('threshold', 0.9)} confidence{_real_level(h)}; Fréchet distance to real test images in the "
             f"judge's logits {h['fd_buffer_real']:.1f} (uniform noise {h['fd_uniform_real']:.1f}, real vs real "
             f"{h['fd_real_real']:.2f}); mean energy {h['energy_data']:.2f} on data vs {h['energy_buffer']:.2f} on the "
@@ -280,35 +151,20 @@ def health_sentence(h: dict[str, Any]) -> str:
 
 
 def _real_level(h: dict[str, Any]) -> str:
-    return "" if h.get("real_confident") is None else f" (real test images: {_pct(h['real_confident'])})"
+    return "" if h.get("real_confident") is None else f" (real test images: {pct(h['real_confident'])})"
 
 
 def health_table(h: dict[str, Any]) -> str:
-    cols = [("buffer ≥ 0.9 confident", _pct(h.get("buffer_confident"))),
-            ("real images ≥ 0.9 confident", _pct(h.get("real_confident"))),
-            ("judge agrees with JEM (buffer)", _pct(h.get("buffer_agrees_with_jem"))),
-            ("conditional chains: judge hits the class", _pct(h.get("conditional_hits_target"))),
+    cols = [("buffer ≥ 0.9 confident", pct(h.get("buffer_confident"))),
+            ("real images ≥ 0.9 confident", pct(h.get("real_confident"))),
+            ("judge agrees with JEM (buffer)", pct(h.get("buffer_agrees_with_jem"))),
+            ("conditional chains: judge hits the class", pct(h.get("conditional_hits_target"))),
             ("FD buffer / real", f"{h['fd_buffer_real']:.1f}"),
             ("FD conditional / real", f"{h['fd_conditional_real']:.1f}"),
             ("FD init / real", "–" if h.get("fd_init_real") is None else f"{h['fd_init_real']:.1f}"),
             ("FD uniform / real", f"{h['fd_uniform_real']:.1f}"), ("FD real / real", f"{h['fd_real_real']:.2f}"),
             ("energy data / buffer", f"{h['energy_data']:.2f} / {h['energy_buffer']:.2f}")]
-    return _kv_table([dict(cols)], [(c, c) for c, _ in cols])
-
-
-def _kv_table(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> str:
-    lines = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        vals = []
-        for _, k in cols:
-            v = r.get(k)
-            if isinstance(v, float):
-                v = f"{v:.4g}"
-            elif isinstance(v, dict):
-                v = ", ".join(f"{a}={b:.3g}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items())
-            vals.append("" if v is None else str(v))
-        lines.append("| " + " | ".join(vals) + " |")
-    return "\n".join(lines)
+    return kv_table([dict(cols)], [(c, c) for c, _ in cols])
 
 
 def _job_text(job: Any) -> str:
@@ -442,8 +298,8 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
         if mine and c.get("test_acc") is not None:
             clean = sum(r.clean_acc * r.n for r in mine) / sum(r.n for r in mine)
             if clean < c["test_acc"] - 0.15:
-                md += [f"> **Warning:** {mine[0].model} is {_pct(clean)} correct on the attacked clean images but its "
-                       f"checkpoint recorded {_pct(c['test_acc'])} test accuracy: are these the data it was trained "
+                md += [f"> **Warning:** {mine[0].model} is {pct(clean)} correct on the attacked clean images but its "
+                       f"checkpoint recorded {pct(c['test_acc'])} test accuracy: are these the data it was trained "
                        f"on? (data files: {', '.join(mine[0].data_sha256) or 'unknown'})", ""]
     health = read_health(run_dir)
     md += ["## Verdict", ""] + verdicts(head_cells, mids, checks, typed, rows) + (
@@ -502,7 +358,7 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
                "Minimisation attacks on a fixed-noise view (noise keyed on the example's slot: the view is as "
                "continuous as the model); distances re-scored with fresh chain noise. \"not attacked\": no view "
                "could attack the example (it counts as no information in the headline).", "",
-               _kv_table(sorted(black, key=lambda r: (r["attack"], _subject_order(r["model"]), r["_steps"] or 0)),
+               kv_table(sorted(black, key=lambda r: (r["attack"], subject_order(r["model"]), r["_steps"] or 0)),
                          [("model", "model"), ("attack", "attack"), ("norm", "norm"), ("steps", "_steps"),
                           ("n", "n"), ("adversarials found", "_found"), ("not attacked", "n_not_attacked"),
                           ("median distance", "_median"), ("queries / example", "queries_per_example"),
@@ -520,7 +376,7 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
                    "|---|---|---|---|---|"] + lines + [""]
     distal = [r for r in rows if r.get("kind") == "distal"]
     if distal:
-        md += ["## Distal adversarials", "", _kv_table(distal, [
+        md += ["## Distal adversarials", "", kv_table(distal, [
             ("model", "model"), ("grad mode", "grad_mode"), ("start", "start"), ("n", "n_images"),
             ("confidence at start", "conf_start"), ("confidence at end", "conf_result"),
             ("fraction ≥ threshold", "frac_above_threshold"), ("target hit", "target_hit_result"),
@@ -528,19 +384,19 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
         md += [f"![{p}]({p})" for p in _images(run_dir, "distal*.png")] + [""]
     calib = [r for r in rows if r.get("kind") == "calibration"]
     if calib:
-        md += ["## Calibration", "", _kv_table(calib, [("model", "model"), ("sgld steps", "sgld_steps"), ("n", "n"),
+        md += ["## Calibration", "", kv_table(calib, [("model", "model"), ("sgld steps", "sgld_steps"), ("n", "n"),
                                                         ("accuracy", "accuracy"), ("ECE", "ece"), ("NLL", "nll"),
                                                         ("Brier", "brier")]), ""]
         md += [f"![{p}]({p})" for p in _images(run_dir, "reliability*.png")] + [""]
     ood = [r for r in rows if r.get("kind") == "ood"]
     if ood:
-        md += ["## Out-of-distribution detection (AUROC)", "", _kv_table(ood, [
+        md += ["## Out-of-distribution detection (AUROC)", "", kv_table(ood, [
             ("model", "model"), ("OOD set", "out_set"), ("score", "score"), ("AUROC", "auroc"),
             ("FPR at 95 % TPR", "fpr_at_tpr")]), ""]
         md += [f"![{p}]({p})" for p in _images(run_dir, "ood*.png")] + [""]
     cert = [r for r in rows if r.get("kind") == "certify"]
     if cert:
-        md += ["## Randomized smoothing (Cohen et al. 2019)", "", _kv_table(cert, [
+        md += ["## Randomized smoothing (Cohen et al. 2019)", "", kv_table(cert, [
             ("model", "model"), ("σ", "smoothing_sigma"), ("L2 radius", "radius"),
             ("certified accuracy", "certified_accuracy"), ("abstain rate", "abstain_rate"),
             ("empirical robust acc (EOT-PGD)", "empirical_robust_accuracy")]), ""]

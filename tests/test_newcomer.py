@@ -258,3 +258,25 @@ def test_the_seeds_command_as_typed(run_cli, tiny_run, tmp_path, monkeypatch, fa
     assert any("JEM-0 is " in ln and " PGD-AT (on the same 4 examples" in ln for ln in lines), res.out
     named = next(ln for ln in lines if ln.startswith("checkpoints: "))
     assert all(str(Path("runs") / "tiny-fashion-mnist" / o / "final.pt") in named for o in ("ce", "pgd-at", "jem"))
+
+
+def test_the_report_is_the_same_whatever_the_hash_seed(run_cli, tiny_run, tmp_path):
+    """Models are listed in one order (CE, PGD-AT, ..., JEM-k by k), not in set order: two processes with different
+    PYTHONHASHSEED write the same report for labels that carry settings (JEM-1[step=0.5])."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    assert run_cli("pgd", "--checkpoint", tiny_run / "final.pt", "--sgld-steps", "0,1,2", "--sgld-step-size", "0.5",
+                   "--eps", "0.1", "--steps", "1", "--n-examples", "3", "--eot", "1", "--out", out,
+                   "--no-progress").code == 0
+
+    def report(seed: str) -> list[str]:
+        subprocess.run([sys.executable, "-m", "robust_jem", "report", str(out)], check=True, capture_output=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed})
+        return [ln for ln in (out / "report.md").read_text().splitlines() if not ln.startswith("Generated")]
+
+    first = report("1")
+    assert any("JEM-2[step=0.5]" in ln for ln in first)
+    assert all(report(seed) == first for seed in ("2", "3"))
