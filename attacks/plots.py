@@ -152,7 +152,7 @@ def plot_rows(rows: Iterable[dict[str, Any]], out_png: str | os.PathLike) -> tup
     if not curves:
         raise ValueError("no plottable rows (need norm and eps/robust_acc, or acc_curve)")
     norms = sorted(curves, key=lambda n: list(NORM_TITLES).index(n) if n in NORM_TITLES else 99)
-    models = sorted({c["model"] for cs in curves.values() for c in cs.values()}, key=_model_order)
+    models = sorted({c["model"] for cs in curves.values() for c in cs.values()}, key=model_order)
     entries = {m: len({(c["attack_label"], tuple(sorted({str(r.get("n")) for r in c["rows"]})))
                        for cs in curves.values() for c in cs.values() if c["model"] == m}) for m in models}
     heights = [max(2.6, 0.155 * entries[m] + 0.6) for m in models]  # room for each row's legend
@@ -218,7 +218,7 @@ def plot_headline(head: list[dict[str, Any]], out_png: str | os.PathLike, names:
         for h in head:
             if h["norm"] == norm and h["n"]:
                 by[names.get(h["subject"], h["model"])].append(h)
-        for i, (name, cells) in enumerate(sorted(by.items(), key=lambda kv: _model_order(kv[0]))):
+        for i, (name, cells) in enumerate(sorted(by.items(), key=lambda kv: model_order(kv[0]))):
             cells = sorted(cells, key=lambda h: h["eps"])
             eps = [h["eps"] for h in cells]
             color = plt.cm.tab10.colors[i % 10]
@@ -246,11 +246,15 @@ def _accuracy_axis(ax: Any, title: str, *, legend_size: int, legend_loc: str, no
     ax.legend(fontsize=legend_size, loc=legend_loc, bbox_to_anchor=(1.02, 1.0), borderaxespad=0, frameon=False)
 
 
-def _model_order(name: str) -> tuple:
-    order = {"CE": 0, "PGD-AT": 1, "Gauss-aug": 2}
-    if name.startswith("JEM-") and name[4:].split("[")[0].isdigit():
-        return (3, int(name[4:].split("[")[0]), name)
-    return (order.get(name.split(" ")[0], 4), 0, name)
+def model_order(name: str) -> tuple:
+    """The order models are listed in (tables, legends): CE, PGD-AT, Gaussian augmentation, JEM-k by k, then any
+    other; ties by name, never by set order. ``name`` is a label, maybe with settings (``JEM-1[step=0.1]``) or a
+    defense id after a space (``JEM-0 [3fa2…]``)."""
+    head = name.split(" ")[0]
+    if head.startswith("JEM-"):
+        k = head[4:].split("[")[0]
+        return (3, int(k) if k.isdigit() else 99, name)
+    return ({"CE": 0, "PGD-AT": 1, "GAUSS-AUG": 2}.get(head.upper(), 4), 0, name)
 
 
 __all__ = ["plot_rows", "plot_headline", "markdown_table", "collect_curves", "curve_label"]

@@ -2,7 +2,8 @@
 
 A signal landing in the middle of an optimiser step or of an attack batch leaves the state half-updated; saving
 that state makes a resumed run differ from an uninterrupted one. :func:`stop_at_safe_points` turns the first
-SIGINT / SIGTERM into a request that the loop honours between two units of work (:meth:`StopRequest.check`);
+SIGINT / SIGTERM into a request that the loop honours between two units of work (a :class:`StopRequest` is true
+once a stop was asked for);
 a second Ctrl-C stops at once (nothing is saved then beyond what is already on disk). Whoever stops raises
 :class:`Interrupted` with an exact account of what was kept, which the CLI prints.
 """

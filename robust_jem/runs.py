@@ -8,16 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from infra.io import atomic_write
-from infra.records import append_row
 
 from .checkpoint import read_checkpoint
 from .config import TrainConfig
 from .errors import AnotherRun
-
-
-def append_metrics(path: Path, row: dict[str, Any]) -> None:
-    """Append one metric row to ``metrics.jsonl`` (one atomic line)."""
-    append_row(path, row)
 
 
 def truncate_metrics(path: Path, step: int) -> None:

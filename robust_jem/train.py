@@ -26,6 +26,7 @@ from infra.interrupt import Interrupted, StopRequest, sigterm_as_interrupt, stop
 from infra.io import atomic_write, check_out_dir
 from infra.precision import resolve_bf16
 from infra.randomness import derive_seed, generator
+from infra.records import append_row
 
 from .checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -35,7 +36,7 @@ from .errors import TrainingDiverged, UserError  # noqa: F401  (TrainingDiverged
 from .images import save_grid
 from .model import EnergyModel, to_internal, to_pixels
 from .objectives import LOSSES, Context, ce_loss
-from .runs import append_metrics, existing_run, truncate_metrics
+from .runs import existing_run, truncate_metrics
 from .sgld import GaussianInit, ReplayBuffer
 
 log = logging.getLogger(__name__)
@@ -342,7 +343,7 @@ class Trainer:
                     continue
                 self.best_acc = max(self.best_acc, row.get("acc", 0.0))
                 if d.is_main:
-                    append_metrics(metrics_path, row)
+                    append_row(metrics_path, row)
                 bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "acc", "e_data", "e_sample") if k in row})
                 if save_due:
                     self.save("last.pt")
@@ -371,7 +372,7 @@ class Trainer:
         self.gen.manual_seed(self.gen_seed(retries))
         if self.dist.is_main:
             truncate_metrics(metrics_path, self.step)
-            append_metrics(metrics_path, {"step": self.step, "event": "rollback", "reason": why, "retry": retries,
+            append_row(metrics_path, {"step": self.step, "event": "rollback", "reason": why, "retry": retries,
                                          "lr_scale": scale})
 
 
@@ -458,7 +459,7 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike, *, device: torch.devi
                 final_metrics["test_energy"] = float(model.energy(x.to(device)).mean())
                 final_metrics["buffer_energy"] = float(model.energy_z(trainer.buffer.buffer[:500]).mean())
             save_grid(to_pixels(trainer.buffer.buffer[:100]), out / "samples.png")
-        append_metrics(out / "metrics.jsonl", {"step": trainer.step, "event": "final", **final_metrics})
+        append_row(out / "metrics.jsonl", {"step": trainer.step, "event": "final", **final_metrics})
     trainer.save("final.pt", metrics=final_metrics)
     if dist.is_main:
         log.info("%s: test accuracy %.4f -> %s", cfg.objective, final_metrics["test_acc"], out / "final.pt")

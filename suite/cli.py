@@ -596,27 +596,21 @@ def robust_table(rows: Sequence[Any]) -> str:
 
 
 def versus_baseline(rows: Sequence[Any]) -> str:
-    """Each JEM-k against the adversarial-training baseline (PGD-AT) at each ε, on the examples both attacked: the
-    per-example worst case over the JEM's gradient modes, and an exact McNemar test. Empty without both."""
+    """Each JEM against the adversarial-training baseline (PGD-AT) at each ε, on the examples both attacked: the
+    per-example worst case over everything run against each (:func:`attacks.checks.worst_case`; here the gradient
+    modes) and an exact McNemar test. Models are found by objective, not label. Empty without both."""
+    from attacks.checks import worst_case
+
     from .report import compare
 
-    def cell(rs: list[Any]) -> dict[str, Any]:
-        correct: dict[int, bool] = {}
-        for r in rs:  # worst case over gradient modes: robust only if robust under each
-            for i, c in zip(r.example_indices, r.correct):
-                correct[i] = correct.get(i, True) and bool(c)
-        return {"model": rs[0].model, "example_indices": list(correct), "correct": list(correct.values())}
-
-    groups: dict[tuple[str, float], list[Any]] = {}
-    for r in rows:
-        if r.eps > 0:
-            groups.setdefault((r.model, r.eps), []).append(r)
-    base = {e: rs for (m, e), rs in groups.items() if m == "PGD-AT"}
+    cells = [h for h in worst_case(list(rows)) if h["eps"] > 0]
+    base = {(h["norm"], h["eps"]): h for h in cells if h["objective"] == "pgd-at"}
     lines = []
-    for (model, e), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        if model.startswith("JEM") and e in base:
-            relation, evidence = compare(cell(rs), cell(base[e]))
-            lines.append(f"  ε={format_eps(e)}: {model} is {relation} PGD-AT ({evidence})")
+    for h in sorted(cells, key=lambda h: (h["eps"], h["model"])):
+        b = base.get((h["norm"], h["eps"]))
+        if h["objective"] == "jem" and b is not None:
+            relation, evidence = compare(h, b)
+            lines.append(f"  ε={format_eps(h['eps'])}: {h['model']} is {relation} {b['model']} ({evidence})")
     return ("JEM against adversarial training (worst case over gradient modes):\n" + "\n".join(lines)) if lines else ""
 
 

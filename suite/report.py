@@ -19,12 +19,12 @@ from infra.records import ROWS, export_csv, read_rows
 
 from attacks.checks import CheckResult, all_flags, mcnemar_p, run_checks, worst_case
 from attacks.common import format_eps
-from attacks.plots import NORM_TITLES, plot_headline, plot_rows
+from attacks.plots import NORM_TITLES, model_order, plot_headline, plot_rows
 from attacks.rows import BlackboxRow, Row, WhiteboxRow, of_kind, parse_row
 
 from .convergence import convergence_table, plot_convergence
 from .tables import (ci_text, clean_table, common_table, display_names, headline_table, kv_table, pct,
-                     per_attack_table, protocol_table, subject_order)
+                     per_attack_table, protocol_table)
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def verdicts(head_cells: dict[str, dict[tuple[str, float], dict]], mids: dict[st
         jem0 = next((m for m in jems if at[m].get("sgld_steps") == 0), None)
         base = next((m for m in at if at[m].get("objective") == "pgd-at"), None)
         parts = [f"{m} keeps {ci_text(at[m]['robust_acc'], at[m]['ci_low'], at[m]['ci_high'])}" for m in
-                 sorted(at, key=subject_order)]
+                 sorted(at, key=model_order)]
         out.append(f"**{NORM_TITLES.get(norm, norm)} ε = {format_eps(mid)}** (per-example worst case over every "
                    "attack run against each model): " + "; ".join(parts) + ".")
         if jems and base is not None:
@@ -121,7 +121,7 @@ def verdicts(head_cells: dict[str, dict[tuple[str, float], dict]], mids: dict[st
     if distal:
         parts = [f"{r.get('model')}{' ' + r['grad_mode'] if r.get('sgld_steps') else ''}: "
                  f"{pct(r.get('frac_above_threshold'))} of results above {r.get('threshold', 0.9)} confidence"
-                 for r in sorted(distal, key=lambda r: subject_order(str(r.get("model"))))
+                 for r in sorted(distal, key=lambda r: model_order(str(r.get("model"))))
                  if r.get("start") in (None, "uniform")]
         if parts:
             out.append("- Distal adversarials from uniform noise: " + "; ".join(parts) + ".")
@@ -358,7 +358,7 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
                "Minimisation attacks on a fixed-noise view (noise keyed on the example's slot: the view is as "
                "continuous as the model); distances re-scored with fresh chain noise. \"not attacked\": no view "
                "could attack the example (it counts as no information in the headline).", "",
-               kv_table(sorted(black, key=lambda r: (r["attack"], subject_order(r["model"]), r["_steps"] or 0)),
+               kv_table(sorted(black, key=lambda r: (r["attack"], model_order(r["model"]), r["_steps"] or 0)),
                          [("model", "model"), ("attack", "attack"), ("norm", "norm"), ("steps", "_steps"),
                           ("n", "n"), ("adversarials found", "_found"), ("not attacked", "n_not_attacked"),
                           ("median distance", "_median"), ("queries / example", "queries_per_example"),

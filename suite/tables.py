@@ -8,7 +8,7 @@ from collections import defaultdict
 from typing import Any
 
 from attacks.common import format_eps, wilson
-from attacks.plots import NORM_TITLES, collect_curves
+from attacks.plots import NORM_TITLES, collect_curves, model_order
 from attacks.rows import BlackboxRow, Row, WhiteboxRow, of_kind
 
 
@@ -18,16 +18,6 @@ def pct(x: float | None) -> str:
 
 def ci_text(acc: float, lo: float, hi: float) -> str:
     return f"{pct(acc)} [{100 * lo:.0f}, {100 * hi:.0f}]"
-
-
-def subject_order(label: str) -> tuple:
-    """The order models are listed in: CE, PGD-AT, Gaussian augmentation, then JEM-k by k; ties by name, so the
-    order never depends on set iteration."""
-    order = {"CE": 0, "PGD-AT": 1, "GAUSS-AUG": 2, "GAUSSIAN-AUG": 2}
-    if label.startswith("JEM-"):
-        k = label[4:].split("[")[0]
-        return (3, int(k) if k.isdigit() else 99, label)
-    return (order.get(label.upper(), 2), 0, label)
 
 
 def display_names(head: list[dict[str, Any]]) -> dict[str, str]:
@@ -44,7 +34,7 @@ def headline_table(head: list[dict[str, Any]], norm: str) -> tuple[str, dict[tup
     names = display_names(head)
     cells = {(names[h["subject"]], h["eps"]): h for h in head if h["norm"] == norm}
     eps = sorted({e for _, e in cells})
-    models = sorted({m for m, _ in cells}, key=subject_order)
+    models = sorted({m for m, _ in cells}, key=model_order)
     lines = ["| model | " + " | ".join(f"ε = {format_eps(e)}" for e in eps) + " |",
              "|---|" + "---|" * len(eps)]
     for m in models:
@@ -67,7 +57,7 @@ def common_table(head: list[dict[str, Any]], norm: str) -> tuple[str, int]:
         return "", 0
     common = set.intersection(*(set(h["example_indices"]) for h in cells))
     eps = sorted({h["eps"] for h in cells})
-    models = sorted({names[h["subject"]] for h in cells}, key=subject_order)
+    models = sorted({names[h["subject"]] for h in cells}, key=model_order)
     by = {(names[h["subject"]], h["eps"]): h for h in cells}
     lines = ["| model | " + " | ".join(f"ε = {format_eps(e)}" for e in eps) + " |", "|---|" + "---|" * len(eps)]
     n = len(common)
@@ -103,7 +93,7 @@ def protocol_table(head: list[dict[str, Any]], rows: list[Row]) -> str:
             elif isinstance(r, BlackboxRow):
                 seen[(names[h["subject"]], h["norm"])].add(f"{r.attack} {r.attack_params.get('steps')} steps")
     lines = ["| model | norm | attacks in the headline (steps × restarts, EOT draws, gradient) |", "|---|---|---|"]
-    for (m, norm), attacks in sorted(seen.items(), key=lambda kv: (subject_order(kv[0][0]), kv[0][1])):
+    for (m, norm), attacks in sorted(seen.items(), key=lambda kv: (model_order(kv[0][0]), kv[0][1])):
         lines.append(f"| {m} | {NORM_TITLES.get(norm, norm)} | {'; '.join(sorted(attacks))} |")
     return "\n".join(lines)
 
@@ -114,7 +104,7 @@ def per_attack_table(rows: list[dict[str, Any]], norm: str) -> str:
     eps = sorted({p["eps"] for c in curves.values() for p in c["points"]})
     lines = ["| curve | n | " + " | ".join(f"ε = {format_eps(e)}" for e in eps) + " |",
              "|---|---|" + "---|" * len(eps)]
-    for c in sorted(curves.values(), key=lambda c: (subject_order(c["rows"][0]["model"]), c["label"])):
+    for c in sorted(curves.values(), key=lambda c: (model_order(c["rows"][0]["model"]), c["label"])):
         pts = {p["eps"]: p for p in c["points"]}
         ns = sorted({r["n"] for r in c["rows"]})
         vals = [(ci_text(pts[e]["acc"], pts[e]["ci_low"], pts[e]["ci_high"]) if e in pts else "") for e in eps]
@@ -129,7 +119,7 @@ def clean_table(rows: list[Row], checkpoints: dict[str, dict[str, Any]]) -> str:
     seen = set()
     white = of_kind(rows, WhiteboxRow)
     white = [r for r in white if r.eps == 0 and r.attack_family == "pgd"] or white
-    for r in sorted(white, key=lambda r: (subject_order(r.model), r.grad_mode, r.eps > 0, r.norm)):
+    for r in sorted(white, key=lambda r: (model_order(r.model), r.grad_mode, r.eps > 0, r.norm)):
         k = (r.model, r.grad_mode if r.sgld_steps else "", r.n)
         if k in seen:
             continue
