@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -198,10 +198,13 @@ def reliability_diagram(stats: CalibrationStats | list[tuple[str, CalibrationSta
     return save_figure(fig, path, dpi=110)
 
 
-def calibration_row(stats: CalibrationStats, **fields: Any) -> dict[str, Any]:
-    """A records row (``kind="calibration"``): ``fields`` (model, provenance, settings) + the statistics."""
-    row: dict[str, Any] = {"kind": "calibration", **fields}
-    row.update({k: v for k, v in stats.to_dict().items()})
+#: the fields of :class:`CalibrationStats` (a calibration row holds every one)
+STATS_FIELDS = tuple(f.name for f in fields(CalibrationStats))
+
+
+def calibration_fields(stats: CalibrationStats) -> dict[str, Any]:
+    """The statistics as row fields, refused when not finite (the model's outputs are then unusable)."""
+    row = stats.to_dict()
     for k in ("ece", "mce", "nll", "brier"):
         if not math.isfinite(row[k]):
             raise AttackInputError(f"{k} is not finite ({row[k]}); the model's outputs are unusable")

@@ -29,9 +29,12 @@ import torch.nn.functional as F
 
 from infra.energy import log_density_of_logits
 from infra.norms import ascent_step
-from infra.records import ROWS, append_row, done_keys, row_key
+from infra.records import row_key
 
 from .common import AttackInputError, check_images
+from .pipeline import Evaluation, Unit
+from .rows import DistalRow
+from .target import Target
 
 log = logging.getLogger(__name__)
 
@@ -176,89 +179,86 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "model"
 
 
-def run_distal(model: Model, *, n_classes: int, mean_image: torch.Tensor, real_images: torch.Tensor,
-               cfg: DistalConfig, out_dir: str | os.PathLike, identity: dict[str, Any],
-               extra: dict[str, Any] | None = None, density: Model | None = None,
-               save_grid: Callable[[torch.Tensor, Path, int], None] | None = None,
-               progress: bool = True) -> list[dict[str, Any]]:
-    """Distal adversarials for one model: rows (one per start kind) and a grid PNG (rows = classes).
+class DistalEvaluation(Evaluation[DistalRow]):
+    """Distal adversarials for each defense: one row per start kind and a grid PNG (rows = classes), computed in
+    one piece per defense.
 
     Args:
-        model: [0,1] images -> logits (a refined classifier differentiates through its chain).
         n_classes: K.
-        mean_image: (C, H, W) data mean in [0,1], on the model's device.
-        real_images: real test images in [0,1] (log-density reference), on the model's device.
+        mean_image: (C, H, W) data mean in [0,1], on the models' device.
+        real_images: real test images in [0,1] (log-density reference), on the models' device.
         cfg: the run's settings.
-        out_dir: run directory (``rows.jsonl`` and ``distal-<model>-<key>.png``).
-        identity: fields defining the model (label ``model``, checkpoint sha256, SGLD settings ...);
-            they enter the row keys so a re-run skips finished rows.
-        extra: provenance fields for the rows.
-        density: module whose logits give the log-density (default: ``model``).
+        out_dir: the run folder (for the grids).
+        dataset: recorded.
+        density: target -> the module whose logits give the log-density (default: the target's own model).
+        density_name: how that density model is described in the rows.
         save_grid: ``save_grid(images, path, nrow)`` writer for the PNG (skipped when None).
-        progress: log progress.
-
-    Returns:
-        The rows written ([] when all exist).
     """
-    cfg.validate()
-    check_images(real_images)
-    check_images(mean_image[None])
-    out = Path(out_dir)
-    keys = {kind: row_key({"kind": "distal", "start": kind, **cfg.params(), **identity}) for kind in cfg.starts}
-    if set(keys.values()) <= done_keys(out / ROWS):
-        log.info("%s distal: rows already present, skipping", identity.get("model"))
-        return []
-    density = density or model
-    t0 = time.perf_counter()
-    g = torch.Generator(device=mean_image.device).manual_seed(cfg.seed)
-    x0, targets, kinds = make_starts(n_classes, mean_image, cfg, g)
-    results: list[torch.Tensor] = []
-    traces: list[torch.Tensor] = []
-    for i in range(0, x0.shape[0], cfg.batch_size):
-        if progress:
-            log.info("%s distal: images %d-%d of %d, %d steps", identity.get("model"), i,
+
+    row_type = DistalRow
+    code = ("attacks/distal.py", "infra/norms.py", "infra/energy.py")
+
+    def __init__(self, *, n_classes: int, mean_image: torch.Tensor, real_images: torch.Tensor, cfg: DistalConfig,
+                 out_dir: str | os.PathLike, dataset: str | None = None,
+                 density: Callable[[Target], Model] | None = None, density_name: str = "the defense itself",
+                 save_grid: Callable[[torch.Tensor, Path, int], None] | None = None) -> None:
+        cfg.validate()
+        check_images(real_images)
+        check_images(mean_image[None])
+        self.n_classes, self.mean_image, self.real, self.cfg = n_classes, mean_image, real_images, cfg
+        self.out, self.dataset, self.density, self.density_name = Path(out_dir), dataset, density, density_name
+        self.save_grid = save_grid
+
+    def units(self, target: Target) -> list[Unit]:
+        return [Unit(name=f"{target.label} distal", rows={kind: {"start": kind, "params": self.cfg.params()}
+                                                         for kind in self.cfg.starts},
+                     n_pieces=1, piece=lambda b: self._compute(target),
+                     merge=lambda pieces, keys: pieces[0]["rows"])]
+
+    def _compute(self, target: Target) -> dict[str, Any]:
+        cfg, model = self.cfg, target.model
+        density = self.density(target) if self.density is not None else model
+        t0 = time.perf_counter()
+        g = torch.Generator(device=self.mean_image.device).manual_seed(cfg.seed)
+        x0, targets, kinds = make_starts(self.n_classes, self.mean_image, cfg, g)
+        results: list[torch.Tensor] = []
+        traces: list[torch.Tensor] = []
+        for i in range(0, x0.shape[0], cfg.batch_size):
+            log.info("%s distal: images %d-%d of %d, %d steps", target.label, i,
                      min(i + cfg.batch_size, x0.shape[0]), x0.shape[0], cfg.steps)
-        xr, tr = optimise(model, x0[i:i + cfg.batch_size], targets[i:i + cfg.batch_size], cfg.steps,
-                          cfg.step_size, cfg.method)
-        results.append(xr)
-        traces.append(tr)
-    x, trace = torch.cat(results), torch.cat(traces, 1)
-    p0, p1 = predict(model, x0), predict(model, x)
-    ld0, ld1, ldr = log_density(density, x0), log_density(density, x), log_density(density, real_images)
-    opt_s = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    grid_name = None
-    if save_grid is not None:
-        grid_name = f"distal-{_slug(str(identity.get('model', 'model')))}-{row_key({**cfg.params(), **identity})}.png"
-        save_grid(x.cpu(), out / grid_name, len(cfg.starts) * cfg.seeds)
-    done = done_keys(out / ROWS)
-    rows = []
-    for kind, key in keys.items():
-        if key in done:
-            continue
-        m = torch.tensor([k == kind for k in kinds], device=x.device)
-        t = targets[m]
-        start, res = confidence_stats(p0[m], t, cfg.threshold), confidence_stats(p1[m], t, cfg.threshold)
-        per_class = [float(p1[m][t == c].gather(1, t[t == c][:, None]).mean()) for c in range(n_classes)]
-        row = {
-            "key": key, "kind": "distal", "start": kind, **identity, "distal_params": cfg.params(),
-            "seed": cfg.seed, "n_images": int(m.sum()), "threshold": cfg.threshold,
-            "conf_start": start["confidence"], "conf_result": res["confidence"],
-            "target_prob_start": start["target_prob"], "target_prob_result": res["target_prob"],
-            "target_hit_result": res["target_hit"],
-            "frac_above_threshold_start": start["frac_above_threshold"],
-            "frac_above_threshold": res["frac_above_threshold"],
-            "frac_target_above_threshold": res["frac_target_above_threshold"],
-            "target_prob_by_class": per_class,
-            "target_prob_trace": [float(v) for v in trace[:, m].mean(1)],
-            "log_density_start": float(ld0[m].mean()), "log_density_result": float(ld1[m].mean()),
-            "log_density_real": float(ldr.mean()), "log_density_real_std": float(ldr.std()),
-            "n_real": int(real_images.shape[0]),
-            "log_density_note": "mean logsumexp of the density model's logits (-energy, unnormalised)",
-            "grid_file": grid_name, "grid_layout": f"rows = classes 0..{n_classes - 1}; columns = "
-                                                   f"{', '.join(cfg.starts)} starts x {cfg.seeds} seeds",
-            "wall_s": opt_s, **(extra or {}),
-        }
-        append_row(out / ROWS, row)
-        rows.append(row)
-    return rows
+            xr, tr = optimise(model, x0[i:i + cfg.batch_size], targets[i:i + cfg.batch_size], cfg.steps,
+                              cfg.step_size, cfg.method)
+            results.append(xr)
+            traces.append(tr)
+        x, trace = torch.cat(results), torch.cat(traces, 1)
+        p0, p1 = predict(model, x0), predict(model, x)
+        ld0, ld1, ldr = log_density(density, x0), log_density(density, x), log_density(density, self.real)
+        wall = time.perf_counter() - t0
+        grid_name = None
+        if self.save_grid is not None:
+            grid_name = (f"distal-{_slug(target.label)}-{target.fields()['grad_mode']}-{target.defense_id}-"
+                         f"{row_key(cfg.params())}.png")
+            self.save_grid(x.cpu(), self.out / grid_name, len(cfg.starts) * cfg.seeds)
+        rows = {}
+        for kind in cfg.starts:
+            m = torch.tensor([k == kind for k in kinds], device=x.device)
+            t = targets[m]
+            start, res = confidence_stats(p0[m], t, cfg.threshold), confidence_stats(p1[m], t, cfg.threshold)
+            per_class = [float(p1[m][t == c].gather(1, t[t == c][:, None]).mean()) for c in range(self.n_classes)]
+            rows[kind] = dict(
+                start=kind, dataset=self.dataset, density_model=self.density_name, distal_params=cfg.params(),
+                seed=cfg.seed, n_images=int(m.sum()), threshold=cfg.threshold,
+                conf_start=start["confidence"], conf_result=res["confidence"],
+                target_prob_start=start["target_prob"], target_prob_result=res["target_prob"],
+                target_hit_result=res["target_hit"], frac_above_threshold_start=start["frac_above_threshold"],
+                frac_above_threshold=res["frac_above_threshold"],
+                frac_target_above_threshold=res["frac_target_above_threshold"], target_prob_by_class=per_class,
+                target_prob_trace=[float(v) for v in trace[:, m].mean(1)],
+                log_density_start=float(ld0[m].mean()), log_density_result=float(ld1[m].mean()),
+                log_density_real=float(ldr.mean()), log_density_real_std=float(ldr.std()),
+                n_real=int(self.real.shape[0]),
+                log_density_note="mean logsumexp of the density model's logits (-energy, unnormalised)",
+                grid_file=grid_name, grid_layout=f"rows = classes 0..{self.n_classes - 1}; columns = "
+                                                 f"{', '.join(cfg.starts)} starts x {cfg.seeds} seeds",
+                wall_s=wall)
+        return {"rows": rows, "device": str(x.device)}

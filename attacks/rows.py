@@ -2,9 +2,10 @@
 
 Every producer builds its row as one of these classes and every consumer (checks, headline, report)
 reads named attributes, so a renamed or missing field is an error at the producer, not a check that
-silently compares nothing. ``to_dict`` gives the flat JSON object (fields not known to the class, e.g.
-from an older version, travel in ``extra`` and come back out unchanged); ``from_dict`` is its inverse.
-:func:`parse_row` picks the class from ``kind``.
+silently compares nothing. Rows are built strictly (:meth:`Row.build`: a field the class does not know is an
+error), and only :mod:`attacks.pipeline` builds and appends them. ``to_dict`` gives the flat JSON object;
+``from_dict`` is its inverse (fields of an older version's rows travel in ``extra`` and come back out
+unchanged). :func:`parse_row` picks the class from ``kind``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ class Row:
     sgld_step_size: float = 1.0
     sgld_noise: float = 0.0
     deterministic: bool = False
+    grad_mode: str = "full"
+    precision: str = "fp32"
+    compiled: bool = False
+    defense_code: str | None = None
+    weights_sha256: str | None = None
+    module: str | None = None
+    defense_params: dict[str, Any] = field(default_factory=dict)  # a defense's own fields beyond the common ones
     checkpoint: str | None = None
     checkpoint_sha256: str | None = None
     dataset: str | None = None
@@ -72,10 +80,18 @@ class Row:
 
     @classmethod
     def build(cls: type[R], **values: Any) -> R:
-        """A row from keyword values; those without a field of their own go to ``extra``."""
+        """A row from keyword values, strictly: a value without a field of its own is an error (a renamed or
+        misspelt field fails where the row is made, not in a check that then compares nothing)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in values.items() if k in names},
-                   extra={k: v for k, v in values.items() if k not in names})
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no field(s) {', '.join(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        """The fields of this row class."""
+        return {f.name for f in dataclasses.fields(cls)} - {"extra"}
 
     @property
     def subject(self) -> str:
@@ -101,10 +117,6 @@ class WhiteboxRow(Row):
     restarts: int = 1
     eot: int = 1
     eot_used: int = 1
-    grad_mode: str = "full"
-    precision: str = "fp32"
-    compiled: bool = False
-    defense_code: str | None = None
     eval_draws: int = 1
     eval_draws_used: int = 1
     verdict_seed: int = 0
@@ -180,18 +192,28 @@ class DistalRow(Row):
 
     kind: ClassVar[str] = "distal"
     start: str = "uniform"
-    grad_mode: str = "full"
+    distal_params: dict[str, Any] = field(default_factory=dict)
+    density_model: str | None = None
     n_images: int = 0
     threshold: float = 0.9
     conf_start: float = 0.0
     conf_result: float = 0.0
+    target_prob_start: float = 0.0
+    target_prob_result: float = 0.0
+    frac_above_threshold_start: float = 0.0
     frac_above_threshold: float = 0.0
     frac_target_above_threshold: float = 0.0
     target_hit_result: float = 0.0
+    target_prob_by_class: list[float] = field(default_factory=list)
+    target_prob_trace: list[float] = field(default_factory=list)
     log_density_start: float = 0.0
     log_density_result: float = 0.0
     log_density_real: float = 0.0
+    log_density_real_std: float = 0.0
+    n_real: int = 0
+    log_density_note: str = ""
     grid_file: str | None = None
+    grid_layout: str = ""
 
 
 @dataclass(kw_only=True)
@@ -200,12 +222,19 @@ class CalibrationRow(Row):
 
     kind: ClassVar[str] = "calibration"
     n: int = 0
+    n_examples: int = 0
     n_bins: int = 15
     accuracy: float = 0.0
+    mean_confidence: float = 0.0
     ece: float = 0.0
     mce: float = 0.0
     nll: float = 0.0
     brier: float = 0.0
+    bin_lower: list[float] = field(default_factory=list)
+    bin_upper: list[float] = field(default_factory=list)
+    bin_count: list[int] = field(default_factory=list)
+    bin_accuracy: list[float] = field(default_factory=list)
+    bin_confidence: list[float] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -213,11 +242,16 @@ class OODRow(Row):
     """OOD detection of one model against one OOD set with one score."""
 
     kind: ClassVar[str] = "ood"
+    in_set: str = ""
     out_set: str = ""
+    conversion: str = "none"
     score: str = ""
+    direction: str = ""
     auroc: float = 0.0
     fpr_at_tpr: float = 0.0
     tpr: float = 0.95
+    in_mean: float = 0.0
+    out_mean: float = 0.0
     n_in: int = 0
     n_out: int = 0
 
@@ -228,21 +262,90 @@ class CertificateRow(Row):
 
     kind: ClassVar[str] = "certify"
     smoothing_sigma: float = 0.0
+    smoothing_n: int = 0
+    smoothing_n0: int = 0
+    smoothing_alpha: float = 0.0
+    smoothing_forward_draws: int = 0
+    smoothing_forward: str = ""
+    smoothing_seed: int = 0
     radius: float = 0.0
     certified_accuracy: float = 0.0
     certified_ci_low: float = 0.0
     certified_ci_high: float = 1.0
     abstain_rate: float = 0.0
+    mean_radius: float = 0.0
+    acr: float = 0.0
+    max_certifiable_radius: float = 0.0
+    base_clean_accuracy: float = 0.0
     n_examples: int = 0
     empirical_robust_accuracy: float | None = None
+    empirical_ci_low: float | None = None
+    empirical_ci_high: float | None = None
+    attack: str | None = None
+    attack_steps: int | None = None
+    attack_step_size: float | None = None
+    eot_draws_per_step: int | None = None
+    sanity: str | None = None
+    wall_s_certify: float = 0.0
+    wall_s_attack: float = 0.0
+
+
+@dataclass(kw_only=True)
+class SampleRow(Row):
+    """Energy statistics of one set of SGLD chains (or of data) drawn from a JEM checkpoint."""
+
+    kind: ClassVar[str] = "sample"
+    chain: str = ""
+    target_class: int | None = None
+    steps: int = 0
+    init: str = ""
+    sgld_clamp: bool | None = None
+    n: int = 0
+    energy_mean: float = 0.0
+    energy_std: float = 0.0
+    energy_min: float = 0.0
+    energy_max: float = 0.0
+    class_energy_mean: float | None = None
+    data_class_energy_mean: float | None = None
+    target_hit_rate: float | None = None
+    predicted_classes: list[int] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class HealthRow(Row):
+    """EBM health of a JEM checkpoint judged by an independent classifier: confidences and Fréchet distances of
+    its buffer, its conditional samples and uniform noise against real images (:func:`robust_jem.health.health`)."""
+
+    kind: ClassVar[str] = "health"
+    judge: str = ""
+    judge_sha256: str = ""
+    n_buffer: int = 0
+    n_real: int = 0
+    n_conditional: int = 0
+    threshold: float = 0.0
+    steps_conditional: int = 0
+    buffer_confident: float = 0.0
+    buffer_agrees_with_jem: float = 0.0
+    conditional_confident: float = 0.0
+    conditional_hits_target: float = 0.0
+    uniform_confident: float = 0.0
+    real_confident: float = 0.0
+    fd_buffer_real: float = 0.0
+    fd_conditional_real: float = 0.0
+    fd_uniform_real: float = 0.0
+    fd_real_real: float = 0.0
+    sgld_init: str = ""
+    fd_init_real: float | None = None
+    energy_data: float = 0.0
+    energy_buffer: float = 0.0
 
 
 ROW_TYPES: dict[str, type[Row]] = {c.kind: c for c in (WhiteboxRow, BlackboxRow, DistalRow, CalibrationRow, OODRow,
-                                                      CertificateRow)}
+                                                      CertificateRow, SampleRow, HealthRow)}
 
 
 def parse_row(d: dict[str, Any]) -> Row | None:
-    """The typed row of a JSON object (None for kinds without a class, e.g. ``sample`` rows)."""
+    """The typed row of a JSON object (None for a kind without a class)."""
     cls = ROW_TYPES.get(str(d.get("kind")))
     return cls.from_dict(d) if cls is not None else None
 

@@ -49,8 +49,9 @@ class PartsRunner:
         return all pieces in order on rank 0 (None on the other ranks)."""
         mine = [b for b in range(self.rank, self.parts.n_batches, self.world) if not self.parts.has(b)]
         try:
-            for b in tqdm(mine, desc=desc, unit="piece", leave=False, disable=not progress):
-                self.parts.write(b, {**compute(b), "shard": f"{self.rank}/{self.world}"})
+            with tqdm(mine, desc=desc, unit="piece", leave=False, disable=not progress) as bar:  # closed on errors
+                for b in bar:
+                    self.parts.write(b, {**compute(b), "shard": f"{self.rank}/{self.world}"})
         except KeyboardInterrupt:
             raise Interrupted(f"{self.on_disk()} of {self.parts.n_batches} pieces of the row in progress "
                               f"({desc or self.parts.dir.name}) in {self.parts.dir}") from None

@@ -149,7 +149,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike = "check
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> EnergyModel:
     """Load a checkpoint as an eval-mode ``nn.Module`` mapping [0,1] images to logits.
 
-    The module carries ``.checkpoint_info`` (objective, data set, classes, step, config, metrics).
+    The module carries ``.checkpoint_info`` (objective, data set, classes, step, config, metrics,
+    whether it holds a replay buffer).
     """
     ckpt = read_checkpoint(path)
     model = model_from_checkpoint(ckpt, path).to(device).eval()
@@ -157,4 +158,5 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> EnergyM
         k: ckpt.get(k) for k in ("objective", "dataset", "input_shape", "classes", "step", "metrics", "git_sha")
     }
     model.checkpoint_info["config"] = ckpt["config"]  # type: ignore[attr-defined]
+    model.checkpoint_info["has_buffer"] = ckpt.get("buffer") is not None  # type: ignore[attr-defined]
     return model

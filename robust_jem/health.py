@@ -20,16 +20,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from infra.energy import energy_of_logits
-from infra.io import atomic_write, check_out_dir
-from infra.provenance import environment, file_sha256, now
-from infra.records import append_row
+from infra.provenance import file_sha256
 
 from .checkpoint import load, read_checkpoint
 from .data import load_dataset
@@ -134,19 +131,3 @@ def health(checkpoint: str | os.PathLike, judge: str | os.PathLike, *, n: int = 
              checkpoint, judge, 100 * out["buffer_confident"], out["fd_buffer_real"], out["fd_uniform_real"],
              out["fd_real_real"])
     return out
-
-
-def run_health(checkpoint: str | os.PathLike, judge: str | os.PathLike, out: str | os.PathLike, **kwargs: Any
-               ) -> dict[str, Any]:
-    """:func:`health` written as a row (kind ``health``) to ``out/rows.jsonl`` and as ``out/health.json``."""
-    out = Path(out)
-    check_out_dir(out)
-    device = kwargs.get("device", "cpu")
-    res = health(checkpoint, judge, **kwargs)
-    row = {"kind": "health", "model": "JEM", "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
-           "judge": str(judge), "judge_sha256": file_sha256(judge), **res, **environment(device), "timestamp": now()}
-    append_row(out / "rows.jsonl", row)
-    import json
-
-    atomic_write(out / "health.json", json.dumps(row, indent=1))
-    return row

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from infra.records import append_row, provenance_fields
 from infra.energy import energy_of_logits
 from infra.io import atomic_write, check_out_dir
 from .checkpoint import model_from_checkpoint, read_checkpoint
@@ -71,11 +70,11 @@ def energy_stats(model: EnergyModel, z: torch.Tensor) -> dict[str, Any]:
             "predicted_classes": pred.cpu().tolist()}
 
 
-def run_sampling(checkpoint: str | os.PathLike, out: str | os.PathLike, *, classes: list[int] | None = None,
+def draw_samples(checkpoint: str | os.PathLike, out: str | os.PathLike, *, classes: list[int] | None = None,
                  n: int = 5, steps: int = 100, step_size: float | None = None, noise: float | None = None,
                  init: str = "uniform", seed: int = 0, n_data: int = 500, device: torch.device | str = "cpu",
                  data_dir: str | None = None, clamp: bool | None = None) -> dict[str, Any]:
-    """Write sample grids, energies (``samples.json``) and rows (``rows.jsonl``, kind ``sample``) into ``out``.
+    """Write sample grids and energies (``samples.json``) into ``out`` (the suite turns the summary into rows).
 
     Args:
         checkpoint: a robust-jem checkpoint (any objective; the replay buffer exists for JEM only).
@@ -178,18 +177,6 @@ def run_sampling(checkpoint: str | os.PathLike, out: str | os.PathLike, *, class
     text = json.dumps(summary, indent=2)
     atomic_write(out / "samples.json", text)
 
-    prov = provenance_fields(checkpoint, device)
-    base = {"kind": "sample", "model": cfg.objective, **prov, "seed": seed, "steps": steps,
-            "sgld_step_size": step_size, "sgld_noise": noise, "sgld_clamp": clamp, "init": init}
-    chains: list[tuple[str, Any, dict]] = [("data", None, summary["data"]), ("start", None, summary["start"]),
-                                           ("unconditional", None, summary["unconditional"])]
-    chains += [("conditional", int(c), summary["conditional"][str(c)]) for c in classes]
-    if "buffer" in summary:
-        chains.append(("buffer", None, summary["buffer"]))
-    for chain, cls, st in chains:
-        append_row(out / "rows.jsonl", {**base, "chain": chain, "class": cls,
-                                        **{k2: v for k2, v in st.items() if k2 != "predicted_classes"},
-                                        "predicted_classes": st["predicted_classes"], "wall_s": wall})
     log.info("samples: data E %.3f, unconditional E %.3f, start E %.3f (%.1fs) -> %s",
              summary["data"]["energy_mean"], summary["unconditional"]["energy_mean"],
              summary["start"]["energy_mean"], wall, out)

@@ -392,18 +392,17 @@ def health(checkpoint: str, judge: str, n: int, steps: int, per_class: int, thre
            data_dir: str | None, device: str) -> None:
     """EBM health of a JEM: its buffer and fresh conditional samples judged by an independent classifier
     (confident fraction, agreement, Fréchet distance in the judge's logit space vs uniform noise and real)."""
-    from robust_jem.health import run_health
+    from .evaluate import HealthJob, ebm_health
 
-    r = run_health(checkpoint, judge, out, n=n, steps=steps, per_class=per_class, threshold=threshold, seed=seed,
-                   device=resolve_device(device), data_dir=data_dir)
-    click.echo(f"buffer: {100 * r['buffer_confident']:.1f} % confident (>= {threshold:g}) by the judge "
-               f"(real test images: {100 * r['real_confident']:.1f} %), "
-               f"{100 * r['buffer_agrees_with_jem']:.1f} % agreeing with the JEM; conditional chains: "
-               f"{100 * r['conditional_confident']:.1f} % confident, {100 * r['conditional_hits_target']:.1f} % on "
-               f"target")
-    click.echo(f"Frechet distance to real test images in the judge's logits: buffer {r['fd_buffer_real']:.1f}, "
-               f"conditional {r['fd_conditional_real']:.1f}, uniform noise {r['fd_uniform_real']:.1f}, real vs real "
-               f"{r['fd_real_real']:.2f}; energy data {r['energy_data']:.2f} vs buffer {r['energy_buffer']:.2f}")
+    job = HealthJob(checkpoint, judge, n=n, steps=steps, per_class=per_class, threshold=threshold, seed=seed)
+    r = ebm_health(job, out, device=resolve_device(device), data_dir=data_dir)
+    click.echo(f"buffer: {100 * r.buffer_confident:.1f} % confident (>= {threshold:g}) by the judge "
+               f"(real test images: {100 * r.real_confident:.1f} %), "
+               f"{100 * r.buffer_agrees_with_jem:.1f} % agreeing with the JEM; conditional chains: "
+               f"{100 * r.conditional_confident:.1f} % confident, {100 * r.conditional_hits_target:.1f} % on target")
+    click.echo(f"Frechet distance to real test images in the judge's logits: buffer {r.fd_buffer_real:.1f}, "
+               f"conditional {r.fd_conditional_real:.1f}, uniform noise {r.fd_uniform_real:.1f}, real vs real "
+               f"{r.fd_real_real:.2f}; energy data {r.energy_data:.2f} vs buffer {r.energy_buffer:.2f}")
     click.echo(str(Path(out) / "rows.jsonl"))
 
 

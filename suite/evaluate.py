@@ -16,13 +16,13 @@ import torch
 
 from attacks.benchmark import Examples, run_blackbox, run_sweep
 from attacks.black import BlackboxConfig
-from attacks.distal import DistalConfig, run_distal
+from attacks import pipeline
+from attacks.distal import DistalConfig, DistalEvaluation
 from attacks.rows import BlackboxRow, DistalRow, WhiteboxRow
 from attacks.autoattack import autoattack_factory
 from attacks.verdict import EVAL_DRAWS
 from attacks.white import pgd_factory, transfer_factory
 from infra.precision import resolve_bf16
-from infra.records import ROWS, provenance_fields, read_rows, row_key
 from robust_jem.errors import UserError
 from robust_jem.images import save_grid
 from robust_jem.refined import Refinement
@@ -191,20 +191,14 @@ def distal(job: DistalJob, out: str | Path, *, device: torch.device, data_dir: s
     ds, loaded = load_checkpoints(job.checkpoints, device, data_dir)
     targets = build_targets(loaded, job.chain, job.grad_modes, seed=cfg.seed)
     bare = {c.path: c.model for c in loaded}
-    mean_image = split(ds.name, "train", None if data_dir is None else str(data_dir)).x.mean(0).to(device)
-    real = ds.batch(slice(0, min(job.n_real, len(ds))))[0].to(device)
     out = prepare_out(out)
-    rows: list[DistalRow] = []
-    for t in targets:
-        ident = {**t.fields(), "dataset": ds.name, "density_model": "bare network (-energy of its logits)"}
-        run_distal(t.model, n_classes=len(ds.classes), mean_image=mean_image, real_images=real, cfg=cfg,
-                   out_dir=out, identity=ident, extra={**provenance_fields(t.checkpoint, device)},
-                   density=bare[t.checkpoint], progress=progress,
-                   save_grid=lambda imgs, path, nrow: save_grid(imgs, path, nrow=nrow, scale=4,
-                                                                row_labels=list(ds.classes)))  # rows = classes
-        keys = {row_key({"kind": "distal", "start": kind, **cfg.params(), **ident}) for kind in cfg.starts}
-        rows += [DistalRow.from_dict(r) for r in read_rows(out / ROWS) if r.get("key") in keys]
-    return rows
+    evaluation = DistalEvaluation(
+        n_classes=len(ds.classes), cfg=cfg, out_dir=out, dataset=ds.name,
+        mean_image=split(ds.name, "train", None if data_dir is None else str(data_dir)).x.mean(0).to(device),
+        real_images=ds.batch(slice(0, min(job.n_real, len(ds))))[0].to(device),
+        density=lambda t: bare[str(t.checkpoint)], density_name="bare network (-energy of its logits)",
+        save_grid=lambda imgs, path, nrow: save_grid(imgs, path, nrow=nrow, scale=4, row_labels=list(ds.classes)))
+    return pipeline.run(evaluation, targets, out, data_sha256=data_hashes(ds), progress=progress)
 
 
 JOB_TYPES = {WhiteboxJob: whitebox, BlackboxJob: blackbox, DistalJob: distal, CalibrationJob: calibrate,

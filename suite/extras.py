@@ -16,16 +16,19 @@ import torch
 
 from attacks import calibration as cal
 from attacks import ood as ood_lib
-from attacks.rows import CalibrationRow, CertificateRow
+from attacks import pipeline
+from attacks.pipeline import Evaluation, Unit
+from attacks.rows import CalibrationRow, CertificateRow, HealthRow, OODRow, SampleRow
 from attacks.smoothing import SmoothedClassifier, certify_summary, empirical_l2
+from attacks.target import Target
 from infra.io import atomic_write
+from infra.provenance import file_sha256
 from infra.randomness import derive_seed, generator
-from infra.records import ROWS, append_row, done_keys, provenance_fields, read_rows, row_key
 from robust_jem.data import DATASETS, ImageDataset, load_dataset
 from robust_jem.errors import UserError
 from robust_jem.refined import Refinement
 
-from .jobs import prepare_out, subset
+from .jobs import data_hashes, prepare_out, subset
 from .targets import Chain, build_targets, load_checkpoints, target_for
 
 log = logging.getLogger(__name__)
@@ -46,40 +49,51 @@ class CalibrationJob:
     seed: int = 0
 
 
+class CalibrationEvaluation(Evaluation[CalibrationRow]):
+    """ECE / NLL / Brier of each defense on ``x``: one row and one reliability diagram per defense (one piece)."""
+
+    row_type = CalibrationRow
+    code = ("attacks/calibration.py",)
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, bins: int, batch_size: int, seed: int, dataset: str,
+                 out: Path) -> None:
+        if bins < 1:
+            raise UserError(f"the number of bins must be at least 1, got {bins}")
+        self.x, self.y, self.bins, self.batch_size, self.seed, self.dataset, self.out = x, y, bins, batch_size, seed, \
+            dataset, out
+
+    def units(self, target: Target) -> list[Unit]:
+        def compute(b: int) -> dict[str, Any]:
+            t0 = time.monotonic()
+            logits = cal.predict_logits(target.scorer, self.x, self.batch_size)
+            stats = cal.calibration_from_logits(logits, self.y, self.bins)
+            cal.reliability_diagram(stats, self.out / f"reliability-{_slug(target.label)}.png",
+                                    title=f"{target.label} on {self.dataset} test")
+            log.info("calibration %s: acc %.4f ECE %.4f NLL %.4f Brier %.4f", target.label, stats.accuracy, stats.ece,
+                     stats.nll, stats.brier)
+            return {"row": {**cal.calibration_fields(stats), "dataset": self.dataset, "n_examples": len(self.y),
+                            "seed": self.seed, "wall_s": time.monotonic() - t0}, "device": str(self.x.device)}
+
+        return [Unit(name=f"{target.label} calibration", rows={"row": {"n_bins": self.bins, "n_examples": len(self.y),
+                                                                       "seed": self.seed}},
+                     n_pieces=1, piece=compute, merge=lambda pieces, keys: {"row": pieces[0]["row"]})]
+
+    def finish(self, rows: list[CalibrationRow], out: Path) -> None:
+        if len(rows) > 1:
+            panels = [(r.model, cal.CalibrationStats(**{f: getattr(r, f) for f in cal.STATS_FIELDS})) for r in rows]
+            cal.reliability_diagram(panels, out / "reliability.png", title=f"reliability, {self.bins} bins")
+
+
 def calibrate(job: CalibrationJob, out: str | Path, *, device: torch.device, data_dir: str | None = None,
               progress: bool = True) -> list[CalibrationRow]:
     """Run ``job``: rows of kind ``calibration``, ``reliability-<label>.png`` per defense, ``reliability.png``."""
-    if job.bins < 1:
-        raise UserError(f"--bins must be at least 1, got {job.bins}")
     ds, loaded = load_checkpoints(job.checkpoints, device, data_dir)
     targets = build_targets(loaded, job.chain, ("full",), seed=job.seed)
     out = prepare_out(out)
-    rows_path = out / ROWS
-    done = done_keys(rows_path)
     data = subset(ds, job.n_examples)
-    rows, panels = [], []
-    for t in targets:
-        key = row_key({"kind": "calibration", "target": t.fields(), "n_bins": job.bins, "n_examples": len(data),
-                       "seed": job.seed})
-        if key in done:
-            rows += [CalibrationRow.from_dict(r) for r in read_rows(rows_path) if r.get("key") == key]
-            continue
-        t0 = time.monotonic()
-        logits = cal.predict_logits(t.scorer, data.x.to(device), job.batch_size)
-        stats = cal.calibration_from_logits(logits, data.labels, job.bins)
-        wall = time.monotonic() - t0
-        row = cal.calibration_row(stats, key=key, **t.fields(), checkpoint=t.checkpoint,
-                                  **provenance_fields(None, device),
-                                  dataset=ds.name, n_examples=len(data), seed=job.seed, wall_s=wall)
-        append_row(rows_path, row)
-        rows.append(CalibrationRow.from_dict(row))
-        cal.reliability_diagram(stats, out / f"reliability-{_slug(t.label)}.png", title=f"{t.label} on {ds.name} test")
-        panels.append((t.label, stats))
-        log.info("calibration %s: acc %.4f ECE %.4f NLL %.4f Brier %.4f (%.1fs)", t.label, stats.accuracy,
-                 stats.ece, stats.nll, stats.brier, wall)
-    if len(panels) > 1:
-        cal.reliability_diagram(panels, out / "reliability.png", title=f"reliability, {job.bins} bins")
-    return rows
+    evaluation = CalibrationEvaluation(data.x.to(device), data.labels, bins=job.bins, batch_size=job.batch_size,
+                                       seed=job.seed, dataset=ds.name, out=out)
+    return pipeline.run(evaluation, targets, out, data_sha256=data_hashes(ds), progress=progress)
 
 
 def _slug(label: str) -> str:
@@ -140,6 +154,48 @@ def build_ood_sets(names: Sequence[str], data: ImageDataset, seed: int,
     return sets, conversions, skipped
 
 
+class OODEvaluation(Evaluation[OODRow]):
+    """OOD detection by each bare network: one row per (OOD set, score), histograms per network (one piece)."""
+
+    row_type = OODRow
+    code = ("attacks/ood.py", "infra/energy.py")
+
+    def __init__(self, x_in: torch.Tensor, sets: dict[str, torch.Tensor], conversions: dict[str, str], *,
+                 in_set: str, tpr: float, batch_size: int, seed: int, out: Path) -> None:
+        self.x_in, self.sets, self.conversions, self.in_set = x_in, sets, conversions, in_set
+        self.tpr, self.batch_size, self.seed, self.out = tpr, batch_size, seed, out
+
+    def units(self, target: Target) -> list[Unit]:
+        device = self.x_in.device
+
+        def compute(b: int) -> dict[str, Any]:
+            t0 = time.monotonic()
+            raw_in = ood_lib.ood_scores(target.scorer, self.x_in, self.batch_size)
+            raw_out = {name: ood_lib.ood_scores(target.scorer, x.to(device), self.batch_size)
+                       for name, x in self.sets.items()}
+            wall = time.monotonic() - t0
+            rows = {}
+            for name, raw in raw_out.items():
+                metrics = ood_lib.ood_metrics(raw_in, raw, self.tpr)
+                log.info("OOD %s vs %s: %s", target.label, name,
+                         ", ".join(f"{s} AUROC {m['auroc']:.3f}" for s, m in metrics.items()))
+                for score, m in metrics.items():
+                    rows[f"{name}/{score}"] = {**m, "out_set": name, "score": score, "in_set": self.in_set,
+                                               "n_in": len(self.x_in), "n_out": int(len(next(iter(raw.values())))),
+                                               "conversion": self.conversions[name], "seed": self.seed,
+                                               "wall_s": wall}
+            ood_lib.ood_histograms(raw_in, raw_out, self.out / f"ood-{_slug(target.label)}.png",
+                                   title=f"{target.label}: {self.in_set} test vs OOD sets",
+                                   in_label=f"{self.in_set} (in)")
+            return {"rows": rows, "device": str(device)}
+
+        names = {f"{name}/{score}": {"out_set": name, "score": score, "n_in": len(self.x_in), "seed": self.seed,
+                                     "tpr": self.tpr}
+                 for name in self.sets for score in ood_lib.SCORES}
+        return [Unit(name=f"{target.label} OOD", rows=names, n_pieces=1, piece=compute,
+                     merge=lambda pieces, keys: pieces[0]["rows"])]
+
+
 def ood(job: OODJob, out: str | Path, *, device: torch.device, data_dir: str | None = None,
         progress: bool = True) -> dict[str, Any]:
     """Run ``job``: rows of kind ``ood``, ``ood-<label>.png`` histograms and ``ood.json``; returns the summary.
@@ -151,42 +207,29 @@ def ood(job: OODJob, out: str | Path, *, device: torch.device, data_dir: str | N
     if bad or not job.out_sets:
         raise UserError(f"unknown OOD set(s) {', '.join(bad) or '(none)'}; choose from {', '.join(OOD_SETS)}")
     if job.in_set is not None and job.in_set not in DATASETS:
-        raise UserError(f"unknown --in {job.in_set!r}; choose from {', '.join(DATASETS)}")
+        raise UserError(f"unknown in-distribution set {job.in_set!r}; choose from {', '.join(DATASETS)}")
     if not 0 < job.tpr <= 1:
-        raise UserError(f"--tpr must be in (0, 1], got {job.tpr}")
+        raise UserError(f"the true-positive rate must be in (0, 1], got {job.tpr}")
     ds, loaded = load_checkpoints(job.checkpoints, device, data_dir, dataset=job.in_set)
     out = prepare_out(out)
-    rows_path = out / ROWS
-    done = done_keys(rows_path)
     data = subset(ds, job.n_examples)
     sets, conversions, skipped = build_ood_sets(list(job.out_sets), data, job.seed, data_dir)
+    targets = [target_for(c, Refinement.bare()) for c in loaded]
+    evaluation = OODEvaluation(data.x.to(device), sets, conversions, in_set=ds.name, tpr=job.tpr,
+                               batch_size=job.batch_size, seed=job.seed, out=out)
+    rows = pipeline.run(evaluation, targets, out, data_sha256=data_hashes(ds), progress=progress)
     summary: dict[str, Any] = {"scores": ood_lib.SCORE_DOC, "tpr": job.tpr, "models": {}}
-    for c in loaded:
-        t = target_for(c, Refinement.bare())
-        prov = {"checkpoint": c.path, **provenance_fields(None, device)}
-        t0 = time.monotonic()
-        raw_in = ood_lib.ood_scores(t.scorer, data.x.to(device), job.batch_size)
-        raw_out = {name: ood_lib.ood_scores(t.scorer, x.to(device), job.batch_size) for name, x in sets.items()}
-        wall = time.monotonic() - t0
+    for c, t in zip(loaded, targets):
+        mine = [r for r in rows if r.defense_id == t.defense_id]
         table: dict[str, Any] = {}
-        for name, raw in raw_out.items():
-            metrics = ood_lib.ood_metrics(raw_in, raw, job.tpr)
-            table[name] = metrics
-            for row in ood_lib.ood_rows(metrics, name, **t.fields(), in_set=ds.name, **prov, n_in=len(data),
-                                        n_out=int(len(next(iter(raw.values())))), conversion=conversions[name],
-                                        seed=job.seed, tpr=job.tpr, wall_s=wall):
-                row["key"] = row_key({"kind": "ood", "target": t.fields(), "out_set": name, "score": row["score"],
-                                      "n_in": len(data), "seed": job.seed, "tpr": job.tpr})
-                if row["key"] not in done:
-                    append_row(rows_path, row)
-        ood_lib.ood_histograms(raw_in, raw_out, out / f"ood-{_slug(t.label)}.png",
-                               title=f"{t.label}: {ds.name} test vs OOD sets", in_label=f"{ds.name} (in)")
+        for r in mine:
+            table.setdefault(r.out_set, {})[r.score] = {"auroc": r.auroc, "fpr_at_tpr": r.fpr_at_tpr, "tpr": r.tpr,
+                                                        "in_mean": r.in_mean, "out_mean": r.out_mean,
+                                                        "direction": r.direction}
         summary["models"][t.label] = {"checkpoint": c.path, "defense_id": t.defense_id, "objective": c.objective,
-                                      "in_set": ds.name, "n_in": len(data), "wall_s": wall, "table": table,
+                                      "in_set": ds.name, "n_in": len(data),
+                                      "wall_s": max((r.wall_s or 0.0 for r in mine), default=0.0), "table": table,
                                       "conversions": conversions, "skipped": skipped}
-        for name, metrics in table.items():
-            log.info("OOD %s vs %s: %s", t.label, name,
-                     ", ".join(f"{s} AUROC {m['auroc']:.3f}" for s, m in metrics.items()))
     atomic_write(out / "ood.json", json.dumps(summary, indent=2, default=str))
     return summary
 
@@ -213,6 +256,75 @@ class CertifyJob:
     seed: int = 0
 
 
+class CertifyEvaluation(Evaluation[CertificateRow]):
+    """Certified L2 accuracy of a Gaussian-smoothed classifier at each radius (Cohen et al. 2019), beside the
+    empirical robust accuracy under an EOT L2 PGD attack at ``attack_radii``; ``certify.json`` holds the
+    per-example radii. One piece: the certificate and the attack together."""
+
+    row_type = CertificateRow
+    code = ("attacks/smoothing.py", "infra/norms.py")
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, radii: Sequence[float], attack_radii: Sequence[float],
+                 attack_steps: int, seed: int, dataset: str, out: Path) -> None:
+        self.x, self.y, self.radii, self.attack_radii = x, y, list(radii), list(attack_radii)
+        self.attack_steps, self.seed, self.dataset, self.out = attack_steps, seed, dataset, out
+
+    def units(self, target: Target) -> list[Unit]:
+        smoothed = target.model
+        if not isinstance(smoothed, SmoothedClassifier):
+            raise UserError(f"{target.label} is not a smoothed classifier")
+        rows = {str(r): {"radius": float(r), "n_examples": len(self.y), "attack_steps": self.attack_steps,
+                         "attack_radii": self.attack_radii} for r in self.radii}
+        return [Unit(name=f"certify {target.label}", rows=rows, n_pieces=1,
+                     piece=lambda b: self._compute(target, smoothed), merge=lambda pieces, keys: pieces[0]["rows"])]
+
+    def _compute(self, target: Target, smoothed: SmoothedClassifier) -> dict[str, Any]:
+        x, y = self.x, self.y
+        log.info("certify %s: %d images x (%d + %d) noise draws, then EOT-PGD at radii %s and %d draws per image each",
+                 target.label, len(y), smoothed.n0, smoothed.n, self.attack_radii or "none", smoothed.n)
+        t0 = time.monotonic()
+        with torch.no_grad():
+            base_acc = float((smoothed.base(x).argmax(1).cpu() == y).double().mean())
+        cert = smoothed.certify(x)
+        t_cert = time.monotonic() - t0
+        summ = certify_summary(cert, y, self.radii)
+        t1 = time.monotonic()
+        empirical = {r["eps"]: r for r in (empirical_l2(smoothed, x, y.to(x.device), self.attack_radii,
+                                                         steps=self.attack_steps, seed=self.seed,
+                                                         progress=lambda m: log.info("certify: empirical %s", m))
+                                           if self.attack_radii else [])}
+        t_att = time.monotonic() - t1
+        rows = {}
+        for acc in summ["certified_accuracy"]:
+            r = acc["radius"]
+            row = dict(dataset=self.dataset, radius=r, certified_accuracy=acc["certified_accuracy"],
+                       certified_ci_low=acc["ci_low"], certified_ci_high=acc["ci_high"],
+                       abstain_rate=summ["abstain_rate"], mean_radius=summ["mean_radius"], acr=summ["acr"],
+                       max_certifiable_radius=summ["max_certifiable_radius"], base_clean_accuracy=base_acc,
+                       n_examples=summ["n_examples"], seed=self.seed, wall_s_certify=t_cert, wall_s_attack=t_att)
+            e = empirical.get(r)
+            if e is not None:
+                row.update(empirical_robust_accuracy=e["robust_accuracy"], empirical_ci_low=e["ci_low"],
+                           empirical_ci_high=e["ci_high"], attack=e["attack"], attack_steps=e["steps"],
+                           attack_step_size=e["step_size"], eot_draws_per_step=e["eot_draws_per_step"])
+                if e["robust_accuracy"] < acc["certified_accuracy"]:
+                    row["sanity"] = "empirical robust accuracy below certified accuracy"
+                    log.warning("certify: at radius %g the attack beats the certificate (%.3f < %.3f): a bug, or an "
+                                "alpha-level failure of the Monte-Carlo bounds", r, e["robust_accuracy"],
+                                acc["certified_accuracy"])
+            rows[str(float(r))] = row
+        atomic_write(self.out / "certify.json", json.dumps({
+            "checkpoint": target.checkpoint, "model": target.label, "summary": summ,
+            "empirical": list(empirical.values()), "sigma": smoothed.sigma, "n": smoothed.n, "n0": smoothed.n0,
+            "alpha": smoothed.alpha, "base_clean_accuracy": base_acc, "prediction": cert.prediction.tolist(),
+            "radius": cert.radius.tolist(), "label": y.tolist(), "pa_lower": np.asarray(cert.pa_lower).tolist(),
+            "wall_s_certify": t_cert, "wall_s_attack": t_att}, indent=2, default=str))
+        log.info("certify %s: certified acc %s; abstain %.3f; mean radius %.3f (%.1fs + attack %.1fs)", target.label,
+                 ", ".join(f"r={a['radius']:g}: {a['certified_accuracy']:.3f}" for a in summ["certified_accuracy"]),
+                 summ["abstain_rate"], summ["mean_radius"], t_cert, t_att)
+        return {"rows": rows, "device": str(x.device)}
+
+
 def certify(job: CertifyJob, out: str | Path, *, device: torch.device, data_dir: str | None = None,
             progress: bool = True) -> list[CertificateRow]:
     """Run ``job``: rows of kind ``certify`` (one per radius) and ``certify.json`` (per-example radii)."""
@@ -221,7 +333,7 @@ def certify(job: CertifyJob, out: str | Path, *, device: torch.device, data_dir:
     sigma = job.sigma
     if sigma is None:
         if c.objective != "gaussian-aug":
-            raise UserError(f"{c.path} is a {c.objective} model; pass --sigma")
+            raise UserError(f"{c.path} is a {c.objective} model; give the smoothing σ")
         sigma = cfg.sigma
     if c.objective != "gaussian-aug":
         log.warning("%s was trained with objective %s, not gaussian-aug: smoothing it at sigma %g is a weak "
@@ -229,75 +341,19 @@ def certify(job: CertifyJob, out: str | Path, *, device: torch.device, data_dir:
     elif abs(cfg.sigma - sigma) > 1e-9:
         log.warning("%s was trained with sigma %g, certifying at sigma %g", c.path, cfg.sigma, sigma)
     if job.attack_steps < 0 or not job.radii or any(r < 0 for r in list(job.radii) + list(job.attack_radii)):
-        raise UserError("--attack-steps, --radii and --attack-radii must be non-negative (and radii non-empty)")
+        raise UserError("the attack steps, radii and attack radii must be non-negative (and radii non-empty)")
     attack_radii = sorted({float(r) for r in job.attack_radii}) if job.attack_steps > 0 else []
     radii = sorted({float(r) for r in job.radii} | set(attack_radii))
     base = target_for(c, Refinement.bare())
     smoothed = SmoothedClassifier(base.scorer, sigma, n=job.n, alpha=job.alpha, seed=job.seed, n0=job.n0,
                                   forward_draws=job.forward_draws, batch_size=job.batch_size)
+    target = Target(f"{base.label} smoothed σ={sigma:g}", smoothed, {**base.defense, **smoothed.config()},
+                    checkpoint=c.path, checkpoint_sha256=c.sha256, code=base.code)
     data = subset(ds, job.n_examples)
     out = prepare_out(out)
-    rows_path = out / ROWS
-    prov = provenance_fields(c.path, device)
-    label = f"{base.label} smoothed σ={sigma:g}"
-    ident = {**base.fields(), "model": label, **smoothed.config()}
-    key_fields = {"kind": "certify", "target": ident, "n_examples": len(data), "attack_steps": job.attack_steps,
-                  "attack_radii": attack_radii}
-    keys = {float(r): row_key({**key_fields, "radius": float(r)}) for r in radii}
-    done = done_keys(rows_path)
-    if all(k in done for k in keys.values()):
-        log.info("certify: every radius is already in %s, skipped", rows_path)
-        return [CertificateRow.from_dict(r) for r in read_rows(rows_path) if r.get("key") in set(keys.values())]
-    x, y = data.x.to(device), data.labels
-    log.info("certify %s: %d images x (%d + %d) noise draws, then EOT-PGD at radii %s and %d draws per image each",
-             c.path, len(data), job.n0, job.n, attack_radii or "none", job.n)
-    t0 = time.monotonic()
-    with torch.no_grad():
-        base_acc = float((base.scorer(x).argmax(1).cpu() == y).double().mean())
-    cert = smoothed.certify(x)
-    t_cert = time.monotonic() - t0
-    summ = certify_summary(cert, y, list(radii))
-    empirical: dict[float, dict] = {}
-    t1 = time.monotonic()
-    for r in (empirical_l2(smoothed, x, y.to(device), attack_radii, steps=job.attack_steps, seed=job.seed,
-                           progress=lambda m: log.info("certify: empirical %s", m)) if attack_radii else []):
-        empirical[r["eps"]] = r
-    t_att = time.monotonic() - t1
-    rows = []
-    for acc in summ["certified_accuracy"]:
-        r = acc["radius"]
-        row = {"kind": "certify", **ident, "dataset": ds.name, **prov, "radius": r,
-               "certified_accuracy": acc["certified_accuracy"], "certified_ci_low": acc["ci_low"],
-               "certified_ci_high": acc["ci_high"], "abstain_rate": summ["abstain_rate"],
-               "mean_radius": summ["mean_radius"], "acr": summ["acr"],
-               "max_certifiable_radius": summ["max_certifiable_radius"], "base_clean_accuracy": base_acc,
-               "n_examples": summ["n_examples"], "seed": job.seed, "wall_s_certify": t_cert, "wall_s_attack": t_att}
-        e = empirical.get(r)
-        if e is not None:
-            row.update(empirical_robust_accuracy=e["robust_accuracy"], empirical_ci_low=e["ci_low"],
-                       empirical_ci_high=e["ci_high"], attack=e["attack"], attack_steps=e["steps"],
-                       attack_step_size=e["step_size"], eot_draws_per_step=e["eot_draws_per_step"])
-            if e["robust_accuracy"] < acc["certified_accuracy"]:
-                row["sanity"] = "empirical robust accuracy below certified accuracy"
-                log.warning("certify: at radius %g the attack beats the certificate (%.3f < %.3f): a bug, or an "
-                            "alpha-level failure of the Monte-Carlo bounds", r, e["robust_accuracy"],
-                            acc["certified_accuracy"])
-        row["key"] = keys[float(r)]
-        if row["key"] in done:
-            continue
-        append_row(rows_path, row)
-        rows.append(CertificateRow.from_dict(row))
-    atomic_write(out / "certify.json", json.dumps({
-        "checkpoint": c.path, "model": label, "summary": summ, "empirical": list(empirical.values()),
-        "sigma": sigma, "n": job.n, "n0": job.n0, "alpha": job.alpha, "base_clean_accuracy": base_acc,
-        "prediction": cert.prediction.tolist(), "radius": cert.radius.tolist(), "label": y.tolist(),
-        "pa_lower": np.asarray(cert.pa_lower).tolist(), "wall_s_certify": t_cert, "wall_s_attack": t_att},
-        indent=2, default=str))
-    log.info("certify %s (sigma %g, n %d): certified acc %s; abstain %.3f; mean radius %.3f (%.1fs + attack %.1fs)",
-             label, sigma, job.n, ", ".join(f"r={a['radius']:g}: {a['certified_accuracy']:.3f}"
-                                             for a in summ["certified_accuracy"]),
-             summ["abstain_rate"], summ["mean_radius"], t_cert, t_att)
-    return rows
+    evaluation = CertifyEvaluation(data.x.to(device), data.labels, radii=radii, attack_radii=attack_radii,
+                                   attack_steps=job.attack_steps, seed=job.seed, dataset=ds.name, out=out)
+    return pipeline.run(evaluation, [target], out, data_sha256=data_hashes(ds), progress=progress)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,7 +361,7 @@ def certify(job: CertifyJob, out: str | Path, *, device: torch.device, data_dir:
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SampleJob:
-    """SGLD samples of a JEM checkpoint (see :func:`robust_jem.sampling.run_sampling`)."""
+    """SGLD samples of a JEM checkpoint (see :func:`robust_jem.sampling.draw_samples`)."""
 
     checkpoint: str
     classes: tuple[int, ...] | None = None
@@ -319,14 +375,62 @@ class SampleJob:
     seed: int = 0
 
 
+class SampleEvaluation(Evaluation[SampleRow]):
+    """SGLD samples of a checkpoint (:func:`robust_jem.sampling.draw_samples`: grids and ``samples.json``) and one
+    row of energy statistics per set of chains (data, starts, unconditional, each class, the replay buffer)."""
+
+    row_type = SampleRow
+    code = ("robust_jem/sampling.py", "robust_jem/sgld.py", "infra/energy.py")
+
+    def __init__(self, job: SampleJob, *, classes: Sequence[int], has_buffer: bool, out: Path,
+                 data_dir: str | None) -> None:
+        self.job, self.classes, self.has_buffer, self.out, self.data_dir = job, list(classes), has_buffer, out, data_dir
+
+    def units(self, target: Target) -> list[Unit]:
+        job = self.job
+        chains = [("data", None), ("start", None), ("unconditional", None)] + [("conditional", c) for c in self.classes]
+        chains += [("buffer", None)] if self.has_buffer else []
+        settings = {"steps": job.steps, "n": job.n, "init": job.init, "step_size": job.step_size, "noise": job.noise,
+                    "clamp": job.clamp, "n_data": job.n_data, "seed": job.seed}
+        names = {f"{chain}{'' if c is None else c}": {"chain": chain, "class": c, **settings} for chain, c in chains}
+        return [Unit(name=f"samples {target.label}", rows=names, n_pieces=1,
+                     piece=lambda b: self._compute(target, chains), merge=lambda pieces, keys: pieces[0]["rows"])]
+
+    def _compute(self, target: Target, chains: list[tuple[str, int | None]]) -> dict[str, Any]:
+        from robust_jem.sampling import draw_samples
+
+        job = self.job
+        s = draw_samples(str(target.checkpoint), self.out, classes=self.classes, n=job.n, steps=job.steps,
+                         step_size=job.step_size, noise=job.noise, init=job.init, seed=job.seed, n_data=job.n_data,
+                         device=self.device(target), data_dir=self.data_dir, clamp=job.clamp)
+        rows = {}
+        for chain, c in chains:
+            st = s[chain] if c is None else s["conditional"][str(c)]
+            rows[f"{chain}{'' if c is None else c}"] = dict(
+                chain=chain, target_class=c, seed=job.seed, steps=job.steps, sgld_step_size=s["step_size"],
+                sgld_noise=s["noise"], sgld_clamp=s["clamp"], init=job.init, wall_s=s["sampling_wall_s"],
+                dataset=s["dataset"], **st)
+        return {"rows": rows, "summary": s, "device": str(self.device(target))}
+
+    @staticmethod
+    def device(target: Target) -> torch.device:
+        return next(target.model.parameters()).device
+
+
 def sample(job: SampleJob, out: str | Path, *, device: torch.device, data_dir: str | None = None,
            progress: bool = True) -> dict[str, Any]:
     """Run ``job`` into ``out``; returns the summary written to ``samples.json``."""
-    from robust_jem.sampling import run_sampling
-
-    return run_sampling(job.checkpoint, out, classes=list(job.classes) if job.classes else None, n=job.n,
-                        steps=job.steps, step_size=job.step_size, noise=job.noise, init=job.init, seed=job.seed,
-                        n_data=job.n_data, device=device, data_dir=data_dir, clamp=job.clamp)
+    ds, [c] = load_checkpoints([job.checkpoint], device, data_dir)
+    k = len(ds.classes)
+    classes = list(range(k)) if job.classes is None else list(job.classes)
+    bad = [x for x in classes if not 0 <= x < k]
+    if bad or not classes:
+        raise UserError(f"classes must be in 0..{k - 1}, got {','.join(map(str, bad)) or 'nothing'}")
+    out = prepare_out(out)
+    evaluation = SampleEvaluation(job, classes=classes, has_buffer=bool(c.info.get("has_buffer")), out=out,
+                                  data_dir=data_dir)
+    pipeline.run(evaluation, [target_for(c, Refinement.bare())], out, data_sha256=data_hashes(ds), progress=progress)
+    return json.loads((out / "samples.json").read_text())
 
 
 @dataclass(frozen=True)
@@ -338,13 +442,51 @@ class HealthJob:
     n: int = 2000
     steps: int = 100
     per_class: int = 20
+    threshold: float = 0.9
     seed: int = 0
 
 
-def ebm_health(job: HealthJob, out: str | Path, *, device: torch.device, data_dir: str | None = None,
-               progress: bool = True) -> dict[str, Any]:
-    """Run ``job`` into ``out``; returns the row written to ``health.json``."""
-    from robust_jem.health import run_health
+class HealthEvaluation(Evaluation[HealthRow]):
+    """EBM health (:func:`robust_jem.health.health`): one row, also written as ``health.json``."""
 
-    return run_health(job.checkpoint, job.judge, out, n=job.n, steps=job.steps, per_class=job.per_class,
-                      seed=job.seed, device=device, data_dir=data_dir)
+    row_type = HealthRow
+    code = ("robust_jem/health.py", "robust_jem/sampling.py", "robust_jem/sgld.py", "infra/energy.py")
+
+    def __init__(self, job: HealthJob, *, judge_sha256: str, out: Path, data_dir: str | None) -> None:
+        self.job, self.judge_sha256, self.out, self.data_dir = job, judge_sha256, out, data_dir
+
+    def units(self, target: Target) -> list[Unit]:
+        job = self.job
+        key = {"judge_sha256": self.judge_sha256, "n": job.n, "steps": job.steps, "per_class": job.per_class,
+               "threshold": job.threshold, "seed": job.seed}
+        return [Unit(name=f"health {target.label}", rows={"row": key}, n_pieces=1,
+                     piece=lambda b: self._compute(target), merge=lambda pieces, keys: {"row": pieces[0]["row"]})]
+
+    def _compute(self, target: Target) -> dict[str, Any]:
+        from robust_jem.health import health
+
+        job = self.job
+        device = next(target.model.parameters()).device
+        res = health(str(target.checkpoint), job.judge, n=job.n, steps=job.steps, per_class=job.per_class,
+                     threshold=job.threshold, seed=job.seed, device=device, data_dir=self.data_dir)
+        return {"row": {**res, "judge": str(job.judge), "judge_sha256": self.judge_sha256, "seed": job.seed},
+                "device": str(device)}
+
+    def finish(self, rows: list[HealthRow], out: Path) -> None:
+        atomic_write(out / "health.json", json.dumps(rows[-1].to_dict(), indent=1))
+
+
+def ebm_health(job: HealthJob, out: str | Path, *, device: torch.device, data_dir: str | None = None,
+               progress: bool = True) -> HealthRow:
+    """Run ``job`` into ``out``; returns its row (also written to ``health.json``)."""
+    ds, [c] = load_checkpoints([job.checkpoint], device, data_dir)
+    if not c.info.get("has_buffer"):
+        raise UserError(f"{c.path} has no replay buffer (objective {c.objective}): nothing to judge")
+    out = prepare_out(out)
+    judge_sha256 = file_sha256(job.judge)
+    if judge_sha256 == c.sha256:
+        raise UserError("the judge must be another model than the one judged")
+    evaluation = HealthEvaluation(job, judge_sha256=judge_sha256, out=out, data_dir=data_dir)
+    [row] = pipeline.run(evaluation, [target_for(c, Refinement.bare())], out, data_sha256=data_hashes(ds),
+                         progress=progress)
+    return row

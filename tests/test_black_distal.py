@@ -16,7 +16,8 @@ from attacks.black import BlackboxConfig, blackbox_attack, distances
 from attacks.curves import accuracy_curve, distance_summary
 from attacks.fixed_noise import FixedNoiseView, PerExampleNoise
 from attacks.common import AttackInputError
-from attacks.distal import DistalConfig, optimise, run_distal
+from attacks import pipeline
+from attacks.distal import DistalConfig, DistalEvaluation, optimise
 from infra.records import read_rows
 from conftest import assert_usage_error, trained_tiny_classifier
 from robust_jem.data import load_dataset
@@ -236,17 +237,19 @@ def test_distal_confidence_rises_with_steps(tiny_model, data, tmp_path):
     assert trace.shape == (12, 10)
     assert trace[-1].mean() > trace[0].mean() + 0.2
     cfg = DistalConfig(steps=12, step_size=0.03, seeds=1)
-    rows = run_distal(tiny_model, n_classes=10, mean_image=data[0].mean(0), real_images=data[0], cfg=cfg,
-                      out_dir=tmp_path, identity={"model": "tiny"},
-                      save_grid=lambda imgs, path, nrow: save_grid(imgs, path, nrow=nrow), progress=False)
-    assert [r["start"] for r in rows] == ["uniform", "mean"]
+    evaluation = DistalEvaluation(n_classes=10, mean_image=data[0].mean(0), real_images=data[0], cfg=cfg,
+                                  out_dir=tmp_path, save_grid=lambda imgs, path, nrow: save_grid(imgs, path, nrow=nrow))
+    target = Target("tiny", tiny_model)
+    rows = pipeline.run(evaluation, [target], tmp_path, progress=False)
+    assert [r.start for r in rows] == ["uniform", "mean"]
     for r in rows:
-        assert r["kind"] == "distal" and r["n_images"] == 10
-        assert r["target_prob_result"] > r["target_prob_start"]
-        assert 0 <= r["frac_target_above_threshold"] <= r["frac_above_threshold"] <= 1
-        assert (tmp_path / r["grid_file"]).is_file()
-    assert run_distal(tiny_model, n_classes=10, mean_image=data[0].mean(0), real_images=data[0], cfg=cfg,
-                      out_dir=tmp_path, identity={"model": "tiny"}, progress=False) == []  # resumed
+        assert r.kind == "distal" and r.n_images == 10 and r.model == "tiny"
+        assert r.target_prob_result > r.target_prob_start
+        assert 0 <= r.frac_target_above_threshold <= r.frac_above_threshold <= 1
+        assert (tmp_path / r.grid_file).is_file()
+    lines = (tmp_path / "rows.jsonl").read_text()
+    again = pipeline.run(evaluation, [target], tmp_path, progress=False)  # resumed: nothing recomputed
+    assert again == rows and (tmp_path / "rows.jsonl").read_text() == lines
 
 
 # --- command line ---------------------------------------------------------------------------------

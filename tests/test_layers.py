@@ -103,19 +103,18 @@ def test_one_atomic_writer_one_energy_formula_one_verdict():
     assert verdicts == ["attacks/verdict.py"], verdicts
 
 
-def test_bench_attack_precision_runs_in_its_quick_mode(tiny_run, tmp_path):
-    """A bench nobody runs rots: the bf16-vs-fp32 attack bench, seconds-long, on tiny checkpoints."""
-    import importlib.util
-
-    from conftest import tiny_cfg
-    from robust_jem.train import train
-
-    ce = train(tiny_cfg("ce", iters=3), tmp_path / "ce", progress=False)
-    at = train(tiny_cfg("pgd-at", iters=3), tmp_path / "at", progress=False)
-    spec = importlib.util.spec_from_file_location("attack_precision", ROOT / "bench" / "attack_precision.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    md = bench.main(["--quick", "--ce", str(ce), "--pgd-at", str(at), "--jem", str(tiny_run / "final.pt"),
-                     "--out", str(tmp_path / "out")])
-    text = md.read_text()
-    assert all(f"| {m} | 4 |" in text for m in ("CE", "PGD-AT", "JEM-0", "JEM-1")), text
+def test_only_the_pipeline_appends_result_rows():
+    """Every result row enters a run folder through attacks.pipeline.run (keyed, checked, typed); other JSONL
+    appends are logs of their own (training metrics, a study's stage log), never ``rows.jsonl``."""
+    appends: dict[str, list[str]] = {}
+    for pkg in PACKAGES + ("bench",):
+        for p in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(p.read_text())):
+                if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "append_row":
+                    appends.setdefault(str(p.relative_to(ROOT)), []).append(ast.unparse(node.args[0]))
+    assert "attacks/pipeline.py" in appends, appends  # the check saw the one door
+    others = {f: targets for f, targets in appends.items() if f != "attacks/pipeline.py"}
+    assert all("rows" not in t.lower() for targets in others.values() for t in targets), others
+    built = sorted(str(p.relative_to(ROOT)) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")
+                   if "Row.build(" in p.read_text() or "row_type.build(" in p.read_text())
+    assert built == ["attacks/pipeline.py"], built

@@ -150,3 +150,63 @@ def test_the_cli_and_the_study_attack_the_same_defense(run_cli, tmp_path, fashio
     _, loaded = load_checkpoints([str(jem)], __import__("torch").device("cpu"))
     ids = {t.defense_id for t in build_targets(loaded, stage.job.chain, ("full",))}
     assert ids == {row["defense_id"]}
+
+
+def _outcomes(r) -> tuple[tuple, object]:
+    """What a row measured, keyed by what it measured on (the fields the golden file holds)."""
+    if r["kind"] == "whitebox":
+        return (("whitebox", r["model"], r["attack"], r["norm"], r["eps"], r["grad_mode"], r["steps"], r["eot"]),
+                (r["n"], r["clean_acc"], r["robust_acc"], r["correct"]))
+    if r["kind"] == "blackbox":
+        return ("blackbox", r["model"], r["attack"], r["norm"], r["n"]), (r["clean_acc"], r["acc_curve"])
+    if r["kind"] == "certify":
+        return ("certify", r["model"], r["radius"]), r["certified_accuracy"]
+    if r["kind"] == "calibration":
+        return ("calibration", r["model"]), (r["accuracy"], r["ece"])
+    if r["kind"] == "ood":
+        return ("ood", r["model"], r["out_set"], r["score"]), r["auroc"]
+    return ("distal", r["model"], r["start"], r["grad_mode"]), r["conf_result"]
+
+
+def test_the_pipeline_changed_no_number_of_the_tiny_study(tiny_study):
+    """Every row kind moved to one pipeline (attacks.pipeline); what the numbers mean must not move with it. The golden
+    file is the tiny study run by the code before that change (its git sha inside), with AVX2 kernels; training and
+    attacks are bit-reproducible there, so every number must agree exactly."""
+    import torch
+
+    from pathlib import Path
+
+    golden = json.loads((Path(__file__).parent / "data" / "tiny_study_before_pipeline.json").read_text())
+    if torch.backends.cpu.get_cpu_capability() != golden["cpu_capability"]:
+        pytest.skip(f"recorded with {golden['cpu_capability']} kernels; CI's second pass forces them")
+    _, run_dir = tiny_study
+    fields = {"whitebox": ("attack", "norm", "eps", "grad_mode", "steps", "eot", "n", "clean_acc", "robust_acc",
+                           "correct"), "blackbox": ("attack", "norm", "n", "clean_acc", "acc_curve"),
+              "certify": ("radius", "certified_accuracy"), "calibration": ("accuracy", "ece"),
+              "ood": ("out_set", "score", "auroc"), "distal": ("start", "grad_mode", "conf_result")}
+    def grouped(rows: list[dict]) -> dict[tuple, list[str]]:  # rows that share a key (a ladder's rungs) as a multiset
+        out: dict[tuple, list[str]] = {}
+        for r in rows:
+            key, value = _outcomes(r)
+            out.setdefault(key, []).append(json.dumps(value))
+        return {k: sorted(v) for k, v in out.items()}
+
+    now = grouped([{"kind": r.kind, "model": r.model, **{f: getattr(r, f) for f in fields[r.kind]}}
+                   for r in read_typed(run_dir) if r.kind in fields])
+    before = grouped([{**g, "radius": g.get("radius")} for g in golden["rows"]])
+    assert sum(map(len, before.values())) == len(golden["rows"]) == 165 and set(now) == set(before)
+    changed = {k: (before[k], now[k]) for k in before if before[k] != now[k]}
+    assert not changed, sorted(changed)
+
+
+def test_bench_independent_attack_runs_on_the_tiny_study(tiny_study, tmp_path):
+    """bench/independent_attack.py in its seconds-long form: its own margin-loss PGD against the study's headline."""
+    from test_bench import bench
+
+    _, run_dir = tiny_study
+    bench("independent_attack").main([str(run_dir), "--eps", "0.1", "--steps", "2", "--eot", "1", "--draws", "2",
+                                      "--out", str(tmp_path), "--tag=-t"])
+    [record] = [json.loads(p.read_text()) for p in tmp_path.glob("independent_attack-*-t.json")]
+    assert record["results"], record  # it found the headline's cells (a comparison of nothing would pass)
+    for r in record["results"]:
+        assert 0 <= r["independent_robust"] <= r["n"] and 0 <= r["suite_robust"] <= r["n"]

@@ -292,7 +292,7 @@ def test_a_killed_row_keeps_its_finished_batches(net, data, tmp_path):
 
     with pytest.raises(Interrupted) as stop:  # Ctrl-C: it says exactly what it kept
         run_sweep(target, dying_after(2), ["linf"], [0.05], data.images, data.labels, tmp_path / "a", **common)
-    assert "0 of 1 rows of this sweep" in stop.value.kept and "2 of 3 pieces of the row in progress" in stop.value.kept
+    assert "0 of 1 whitebox rows" in stop.value.kept and "2 of 3 pieces of the row in progress" in stop.value.kept
     assert read_rows(tmp_path / "a") == [] and len(list((tmp_path / "a" / "parts").glob("*/*.json"))) == 2
     first_two = list(batches)
     row = run_sweep(target, dying_after(3), ["linf"], [0.05], data.images, data.labels, tmp_path / "a",
