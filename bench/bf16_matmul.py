@@ -6,6 +6,7 @@ Usage: .venv/bin/python bench/bf16_matmul.py > bench/results/bf16_matmul-<cpu>.m
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -30,13 +31,19 @@ def best_of(fn, repeats: int = 5) -> float:
     return min(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=1024, help="side of the square matmul")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="seconds: a 128² matmul, one timed call each")
+    args = ap.parse_args(argv)
+    size, repeats = (128, 1) if args.quick else (args.size, args.repeats)
     torch.manual_seed(0)
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    flops = 2 * 1024 ** 3
-    fp32 = best_of(lambda: a @ b)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    flops = 2 * size ** 3
+    fp32 = best_of(lambda: a @ b, repeats)
     ab, bb = a.bfloat16(), b.bfloat16()
-    bf16 = best_of(lambda: ab @ bb)
+    bf16 = best_of(lambda: ab @ bb, repeats)
     model = EnergyModel(preset_config("quick", "ce", "fashion-mnist").model)
     x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
 
@@ -45,12 +52,12 @@ def main() -> None:
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
 
-    step32, step16 = best_of(lambda: step(False)), best_of(lambda: step(True))
+    step32, step16 = best_of(lambda: step(False), repeats), best_of(lambda: step(True), repeats)
     print(f"# bf16 vs fp32 on {device_name('cpu')}")
     print(f"kernels: {torch.backends.cpu.get_cpu_capability()}, native bf16 (robust-jem's test): {native_bf16('cpu')}; "
           f"torch {torch.__version__}; git {git_sha()}\n")
     print("| work | fp32 | bf16 | bf16 / fp32 speed |\n|---|---|---|---|")
-    print(f"| 1024² matmul | {flops / fp32 / 1e9:.1f} GFLOP/s | {flops / bf16 / 1e9:.2f} GFLOP/s | {fp32 / bf16:.3f}× |")
+    print(f"| {size}² matmul | {flops / fp32 / 1e9:.1f} GFLOP/s | {flops / bf16 / 1e9:.2f} GFLOP/s | {fp32 / bf16:.3f}× |")
     print(f"| quick CNN train step (batch 64, fwd+bwd) | {step32 * 1e3:.1f} ms | {step16 * 1e3:.1f} ms | "
           f"{step32 / step16:.3f}× |")
 

@@ -74,7 +74,7 @@ def robust_in_all_draws(model: RefinedClassifier, x: torch.Tensor, y: torch.Tens
     return ok
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path, help="study run folder (rows.jsonl, headline.json)")
     ap.add_argument("--eps", default="0.05,0.1")
@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--models", default=None, help="comma-separated model labels (default: every headline model)")
     ap.add_argument("--tag", default="", help="suffix of the output files")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     eps_list = [float(e) for e in args.eps.split(",")]
     head = json.loads((args.run / "headline.json").read_text())

@@ -95,17 +95,18 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca) + np.trace(cb) - 2 * np.sqrt(np.clip(wm, 0, None)).sum())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoints", nargs="+", type=Path)
     ap.add_argument("--data", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--train-n", type=int, default=None, help="train the judge on the first N images [all]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--judge-cache", type=Path, default=Path("runs/independent_judge.pt"))
     ap.add_argument("--tag", default="run")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     t0 = time.perf_counter()
     x_tr, y_tr = fashion(args.data, "train")
     x_te, y_te = fashion(args.data, "test")
@@ -114,7 +115,7 @@ def main() -> None:
         judge.load_state_dict(torch.load(args.judge_cache, weights_only=True))
         judge.eval()
     else:
-        judge = train_judge(x_tr, y_tr, args.epochs, args.seed)
+        judge = train_judge(x_tr[:args.train_n], y_tr[:args.train_n], args.epochs, args.seed)
         args.judge_cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(judge.state_dict(), args.judge_cache)
     real = logits_of(judge, x_te)
@@ -144,7 +145,7 @@ def main() -> None:
         results.append(res)
         print(json.dumps(res), flush=True)
     meta = {"timestamp": now(), "git_sha": git_sha(), "judge": "2-conv BatchNorm CNN, Adam 1e-3, "
-            f"{args.epochs} epochs, seed {args.seed}", **base, "n": args.n, "wall_s": time.perf_counter() - t0,
+            f"{args.epochs} epochs on {args.train_n or len(x_tr)} images, seed {args.seed}", **base, "n": args.n, "wall_s": time.perf_counter() - t0,
             "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"independent_health-{args.tag}.json").write_text(json.dumps(meta, indent=1))

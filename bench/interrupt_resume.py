@@ -2,6 +2,7 @@
 command: are the final weights bit-identical? (The issue's bar, measured on the quick preset.)
 
 Usage: .venv/bin/python bench/interrupt_resume.py [--objective ce] [--preset quick] > bench/results/interrupt_resume-quick.md
+       .venv/bin/python bench/interrupt_resume.py --preset tiny --iters 300 --after 2   # seconds (a test runs it)
 Each signal is sent after the run has logged ``--after`` metric rows (mid log window for SIGINT / SIGTERM).
 """
 
@@ -23,15 +24,16 @@ from infra.provenance import device_name, git_sha  # noqa: E402
 from robust_jem.checkpoint import read_checkpoint  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--objective", default="ce")
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--after", type=int, default=8, help="metric rows logged before the signal")
-    args = ap.parse_args()
+    ap.add_argument("--iters", type=int, default=None, help="training iterations [the preset's]")
+    args = ap.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="interrupt-"))
     cmd = [sys.executable, "-m", "robust_jem", "train", "--preset", args.preset, "--objective", args.objective,
-           "--no-progress", "--device", "cpu"]
+           "--no-progress", "--device", "cpu"] + (["--iters", str(args.iters)] if args.iters else [])
 
     t0 = time.perf_counter()
     subprocess.run(cmd + ["--out", str(root / "whole")], check=True, capture_output=True)
@@ -44,12 +46,16 @@ def main() -> None:
              "|---|---|---|---|---|---|---|"]
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         out = root / sig.name
-        extra = ["--save-every", "1"] if sig == signal.SIGKILL else []
+        extra = ["--save-every", "0.2"] if sig == signal.SIGKILL else []
         proc = subprocess.Popen(cmd + extra + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True)
         metrics = out / "metrics.jsonl"
-        while proc.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= args.after):
-            time.sleep(0.05)
+        def ready() -> bool:  # kill -9 keeps what the last save kept: wait for one
+            logged = metrics.exists() and metrics.read_text().count("\n") >= args.after
+            return logged and (sig != signal.SIGKILL or (out / "last.pt").exists())
+
+        while proc.poll() is None and not ready():
+            time.sleep(0.02)
         proc.send_signal(sig)
         _, err = proc.communicate()
         step = read_checkpoint(out / "last.pt")["step"]

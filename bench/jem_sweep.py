@@ -37,6 +37,7 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         "cgpx1": ["--sgld-init", "class-gaussian", "--px-weight", "0.1"],  # the quick preset since
         "cgpx3w": ["--sgld-init", "class-gaussian", "--px-weight", "0.3", "--ce-warmup-iters", "1000"],
     },
+    "tiny": {"uniform": _PAPER_PX},  # seconds: the bench's own test runs it
     "standard": {
         # the preset until SGLD step 0.1 (std-s01) won: class-Gaussian chains, log p(x) weight 0.1, 4000 CE + 8000
         # JEM iterations, SGLD step 1
@@ -85,7 +86,7 @@ def run(preset: str, name: str, args: list[str], root: Path, judge: str, threads
                               str(out / "health"), "--device", "cpu"], check=True, env=env)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(VARIANTS), default="quick")
     ap.add_argument("--judge", required=True)
@@ -94,7 +95,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated variants to run and tabulate (default: all)")
     ap.add_argument("--parallel", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="[bench/results/PRESET_jem_sweep.md]")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     variants = VARIANTS[args.preset]
     root = args.root or Path("runs/sweep" if args.preset == "quick" else f"runs/sweep-{args.preset}")
     out_md = args.out or Path(f"bench/results/{args.preset}_jem_sweep.md")

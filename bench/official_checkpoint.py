@@ -70,7 +70,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--official", type=Path, required=True, help="checkout of github.com/wgrathwohl/JEM")
     ap.add_argument("--depth", type=int, default=10)
@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--time-attack", action="store_true",
                     help="label the synthetic test images with the model's own predictions, so pgd runs in full")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "official_checkpoint.md")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     off = official_definitions(args.official)
     from robust_jem import load
 

@@ -11,6 +11,7 @@ import torch
 
 from conftest import assert_usage_error
 from robust_jem import data as data_mod
+from robust_jem.matfile import read_mat_arrays
 from robust_jem.data import load_dataset
 from robust_jem.errors import UserError
 
@@ -136,7 +137,7 @@ def test_mat_reader_matches_scipy(tmp_path):
         path.parent.mkdir()
         scipy.io.savemat(str(path), arrays, do_compression=compressed)
         ref = scipy.io.loadmat(str(path))
-        got = data_mod.read_mat_arrays(path, ("X", "y", "other"))
+        got = read_mat_arrays(path, ("X", "y", "other"))
         for key in ("X", "y", "other"):
             assert got[key].dtype == ref[key].dtype and np.array_equal(got[key], ref[key]), key
         ds = load_dataset("svhn", "train", data_dir=path.parent, download=False)

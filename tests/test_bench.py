@@ -1,0 +1,128 @@
+"""A bench nobody runs rots: every script in bench/ runs here in a seconds-long mode, on tiny checkpoints, and
+its output is checked for what it measured (not just that it exited)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from conftest import tiny_cfg
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+#: bench scripts and the test that runs each (the test below checks that none is missing)
+COVERED = {"attack_precision", "attack_throughput", "bf16_matmul", "independent_attack", "independent_health",
+           "interrupt_resume", "jem_sweep", "official_checkpoint", "train_step", "train_step_parts"}
+
+
+def bench(name: str) -> ModuleType:
+    """Import bench/NAME.py as a module (the bench folder is not a package)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def test_every_bench_script_has_a_quick_run_here():
+    scripts = {p.stem for p in BENCH.glob("*.py")}
+    assert scripts == COVERED, scripts ^ COVERED
+
+
+@pytest.fixture(scope="module")
+def tiny_ce(tmp_path_factory, fashion_available):
+    from robust_jem.train import train
+
+    return train(tiny_cfg("ce", iters=3), tmp_path_factory.mktemp("bench-ce"), progress=False)
+
+
+def test_attack_precision(tiny_run, tiny_ce, tmp_path):
+    from robust_jem.train import train
+
+    at = train(tiny_cfg("pgd-at", iters=3), tmp_path / "at", progress=False)
+    md = bench("attack_precision").main(["--quick", "--ce", str(tiny_ce), "--pgd-at", str(at), "--jem",
+                                         str(tiny_run / "final.pt"), "--out", str(tmp_path / "out")])
+    text = md.read_text()
+    assert all(f"| {m} | 4 |" in text for m in ("CE", "PGD-AT", "JEM-0", "JEM-1")), text
+
+
+def test_attack_throughput(tiny_run, tmp_path):
+    bench("attack_throughput").main(["--quick", "--checkpoint", str(tiny_run / "final.pt"), "--device", "cpu",
+                                     "--out", str(tmp_path)])
+    [record] = [json.loads(p.read_text()) for p in tmp_path.glob("attack_throughput-*.json")]
+    assert {"bare", "batched_bpda", "batched_full", "loop_reference"} <= set(record["results"])
+    assert all(r["images_per_s"] > 0 for r in record["results"].values())
+    assert record["ratios"]["flops_batched_full_over_bare"] > 1  # a chain costs more than the bare network
+
+
+def test_bf16_matmul(capsys):
+    bench("bf16_matmul").main(["--quick"])
+    out = capsys.readouterr().out
+    assert "| 128² matmul |" in out and "quick CNN train step" in out and "kernels:" in out
+
+
+def test_train_step(tmp_path, fashion_available):
+    assert bench("train_step").main(["--device", "cpu", "--repeats", "1", "--steps", "1", "--warmup", "0",
+                                     "--sgld-steps", "1", "--variants", "reference,ours", "--no-bf16-check",
+                                     "--data", "synthetic", "--out", str(tmp_path), "--tag", "test"]) == 0
+    [record] = [json.loads(p.read_text()) for p in tmp_path.glob("train_step-*.json")]
+    text = json.dumps(record)
+    assert "reference" in text and "ours" in text
+
+
+def test_interrupt_resume(capsys, fashion_available):
+    bench("interrupt_resume").main(["--preset", "tiny", "--objective", "ce", "--iters", "150", "--after", "2"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| SIG")]
+    assert len(rows) == 3, out
+    for row in rows:  # | signal | stopped at step | exit code | says | resumed | equal | diff |
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert int(cells[1]) < 150 and cells[5] == "True", row  # it really stopped early, and resumed exactly
+    assert "SIGINT: True, SIGTERM: True, SIGKILL: True" in out
+
+
+def test_jem_sweep(tiny_ce, tmp_path, fashion_available):
+    out = tmp_path / "sweep.md"
+    bench("jem_sweep").main(["--preset", "tiny", "--judge", str(tiny_ce), "--root", str(tmp_path / "runs"), "--run",
+                             "--out", str(out)])
+    [row] = [line for line in out.read_text().splitlines() if line.startswith("| uniform |")]
+    assert "not run" not in row and row.count("%") >= 3, row
+
+
+def test_independent_health(tiny_run, tmp_path, fashion_available):
+    from robust_jem.data import fashion_mnist_dirs
+
+    data = next(d for d in fashion_mnist_dirs(None) if d.is_dir())
+    bench("independent_health").main([str(tiny_run / "final.pt"), "--data", str(data), "--n", "64", "--epochs", "1",
+                                      "--train-n", "512", "--judge-cache", str(tmp_path / "judge.pt"), "--tag", "t",
+                                      "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "independent_health-t.json").read_text())
+    [res] = record["results"]
+    assert 0 <= res["buffer_confident"] <= 1 and res["fd_buffer_real"] > 0 and record["fd_real_real"] >= 0
+
+
+def test_official_checkpoint_without_the_official_code(tmp_path):
+    """Its run needs a checkout of github.com/wgrathwohl/JEM (not redistributed here); what it writes for robust-jem
+    to read is checked: synthetic CIFAR-10 files in the official binary format load as CIFAR-10."""
+    from robust_jem.data import load_dataset
+
+    module = bench("official_checkpoint")
+    module.write_cifar10(tmp_path / "cifar-10-batches-bin", n=8, seed=0)
+    test = load_dataset("cifar10", "test", tmp_path)
+    assert len(test) == 8 and tuple(test.shape) == (3, 32, 32)
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0
+
+
+def test_train_step_parts_is_importable():
+    parts = bench("train_step_parts")
+    assert callable(parts.count_flops) and parts.GPU_PEAKS
