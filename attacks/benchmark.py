@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from infra.io import atomic_write
+from infra.randomness import generator
 
 from . import ATTACK_CODE, code_hash
 from .black import BlackboxConfig, BlackboxResult, attack_chunk
@@ -66,7 +67,7 @@ class Examples:
         if self.rule == "first":
             idx = list(range(n))
         else:
-            idx = torch.randperm(total, generator=torch.Generator().manual_seed(self.seed))[:n].tolist()
+            idx = torch.randperm(total, generator=generator(self.seed))[:n].tolist()
         return idx
 
     def describe(self, total: int) -> dict[str, Any]:

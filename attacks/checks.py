@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from .common import wilson
 from .rows import BlackboxRow, Row, WhiteboxRow, of_kind
@@ -90,11 +90,35 @@ def mcnemar_p(b: int, c: int) -> float:
     return float(binomtest(min(b, c), n, 0.5).pvalue)
 
 
+@dataclass(frozen=True)
+class Paired:
+    """Two per-example outcome vectors compared on the examples both hold."""
+
+    n: int  # examples in common
+    robust_a: int  # robust under a, of those
+    robust_b: int
+    only_a: int  # robust under a only (discordant)
+    only_b: int
+
+    @property
+    def p(self) -> float:
+        """Exact McNemar p-value of the discordant pairs."""
+        return mcnemar_p(self.only_a, self.only_b)
+
+
+def paired_outcomes(a_indices: Sequence[int], a_correct: Sequence[int], b_indices: Sequence[int],
+                    b_correct: Sequence[int]) -> Paired:
+    """The one paired comparison of two per-example outcome vectors (rows, or worst-case headline cells)."""
+    va = dict(zip(a_indices, a_correct))
+    common = [(bool(va[i]), bool(c)) for i, c in zip(b_indices, b_correct) if i in va]
+    return Paired(len(common), sum(x for x, _ in common), sum(y for _, y in common),
+                  sum(x and not y for x, y in common), sum(y and not x for x, y in common))
+
+
 def paired(a: WhiteboxRow, b: WhiteboxRow) -> tuple[int, int, int]:
     """On the examples both rows attacked: (n common, robust only under ``a``, robust only under ``b``)."""
-    va = dict(zip(a.example_indices, a.correct))
-    common = [(bool(va[i]), bool(c)) for i, c in zip(b.example_indices, b.correct) if i in va]
-    return len(common), sum(x and not y for x, y in common), sum(y and not x for x, y in common)
+    q = paired_outcomes(a.example_indices, a.correct, b.example_indices, b.correct)
+    return q.n, q.only_a, q.only_b
 
 
 def _label(r: Row) -> str:

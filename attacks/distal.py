@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from infra.energy import log_density_of_logits
 from infra.norms import ascent_step
+from infra.randomness import generator
 from infra.records import row_key
 
 from .common import AttackInputError, check_images
@@ -219,7 +220,7 @@ class DistalEvaluation(Evaluation[DistalRow]):
         cfg, model = self.cfg, target.model
         density = self.density(target) if self.density is not None else model
         t0 = time.perf_counter()
-        g = torch.Generator(device=self.mean_image.device).manual_seed(cfg.seed)
+        g = generator(cfg.seed, self.mean_image.device)
         x0, targets, kinds = make_starts(self.n_classes, self.mean_image, cfg, g)
         results: list[torch.Tensor] = []
         traces: list[torch.Tensor] = []

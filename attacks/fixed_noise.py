@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from infra.randomness import derive_seed
+from infra.randomness import derive_seed, generator
 
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 NoiseModel = Callable[..., torch.Tensor]
@@ -42,7 +42,7 @@ class PerExampleNoise:
     """
 
     def __init__(self, seeds: Sequence[int], device: torch.device) -> None:
-        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        self.generators = [generator(s, device) for s in seeds]
 
     def __call__(self, like: torch.Tensor) -> torch.Tensor:
         n = len(self.generators)

@@ -27,6 +27,7 @@ import torch
 
 from infra.energy import energy_of_logits
 from infra.provenance import file_sha256
+from infra.randomness import generator
 
 from .checkpoint import load, read_checkpoint
 from .data import load_dataset
@@ -85,7 +86,7 @@ def health(checkpoint: str | os.PathLike, judge: str | os.PathLike, *, n: int = 
     test = load_dataset(ckpt["dataset"], "test", data_dir)
     real = test.x[: 2 * n] if len(test) >= 2 * n else test.x
     half = real.shape[0] // 2
-    g = torch.Generator(device=device).manual_seed(seed)
+    g = generator(seed, device)
     buf = ckpt["buffer"][:n].to(device).float()
     buffer_x = to_pixels(buf).clamp(0, 1)
     uniform = torch.rand((buffer_x.shape[0], *buffer_x.shape[1:]), generator=g, device=device)

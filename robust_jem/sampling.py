@@ -20,6 +20,7 @@ import torch
 
 from infra.energy import energy_of_logits
 from infra.io import atomic_write, check_out_dir
+from infra.randomness import generator
 from .checkpoint import model_from_checkpoint, read_checkpoint
 from .data import load_dataset
 from .errors import UserError
@@ -122,8 +123,8 @@ def draw_samples(checkpoint: str | os.PathLike, out: str | os.PathLike, *, class
     if not os.access(out, os.W_OK):
         raise UserError(f"output folder {out} is not writable")
 
-    g = torch.Generator(device=device).manual_seed(seed)
-    g_idx = torch.Generator().manual_seed(seed)  # picks buffer entries (CPU, where the buffer lives)
+    g = generator(seed, device)
+    g_idx = generator(seed)  # picks buffer entries (CPU, where the buffer lives)
     shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
     n_uncond = max(n, n * len(classes))
 

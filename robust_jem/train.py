@@ -175,7 +175,7 @@ class Trainer:
 
     def build(self, seed_offset: int) -> None:
         cfg = self.cfg
-        torch_gen = torch.Generator().manual_seed(cfg.seed)
+        torch_gen = generator(cfg.seed)
         self.model = EnergyModel(cfg.model)
         with torch.no_grad():  # deterministic init from the run's seed, without touching the global RNG
             for p in self.model.parameters():
@@ -191,7 +191,7 @@ class Trainer:
         self.model.train()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=lr_at(cfg, 0), weight_decay=cfg.weight_decay,
                                     **({"fused": True} if cfg.fused_adam else {"foreach": True}))
-        self.gen = torch.Generator(device=self.device).manual_seed(self.gen_seed(seed_offset))
+        self.gen = generator(self.gen_seed(seed_offset), self.device)
         self.buffer = None
         if cfg.objective == "jem":
             self.buffer = ReplayBuffer(shard_size(cfg.sgld.buffer_size, self.dist.rank, self.dist.world),

@@ -8,12 +8,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import click
 
 # Only torch-free modules at import time: --help, --version and argument errors answer before torch loads.
-from attacks.common import EVAL_DRAWS, format_eps, parse_eps
+from attacks.common import EVAL_DRAWS, parse_eps
 from infra.errors import InputError
 from infra.interrupt import Interrupted
 from robust_jem.config import PRESETS
@@ -551,6 +551,7 @@ def _whitebox(command: str, attack: Any, *, checkpoints: tuple[str, ...], norm: 
     from robust_jem.distributed import launch
 
     from .evaluate import WhiteboxJob, refuse_foreign_rows, whitebox
+    from .report import robust_table, versus_baseline
 
     eps = list(dict.fromkeys(eps))
     norms = [norm]
@@ -574,43 +575,6 @@ def _whitebox(command: str, attack: Any, *, checkpoints: tuple[str, ...], norm: 
         click.echo(versus)
     click.echo("checkpoints: " + ", ".join(dict.fromkeys(f"{r.model} {r.checkpoint}" for r in rows)))
     click.echo(str(out_dir / "rows.jsonl"))
-
-
-def robust_table(rows: Sequence[Any]) -> str:
-    """The rows of a white-box command as one compact table: a line per (model, gradient mode, attack, norm),
-    a column per ε, each cell robust accuracy in % with its 95 % interval (rule: correct in every draw)."""
-    lines: dict[tuple[str, str, str], dict[float, Any]] = {}
-    for r in rows:
-        mode = f" {r.grad_mode}" if r.sgld_steps else ""
-        lines.setdefault((f"{r.model}{mode}", r.attack, r.norm), {})[r.eps] = r
-    out = []
-    for (name, attack, norm), cells in lines.items():
-        grid = sorted(cells)
-        first = cells[grid[0]]
-        head = f"{name} {attack} {norm} (n={first.n}, clean {100 * first.clean_acc:.0f} %)"
-        body = "  ".join(f"ε={format_eps(e)}: {100 * cells[e].robust_acc:.0f} "
-                         f"[{100 * cells[e].robust_ci_low:.0f}, {100 * cells[e].robust_ci_high:.0f}]" for e in grid)
-        out.append(f"{head}  {body}")
-    return "robust accuracy % [95 % CI], correct in every draw:\n" + "\n".join("  " + line for line in out)
-
-
-def versus_baseline(rows: Sequence[Any]) -> str:
-    """Each JEM against the adversarial-training baseline (PGD-AT) at each ε, on the examples both attacked: the
-    per-example worst case over everything run against each (:func:`attacks.checks.worst_case`; here the gradient
-    modes) and an exact McNemar test. Models are found by objective, not label. Empty without both."""
-    from attacks.checks import worst_case
-
-    from .report import compare
-
-    cells = [h for h in worst_case(list(rows)) if h["eps"] > 0]
-    base = {(h["norm"], h["eps"]): h for h in cells if h["objective"] == "pgd-at"}
-    lines = []
-    for h in sorted(cells, key=lambda h: (h["eps"], h["model"])):
-        b = base.get((h["norm"], h["eps"]))
-        if h["objective"] == "jem" and b is not None:
-            relation, evidence = compare(h, b)
-            lines.append(f"  ε={format_eps(h['eps'])}: {h['model']} is {relation} {b['model']} ({evidence})")
-    return ("JEM against adversarial training (worst case over gradient modes):\n" + "\n".join(lines)) if lines else ""
 
 
 @cli.command()

@@ -11,13 +11,13 @@ import logging
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from infra.io import atomic_write
 from infra.provenance import environment, file_sha256, now
 from infra.records import ROWS, export_csv, read_rows
 
-from attacks.checks import CheckResult, all_flags, mcnemar_p, run_checks, worst_case
+from attacks.checks import CheckResult, all_flags, paired_outcomes, run_checks, worst_case
 from attacks.common import format_eps
 from attacks.plots import NORM_TITLES, model_order, plot_headline, plot_rows
 from attacks.rows import BlackboxRow, Row, WhiteboxRow, of_kind, parse_row
@@ -49,16 +49,12 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, str]:
 
     Returns (relation, evidence), e.g. ("less robust than", "on the same 50 examples: 5 vs 15 robust, ...").
     """
-    va = dict(zip(a["example_indices"], a["correct"]))
-    common = [(bool(va[i]), bool(c)) for i, c in zip(b["example_indices"], b["correct"]) if i in va]
-    n = len(common)
-    if not n:
+    q = paired_outcomes(a["example_indices"], a["correct"], b["example_indices"], b["correct"])
+    if not q.n:
         return "not comparable with", "no common examples"
-    ka, kb = sum(x for x, _ in common), sum(y for _, y in common)
-    only_a, only_b = sum(x and not y for x, y in common), sum(y and not x for x, y in common)
-    p = mcnemar_p(only_a, only_b)
-    rel = ("more robust than" if ka > kb else "less robust than") if p < 0.05 else "not distinguishable from"
-    text = f"on the same {n} examples: {ka} vs {kb} robust, McNemar p = {p:.3g}"
+    rel = ("more robust than" if q.robust_a > q.robust_b else "less robust than") if q.p < 0.05 \
+        else "not distinguishable from"
+    text = f"on the same {q.n} examples: {q.robust_a} vs {q.robust_b} robust, McNemar p = {q.p:.3g}"
     fa, fb = set(a.get("families", [])), set(b.get("families", []))
     if fb - fa:  # the first defense was spared attack families the second faced: not an equal comparison
         text += f"; budgets differ: {a['model']} did not face {', '.join(sorted(fb - fa))}"
@@ -424,3 +420,39 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
     path = run_dir / "report.md"
     atomic_write(path, "\n".join(md) + "\n")
     return path
+
+
+# ------------------------------------------------------------------------------------------------
+# what a white-box command prints
+# ------------------------------------------------------------------------------------------------
+def robust_table(rows: Sequence[Any]) -> str:
+    """The rows of a white-box command as one compact table: a line per (model, gradient mode, attack, norm),
+    a column per ε, each cell robust accuracy in % with its 95 % interval (rule: correct in every draw)."""
+    lines: dict[tuple[str, str, str], dict[float, Any]] = {}
+    for r in rows:
+        mode = f" {r.grad_mode}" if r.sgld_steps else ""
+        lines.setdefault((f"{r.model}{mode}", r.attack, r.norm), {})[r.eps] = r
+    out = []
+    for (name, attack, norm), cells in lines.items():
+        grid = sorted(cells)
+        first = cells[grid[0]]
+        head = f"{name} {attack} {norm} (n={first.n}, clean {100 * first.clean_acc:.0f} %)"
+        body = "  ".join(f"ε={format_eps(e)}: {100 * cells[e].robust_acc:.0f} "
+                         f"[{100 * cells[e].robust_ci_low:.0f}, {100 * cells[e].robust_ci_high:.0f}]" for e in grid)
+        out.append(f"{head}  {body}")
+    return "robust accuracy % [95 % CI], correct in every draw:\n" + "\n".join("  " + line for line in out)
+
+
+def versus_baseline(rows: Sequence[Any]) -> str:
+    """Each JEM against the adversarial-training baseline (PGD-AT) at each ε, on the examples both attacked: the
+    per-example worst case over everything run against each (:func:`attacks.checks.worst_case`; here the gradient
+    modes) and an exact McNemar test. Models are found by objective, not label. Empty without both."""
+    cells = [h for h in worst_case(list(rows)) if h["eps"] > 0]
+    base = {(h["norm"], h["eps"]): h for h in cells if h["objective"] == "pgd-at"}
+    lines = []
+    for h in sorted(cells, key=lambda h: (h["eps"], h["model"])):
+        b = base.get((h["norm"], h["eps"]))
+        if h["objective"] == "jem" and b is not None:
+            relation, evidence = compare(h, b)
+            lines.append(f"  ε={format_eps(h['eps'])}: {h['model']} is {relation} {b['model']} ({evidence})")
+    return ("JEM against adversarial training (worst case over gradient modes):\n" + "\n".join(lines)) if lines else ""
