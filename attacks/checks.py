@@ -29,7 +29,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from .common import wilson
+from .common import eps_key, same_eps, wilson
 from .rows import BlackboxRow, Row, WhiteboxRow, of_kind
 
 LARGE_EPS_MAX_ACC = 0.01
@@ -125,14 +125,10 @@ def _label(r: Row) -> str:
     return f"{r.model} [{r.defense_id}]" if r.defense_id else r.model
 
 
-def _same_eps(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
-
-
 def _pair_key(r: WhiteboxRow, vary: str) -> tuple:
     """Everything that must agree for two rows to form a pair in ``vary``."""
     fields = {"subject": r.subject, "family": r.attack_family or r.attack, "norm": r.norm,
-              "eps": round(float(r.eps), 12), "grad_mode": r.grad_mode, "step_rule": r.step_rule,
+              "eps": eps_key(r.eps), "grad_mode": r.grad_mode, "step_rule": r.step_rule,
               "steps": r.steps, "restarts": r.restarts, "eot": r.eot_used, "precision": r.precision,
               "eval_draws": r.eval_draws_used, "split": r.split, "dataset": r.dataset}
     fields.pop(vary)
@@ -176,7 +172,7 @@ def check_large_eps(rows: list[Row]) -> CheckResult:
         floor = large_eps(r.norm, r.dataset)
         if floor is None or top[r.norm] < floor - 1e-12:
             small[r.norm] = (top[r.norm], floor)
-    at_top = [r for r in white if r.norm not in small and _same_eps(r.eps, top[r.norm])]
+    at_top = [r for r in white if r.norm not in small and same_eps(r.eps, top[r.norm])]
     note = "; ".join(f"largest {n} ε {e:.4g} is below the large ε {f:.4g} its premise needs" if f is not None
                      else f"no large {n} ε known for this data set" for n, (e, f) in sorted(small.items()))
     res = CheckResult("large_eps_not_broken", "accuracy → 0 as ε grows: rows at each norm's largest ε, when large",
@@ -321,7 +317,7 @@ def worst_case(rows: list[Row], side: dict[str, dict[str, Any]] | None = None) -
     groups: dict[tuple, list[WhiteboxRow]] = defaultdict(list)
     for r in of_kind(rows, WhiteboxRow):
         if r.correct and r.example_indices:
-            groups[(r.subject, r.model, r.norm, round(float(r.eps), 12))].append(r)
+            groups[(r.subject, r.model, r.norm, eps_key(r.eps))].append(r)
     black = [b for b in of_kind(rows, BlackboxRow) if b.key in side]
     out = []
     for (subj, label, norm, eps), rs in sorted(groups.items()):

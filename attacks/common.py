@@ -40,12 +40,30 @@ def parse_eps(text: str, norm: str | None = None) -> list[float]:
             raise AttackInputError(f"ε {part!r} divides by zero") from None
         except ValueError:
             raise AttackInputError(f"ε {part!r} is not a number or fraction (e.g. 8/255, 0.03)") from None
-        if not math.isfinite(value) or value < 0:
-            raise AttackInputError(f"ε {part!r} must be a finite non-negative number")
-        if norm == "linf" and value > 1:
-            raise AttackInputError(f"L∞ ε {part!r} exceeds 1, the whole [0,1] pixel range")
+        check_eps(norm, value, text=part)
         out.append(value)
     return out
+
+
+def check_eps(norm: str | None, eps: float, shape: tuple[int, ...] | None = None, *, text: str | None = None) -> None:
+    """The one range check of a budget in [0,1] pixel units: finite and non-negative; L∞ at most 1 (the whole pixel
+    range; a whole number up to 255 is probably meant as k/255); L2 at most the diagonal of [0,1]^(C·H·W) when the
+    image ``shape`` (C, H, W) is known. ``text`` is the budget as the user typed it.
+
+    Raises:
+        AttackInputError: naming the budget and the bound it breaks.
+    """
+    shown = text if text is not None else f"{eps:g}"
+    if not math.isfinite(eps) or eps < 0:
+        raise AttackInputError(f"ε {shown} must be a finite non-negative number")
+    if norm == "linf" and eps > 1:
+        hint = f"; did you mean {shown}/255?" if eps <= 255 and eps == int(eps) else ""
+        raise AttackInputError(f"L∞ ε {shown} exceeds 1, the whole [0,1] pixel range{hint}")
+    if norm == "l2" and shape is not None:
+        top = math.sqrt(math.prod(shape))
+        if eps > top:
+            raise AttackInputError(f"L2 ε {shown} exceeds {top:.4g}, the largest L2 distance between two images of "
+                                   f"{'x'.join(map(str, shape))} pixels in [0,1]")
 
 
 def format_eps(e: float) -> str:
@@ -54,6 +72,16 @@ def format_eps(e: float) -> str:
     if len(text) > 5 and e and abs(e * 255 - round(e * 255)) < 1e-9:
         return f"{round(e * 255)}/255"
     return text
+
+
+def eps_key(e: float) -> float:
+    """ε as a grouping key: budgets that differ only by float noise (2/255 parsed twice) fall together."""
+    return round(float(e), 12)
+
+
+def same_eps(a: float, b: float) -> bool:
+    """Whether two budgets are the same ε (the one tolerance used wherever budgets are matched)."""
+    return eps_key(a) == eps_key(b)
 
 
 def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:

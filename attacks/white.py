@@ -33,7 +33,7 @@ from torch import nn
 from infra.norms import ascent_step, delta_norm, project
 from infra.randomness import derive_seed, seeded
 
-from .common import AttackInputError, check_images
+from .common import AttackInputError, check_eps, check_images
 from .verdict import EVAL_DRAWS, Verdict, is_deterministic
 
 log = logging.getLogger(__name__)
@@ -184,10 +184,7 @@ class WhiteBoxAttack:
         if norm not in WHITE_NORMS:
             raise AttackInputError(f"unknown norm {norm!r}; white-box attacks support {', '.join(WHITE_NORMS)}")
         eps = float(eps)
-        if not eps >= 0 or eps != eps or eps == float("inf"):
-            raise AttackInputError(f"ε must be a finite non-negative number, got {eps}")
-        if norm == "linf" and eps > 1:
-            raise AttackInputError(f"L∞ ε {eps:g} exceeds 1, the whole [0,1] pixel range")
+        check_eps(norm, eps)
         positive_ints(restarts=restarts, eval_draws=eval_draws)
         self.model, self.norm, self.eps = model, norm, eps
         self.restarts, self.eval_draws, self.seed = int(restarts), int(eval_draws), int(seed)

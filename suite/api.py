@@ -91,7 +91,7 @@ def benchmark(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict[s
     for norm, budgets in eps.items():  # the command line's checks, before any work
         if norm not in WHITE_NORMS:
             raise UserError(f"unknown norm {norm!r}; choose from {', '.join(WHITE_NORMS)}")
-        check_budgets([norm], list(budgets), tuple(x.shape[1:]), "input")
+        check_budgets([norm], list(budgets), tuple(x.shape[1:]))
     wrapped = model if deterministic is None else Declared(model, deterministic)
     target = Target(label, wrapped, {"objective": "external", "module": type(model).__name__})
     folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="robust-jem-"))

@@ -555,10 +555,6 @@ def _whitebox(command: str, attack: Any, *, checkpoints: tuple[str, ...], norm: 
 
     eps = list(dict.fromkeys(eps))
     norms = [norm]
-    if norm == "linf" and any(e > 1 for e in eps):
-        big = next(e for e in eps if e > 1)
-        raise UserError(f"L∞ ε {big:g} exceeds 1, the whole [0,1] pixel range" +
-                        (f"; did you mean {big:g}/255?" if big <= 255 and big == int(big) else ""))
     job = WhiteboxJob(tuple(checkpoints), tuple(norms), tuple(eps), attack,
                       _chain(sgld_steps, n_chains, init_noise, sgld_step_size, sgld_noise), tuple(grad_modes),
                       n_examples=n_examples, example_rule=example_rule, batch_size=batch_size, seed=seed, bf16=bf16,

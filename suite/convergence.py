@@ -9,18 +9,18 @@ that has rows with more than one EOT draw, by draws.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from attacks.common import same_eps
 from attacks.plots import NORM_TITLES, save_figure
 from attacks.rows import Row, WhiteboxRow, of_kind
 
 
 def ladders(rows: list[Row], norm: str, eps: float) -> dict[str, dict[str, list[WhiteboxRow]]]:
     """model -> {"steps": rows by steps, "eot": rows by EOT draws}."""
-    cand = [r for r in of_kind(rows, WhiteboxRow) if r.norm == norm and math.isclose(r.eps, eps, rel_tol=1e-9)
+    cand = [r for r in of_kind(rows, WhiteboxRow) if r.norm == norm and same_eps(r.eps, eps)
             and r.attack_family == "pgd" and r.restarts == 1 and r.grad_mode == "full" and r.precision == "fp32"]
     by_model: dict[str, list[WhiteboxRow]] = defaultdict(list)
     for r in cand:

@@ -119,7 +119,7 @@ def whitebox(job: WhiteboxJob, out: str | Path, *, device: torch.device, data_di
                         "double backward, which torch.compile does not support)")
     ds, loaded = load_checkpoints(job.checkpoints, device, data_dir)
     Examples(job.n_examples, job.example_rule, job.seed).validate(len(ds))
-    check_budgets(job.norms, job.eps, ds.shape, ds.name)
+    check_budgets(job.norms, job.eps, ds.shape)
     out = prepare_out(out)  # before any work: a bad --out is one line, not a traceback after the first batch
     bf16 = resolve_bf16(job.bf16, device, "the attack")
     targets = build_targets(loaded, job.chain, job.grad_modes, seed=job.seed, bf16=bf16, compile=job.compile)

@@ -9,8 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
+from attacks.common import check_eps
 from infra.io import check_out_dir
 from infra.records import ROWS, read_rows
 from robust_jem.data import ImageDataset
@@ -61,20 +60,12 @@ def warn_if_wrong_data(rows: Sequence[Any], loaded: Sequence[Any]) -> list[str]:
     return out
 
 
-def check_budgets(norms: Sequence[str], eps: Sequence[float], shape: Sequence[int], name: str) -> None:
-    """Unit errors in a budget, before any work: an L∞ ε above 1 (the whole [0,1] range), an L2 ε beyond the largest
-    distance two images of ``shape`` (C, H, W) can have (the diagonal of [0,1]^(C·H·W)), a negative ε."""
-    bad = [e for e in eps if not e >= 0]
-    if bad:
-        raise UserError(f"ε must be non-negative, got {bad[0]}")
-    if "linf" in norms and any(e > 1 for e in eps):
-        raise UserError(f"L∞ ε {max(eps):g} exceeds 1, the whole [0,1] pixel range")
-    if "l2" in norms:
-        top = float(np.sqrt(np.prod(shape)))
-        big = [e for e in eps if e > top]
-        if big:
-            raise UserError(f"L2 ε {big[0]:g} exceeds {top:.4g}, the largest L2 distance between two {name} images "
-                            f"({'x'.join(map(str, shape))} pixels in [0,1])")
+def check_budgets(norms: Sequence[str], eps: Sequence[float], shape: Sequence[int]) -> None:
+    """Unit errors in a budget, before any work (:func:`attacks.common.check_eps` for every norm and ε: L∞ above 1,
+    L2 beyond the diagonal of images of ``shape`` (C, H, W), negative)."""
+    for norm in norms:
+        for e in eps:
+            check_eps(norm, float(e), tuple(int(d) for d in shape))
 
 
 def refuse_foreign_rows(out: str | Path, checkpoints: Sequence[str | Path], hint: str = "pass another --out") -> None:
