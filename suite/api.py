@@ -29,7 +29,7 @@ from attacks.white import WHITE_NORMS, AttackFactory, pgd_factory
 from infra.provenance import tensors_sha256
 from robust_jem.errors import UserError
 
-from .jobs import check_budgets
+from .jobs import check_budgets, refuse_foreign_rows
 from .report import write_report
 
 
@@ -100,6 +100,7 @@ def benchmark(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict[s
         factories.append(autoattack_factory(version="auto", steps=steps, restarts=1, eval_draws=eval_draws,
                                             seed=seed, n_classes=int(model(x[:1]).shape[1])))
     data = {"images": tensors_sha256(x), "labels": tensors_sha256(y)}  # rows are keyed on the data too
+    refuse_foreign_rows(folder, [], "give another out folder", data_sha256=data)  # the command line's refusal
     if progress:
         tqdm.write(planned_cost(wrapped, factories, eps, len(x)), file=sys.stderr)
     rows: list[WhiteboxRow] = []

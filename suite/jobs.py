@@ -68,18 +68,27 @@ def check_budgets(norms: Sequence[str], eps: Sequence[float], shape: Sequence[in
             check_eps(norm, float(e), tuple(int(d) for d in shape))
 
 
-def refuse_foreign_rows(out: str | Path, checkpoints: Sequence[str | Path], hint: str = "pass another --out") -> None:
-    """Refuse to add rows to a run folder holding rows of other checkpoints (another run's results): its finished
-    rows would be skipped as done and its report would mix two runs."""
+def refuse_foreign_rows(out: str | Path, checkpoints: Sequence[str | Path], hint: str = "pass another --out", *,
+                        data_sha256: dict[str, str] | None = None) -> None:
+    """Refuse to add rows to a run folder holding another run's results: rows of other checkpoints, or (when
+    ``data_sha256`` is given) rows computed on other data. Its finished rows would be skipped as done, and its
+    report would mix two runs, or combine per-example outcomes whose example indices name other images."""
     from infra.provenance import file_sha256
 
     path = Path(out) / ROWS
     if not path.is_file():
         return
+    rows = read_rows(path)
     ours = {file_sha256(c) for c in checkpoints if Path(c).is_file()}
-    foreign = {r["checkpoint_sha256"] for r in read_rows(path) if r.get("checkpoint_sha256")} - ours
+    foreign = {r["checkpoint_sha256"] for r in rows if r.get("checkpoint_sha256")} - ours
     if foreign:
         raise UserError(f"{out} holds rows of {len(foreign)} other checkpoint(s) (another run's results); {hint}")
+    if data_sha256 is not None:
+        want = dict(sorted(data_sha256.items()))
+        other = {json.dumps(r["data_sha256"], sort_keys=True) for r in rows
+                 if r.get("data_sha256") and dict(sorted(r["data_sha256"].items())) != want}
+        if other:
+            raise UserError(f"{out} holds rows computed on other data ({len(other)} other data set(s)); {hint}")
 
 
 def subset(ds: ImageDataset, n: int | None) -> ImageDataset:

@@ -29,8 +29,12 @@ def test_readme_api_example_runs_as_written(tmp_path, fashion_available, capsys)
 
 def test_two_models_in_one_folder_keep_their_own_rows(tmp_path, fashion_available):
     """Two modules of the same class and label benchmarked into one folder: each gets its own numbers (the
-    weights are part of every row's key), and the same model on other data is another row too."""
+    weights are part of every row's key). Rows on other data are refused in that folder (their example indices
+    would name other images), as the command line refuses another run's folder."""
+    import pytest
     import torch
+
+    from infra.errors import InputError
 
     from robust_jem import load_dataset
     from suite import benchmark
@@ -51,7 +55,11 @@ def test_two_models_in_one_folder_keep_their_own_rows(tmp_path, fashion_availabl
     for model in (a, b):
         rows = benchmark(model, x, y, **common)
         assert rows[0].clean_acc == clean(model, x, y)
-    rows = benchmark(a, x[:16], y[:16], **common)
+    before = (tmp_path / "rows.jsonl").read_text()
+    with pytest.raises(InputError, match="other data"):  # the same folder with other data: refused, nothing written
+        benchmark(a, x[:16], y[:16], **common)
+    assert (tmp_path / "rows.jsonl").read_text() == before
+    rows = benchmark(a, x[:16], y[:16], **{**common, "out": tmp_path / "other"})
     assert rows[0].n == 16 and rows[0].clean_acc == clean(a, x[:16], y[:16])
 
 
