@@ -46,32 +46,43 @@ class Examples:
 
     Args:
         n: how many (None: the whole split).
-        rule: ``first`` (indices 0..n-1) or ``random`` (n drawn without replacement with ``seed``).
+        rule: ``first`` (indices 0..n-1), ``random`` (n drawn without replacement with ``seed``) or ``given``
+            (exactly ``given``, e.g. the survivors of an earlier attack, escalated on).
         seed: for ``random``.
+        given: the indices, for ``given``.
     """
 
     n: int | None = None
     rule: str = "first"
     seed: int = 0
+    given: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, indices: Sequence[int]) -> "Examples":
+        """Exactly these examples, in this order."""
+        return cls(len(indices), "given", 0, tuple(int(i) for i in indices))
 
     def validate(self, total: int) -> None:
-        if self.rule not in ("first", "random"):
+        if self.rule not in ("first", "random", "given"):
             raise AttackInputError(f"unknown example rule {self.rule!r}; choose first or random")
         if self.n is not None and not 1 <= self.n <= total:
             raise AttackInputError(f"number of examples must be in 1..{total} (the test split), got {self.n}")
+        if self.rule == "given" and (len(self.given) != self.n or not all(0 <= i < total for i in self.given)):
+            raise AttackInputError(f"given examples must be {self.n} indices in 0..{total - 1}")
 
     def indices(self, total: int) -> list[int]:
         """The selected data set indices, in order."""
         self.validate(total)
         n = total if self.n is None else self.n
         if self.rule == "first":
-            idx = list(range(n))
-        else:
-            idx = torch.randperm(total, generator=generator(self.seed))[:n].tolist()
-        return idx
+            return list(range(n))
+        if self.rule == "given":
+            return list(self.given)
+        return torch.randperm(total, generator=generator(self.seed))[:n].tolist()
 
     def describe(self, total: int) -> dict[str, Any]:
-        return {"rule": self.rule, "n": total if self.n is None else self.n, "seed": self.seed, "split_size": total}
+        d = {"rule": self.rule, "n": total if self.n is None else self.n, "seed": self.seed, "split_size": total}
+        return {**d, "given": list(self.given)} if self.rule == "given" else d
 
 
 #: Image forward-backward passes one piece of a row may cost, per device type. A piece is what a kill or Ctrl-C

@@ -309,8 +309,10 @@ def worst_case(rows: list[Row], side: dict[str, dict[str, Any]] | None = None) -
     against that defense at that norm and ε whose examples cover them contributes: white-box rows through
     their per-example ``correct`` vectors, black-box rows through their side files (``side``: row key -> the
     ``distances-KEY.json`` content; robust at ε when classified correctly under fresh noise and no adversarial
-    was found within ε). Rows on smaller subsets (convergence ladders, spot checks) are reported beside the
-    headline, not mixed into it, so every cell is one fixed selection judged by every attack that covered it.
+    was found within ε). A white-box row on a subset contributes when every example it left out is already
+    broken (a stronger attack escalated on the survivors, AutoAttack's rule); other subset rows (convergence
+    ladders, spot checks) are reported beside the headline, not mixed into it, so every cell is one fixed
+    selection judged by every attack that covered it.
     Two defenses (different ``defense_id``) are never merged, even when they share a label.
     """
     side = side or {}
@@ -326,10 +328,8 @@ def worst_case(rows: list[Row], side: dict[str, dict[str, Any]] | None = None) -
         verdict = {i: True for i in selection}
         frac = {i: 1.0 for i in selection}
         contributors, families, left_out = [], set(), []
-        for r in rs:
-            if not _covers(r.example_indices, selection):
-                left_out.append(r.key)
-                continue
+
+        def add(r: WhiteboxRow) -> None:
             contributors.append(r.key)
             families.add(r.attack_family or r.attack)
             fr = r.robust_frac or [float(c) for c in r.correct]
@@ -337,6 +337,10 @@ def worst_case(rows: list[Row], side: dict[str, dict[str, Any]] | None = None) -
                 if i in selection:
                     verdict[i] = verdict[i] and bool(c)
                     frac[i] = min(frac[i], float(f))
+
+        subsets = []
+        for r in rs:
+            (add if _covers(r.example_indices, selection) else subsets.append)(r)
         for b in black:
             if b.subject != subj or b.norm != norm or not _covers(side[b.key]["indices"], selection):
                 continue
@@ -347,6 +351,12 @@ def worst_case(rows: list[Row], side: dict[str, dict[str, Any]] | None = None) -
                 if i in selection:
                     verdict[i] = verdict[i] and robust
                     frac[i] = min(frac[i], fb[i])
+        # escalation on survivors: a row on a subset counts when every example it left out is already broken
+        for r in sorted(subsets, key=lambda r: (-r.n, r.key)):
+            if all(not verdict[i] for i in selection - set(r.example_indices)):
+                add(r)
+            else:
+                left_out.append(r.key)
         common = sorted(selection)
         k = sum(verdict[i] for i in common)
         n = len(common)

@@ -16,6 +16,8 @@ from typing import Any, Iterable
 
 from infra.io import atomic_write
 
+from .rows import escalates
+
 log = logging.getLogger(__name__)
 
 NORM_TITLES = {"linf": "L∞", "l2": "L2", "l0": "L0"}
@@ -80,7 +82,7 @@ def collect_curves(rows: Iterable[Any]) -> dict[str, dict[tuple, dict[str, Any]]
     A curve is one (model, attack and its budget, n examples). Where two rows give the same curve a point at the
     same ε (the same experiment run twice, e.g. by two stages), the newest counts; that is logged once per curve.
     """
-    rows = [r for r in as_dicts(rows) if r.get("norm") and _points(r)]
+    rows = [r for r in as_dicts(rows) if r.get("norm") and _points(r) and not escalates(r)]
     # the same label from different checkpoints gets the checkpoint hash in its legend
     shas: dict[str, set] = defaultdict(set)
     for r in rows:

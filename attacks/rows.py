@@ -344,6 +344,13 @@ ROW_TYPES: dict[str, type[Row]] = {c.kind: c for c in (WhiteboxRow, BlackboxRow,
                                                       CertificateRow, SampleRow, HealthRow)}
 
 
+def escalates(r: Row | dict[str, Any]) -> bool:
+    """Whether a white-box row attacked another row's survivors (its examples were given, not selected): its
+    robust accuracy is a fraction of those survivors, so it counts only inside a per-example worst case."""
+    examples = r.get("examples") if isinstance(r, dict) else getattr(r, "examples", None)
+    return isinstance(examples, dict) and examples.get("rule") == "given"
+
+
 def parse_row(d: dict[str, Any]) -> Row | None:
     """The typed row of a JSON object (None for a kind without a class)."""
     cls = ROW_TYPES.get(str(d.get("kind")))

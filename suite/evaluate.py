@@ -103,6 +103,17 @@ class WhiteboxJob:
     seed: int = 0
     bf16: bool = False
     compile: bool = False
+    recheck: AutoAttackSettings | None = None  # a stronger attack every row's survivors then meet
+
+
+def stronger(settings: PGDSettings | AutoAttackSettings) -> AutoAttackSettings:
+    """The larger budget a command's survivors meet by default: APGD with the margin-type DLR loss (and CE for an
+    AutoAttack run), 4x the steps (at least 20), one more restart, EOT 20 on a randomized model (or the run's own
+    EOT when given), the same verdict."""
+    eot = settings.eot if isinstance(settings.eot, int) else None
+    names = ("apgd-dlr",) if isinstance(settings, PGDSettings) else ("apgd-ce", "apgd-dlr")
+    return AutoAttackSettings(attacks=names, steps=max(20, 4 * settings.steps), eot=eot,
+                              restarts=settings.restarts + 1, eval_draws=settings.eval_draws)
 
 
 def whitebox(job: WhiteboxJob, out: str | Path, *, device: torch.device, data_dir: str | None = None,
@@ -134,7 +145,25 @@ def whitebox(job: WhiteboxJob, out: str | Path, *, device: torch.device, data_di
                      dataset=ds.name, examples=Examples(job.n_examples, job.example_rule, job.seed), seed=job.seed,
                      batch_size=job.batch_size, progress=progress, data_sha256=data_hashes(ds))
     warn_if_wrong_data(rows, loaded)
+    if job.recheck is not None:
+        rows += recheck_survivors(rows, targets, job.recheck.factory(len(ds.classes), job.seed), ds, Path(out),
+                                  seed=job.seed, batch_size=job.batch_size, progress=progress)
     return rows
+
+
+def recheck_survivors(rows: list[WhiteboxRow], targets: list[Any], factory: Any, ds: Any, out: Path, *, seed: int,
+                      batch_size: int | None, progress: bool) -> list[WhiteboxRow]:
+    """Attack each row's survivors (examples still robust, ε > 0) with ``factory``: one row each, on exactly those
+    examples (:meth:`Examples.of`); the headline's worst case then counts what it broke (escalation on survivors)."""
+    by_id = {(t.defense_id, t.fields()["grad_mode"]): t for t in targets}
+    out_rows: list[WhiteboxRow] = []
+    for r in rows:
+        standing = [i for i, c in zip(r.example_indices, r.correct) if c]
+        if r.eps > 0 and standing:
+            out_rows += run_sweep([by_id[(r.defense_id, r.grad_mode)]], factory, [r.norm], [r.eps], ds.images,
+                                  ds.labels, out, dataset=ds.name, examples=Examples.of(standing), seed=seed,
+                                  batch_size=batch_size, progress=progress, data_sha256=data_hashes(ds))
+    return out_rows
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,9 +18,9 @@ from infra.provenance import environment, file_sha256, now
 from infra.records import ROWS, export_csv, read_rows
 
 from attacks.checks import CheckResult, all_flags, paired_outcomes, run_checks, worst_case
-from attacks.common import format_eps
+from attacks.common import eps_key, format_eps
 from attacks.plots import NORM_TITLES, model_order, plot_headline, plot_rows
-from attacks.rows import BlackboxRow, Row, WhiteboxRow, of_kind, parse_row
+from attacks.rows import BlackboxRow, Row, WhiteboxRow, escalates, of_kind, parse_row
 
 from .convergence import convergence_table, plot_convergence
 from .tables import (ci_text, clean_table, common_table, display_names, headline_table, kv_table, pct,
@@ -311,8 +311,9 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
         md += ["Verdict on the randomized models: " + "; ".join(rules) + ".", ""]
     if headline_png:
         md += [f"![headline: robust accuracy vs ε, one curve per defense]({headline_png.name})", ""]
-    md += ["Attacks behind the cells (every one counts per example; rows on smaller subsets, such as the "
-           "convergence ladders, are reported separately):", "", protocol_table(head, typed), ""]
+    md += ["Attacks behind the cells (every one counts per example, and so does a stronger attack run on the "
+           "examples an earlier one left standing; other rows on smaller subsets, such as the convergence ladders, "
+           "are reported separately):", "", protocol_table(head, typed), ""]
     for norm, t in tables:
         ct, n_common = common_table(head, norm)
         md += [f"### {NORM_TITLES.get(norm, norm)}", ""]
@@ -425,11 +426,35 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
 # ------------------------------------------------------------------------------------------------
 # what a white-box command prints
 # ------------------------------------------------------------------------------------------------
+def recheck_summary(rows: Sequence[Any]) -> str:
+    """What the larger budget found among each row's survivors, and the per-example worst case that results."""
+    checks = [r for r in rows if escalates(r)]
+    if not checks:
+        return "convergence check: no example was left standing at ε > 0, nothing to re-attack"
+    first = checks[0]
+    budget = (f"{first.attack} ({first.steps} steps, {first.restarts} restarts, EOT {first.eot_used})"
+              if first.steps else first.attack)
+    lines = [f"convergence check: the survivors re-attacked by {budget}:"]
+    cells = {(h["subject"], h["norm"], h["eps"]): h for h in worst_case(list(rows))}
+    for c in checks:
+        fell = c.n - sum(c.correct)
+        h = cells.get((c.subject, c.norm, eps_key(c.eps)))
+        worst = (f"; worst case {100 * h['robust_acc']:.0f} % [{100 * h['ci_low']:.0f}, {100 * h['ci_high']:.0f}] "
+                 f"of {h['n']}" if h else "")
+        mode = f" {c.grad_mode}" if c.sgld_steps else ""
+        lines.append(f"  {c.model}{mode} {c.norm} ε={format_eps(c.eps)}: {fell} of {c.n} survivors fell{worst}"
+                     + ("  <- the first attack had not converged" if fell else ""))
+    return "\n".join(lines)
+
+
 def robust_table(rows: Sequence[Any]) -> str:
     """The rows of a white-box command as one compact table: a line per (model, gradient mode, attack, norm),
-    a column per ε, each cell robust accuracy in % with its 95 % interval (rule: correct in every draw)."""
+    a column per ε, each cell robust accuracy in % with its 95 % interval (rule: correct in every draw). Rows that
+    re-attacked survivors are summarised by :func:`recheck_summary` instead."""
     lines: dict[tuple[str, str, str], dict[float, Any]] = {}
     for r in rows:
+        if escalates(r):
+            continue
         mode = f" {r.grad_mode}" if r.sgld_steps else ""
         lines.setdefault((f"{r.model}{mode}", r.attack, r.norm), {})[r.eps] = r
     out = []

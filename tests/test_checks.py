@@ -152,3 +152,18 @@ def test_pair_checks_fire_on_significant_differences_only(honest_rows):
     bpda = _variant(base, 30, sgld_steps=10, grad_mode="bpda")
     res = check_bpda_full([full, bpda])
     assert res.compared == 1 and len(res.flags) == 1
+
+
+def test_a_stronger_attack_on_the_survivors_counts_only_when_it_left_out_nothing_standing():
+    """Escalation on survivors (AutoAttack's rule): a row on the examples an earlier row left standing joins the
+    per-example worst case; a row on a subset that skipped a standing example (a ladder) does not."""
+    def row(key: str, idx: list[int], correct: list[int], rule: str = "first") -> WhiteboxRow:
+        return WhiteboxRow.build(key=key, model="toy", defense_id="d", norm="linf", eps=0.1, attack="PGD",
+                                 attack_family="pgd", n=len(idx), example_indices=idx, correct=correct,
+                                 examples={"rule": rule})
+    head = row("main", [0, 1, 2, 3], [1, 0, 1, 0])
+    survivors = row("check", [0, 2], [0, 1], rule="given")  # broke example 0 of the two left standing
+    ladder = row("ladder", [0, 1], [0, 0])  # skipped example 2, still standing: cannot join
+    [cell] = worst_case([head, survivors, ladder])
+    assert cell["correct"] == [0, 0, 1, 0] and cell["rows"] == ["main", "check"] and cell["subset_rows"] == ["ladder"]
+    assert cell["robust_acc"] == 0.25 and cell["n"] == 4

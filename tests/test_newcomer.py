@@ -91,8 +91,9 @@ def test_report_command_regenerates_the_report(run_cli, tiny_run, tmp_path):
                      "3", "--eot", "1", "--sgld-steps", "0,1", "--out", out, "--no-progress")
     assert attack.code == 0
     table = attack.out.splitlines()  # one compact table: a line per model and attack, a cell per ε
-    assert table[0].startswith("robust accuracy % [95 % CI]") and len(table) == 5, attack.out
-    assert table[3].startswith("checkpoints: JEM-0 ") and table[4].endswith("rows.jsonl")
+    assert table[0].startswith("robust accuracy % [95 % CI]") and len(table) == 6, attack.out
+    assert table[3].startswith("convergence check: ")  # what a larger budget found among the survivors
+    assert table[4].startswith("checkpoints: JEM-0 ") and table[5].endswith("rows.jsonl")
     assert table[1].strip().startswith("JEM-0 ") and table[2].strip().startswith("JEM-1 full ")
     assert all("(n=3, clean" in line and "ε=0:" in line and "ε=0.1:" in line for line in table[1:3])
     res = run_cli("report", out)
@@ -280,3 +281,26 @@ def test_the_report_is_the_same_whatever_the_hash_seed(run_cli, tiny_run, tmp_pa
     first = report("1")
     assert any("JEM-2[step=0.5]" in ln for ln in first)
     assert all(report(seed) == first for seed in ("2", "3"))
+
+
+def test_pgd_says_how_many_of_its_survivors_a_larger_budget_broke(run_cli, tmp_path, fashion_available):
+    """`pgd` re-attacks what it left standing (APGD-DLR, 4x the steps, one more restart) by default, prints how many
+    fell and the resulting worst case; the rows hold the check on exactly the survivors; --no-check skips it."""
+    from conftest import tiny_cfg
+    from robust_jem.train import train
+
+    ce = train(tiny_cfg("ce", iters=20), tmp_path / "ce", progress=False)
+    args = ["--checkpoint", ce, "--eps", "0,0.02", "--steps", "1", "--n-examples", "30", "--no-progress"]
+    res = run_cli("pgd", *args, "--out", tmp_path / "a")
+    assert res.code == 0, res.err
+    rows = read_rows(tmp_path / "a")
+    [main] = [r for r in rows if r["eps"] == 0.02 and r["examples"]["rule"] == "first"]
+    [check] = [r for r in rows if r["examples"]["rule"] == "given"]  # ε = 0 is not re-attacked
+    standing = [i for i, c in zip(main["example_indices"], main["correct"]) if c]
+    assert check["attack"] == "APGD-DLR" and check["steps"] == 20 and check["restarts"] == 2
+    assert check["example_indices"] == standing and standing  # the tiny CE leaves some standing at 1 step
+    fell = len(standing) - sum(check["correct"])
+    assert f"ε=0.02: {fell} of {len(standing)} survivors fell; worst case" in res.out, res.out
+    quiet = run_cli("pgd", *args, "--no-check", "--out", tmp_path / "b")
+    assert quiet.code == 0 and "survivors" not in quiet.out
+    assert {r["examples"]["rule"] for r in read_rows(tmp_path / "b")} == {"first"}
