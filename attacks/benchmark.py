@@ -270,7 +270,9 @@ def merge_fields(target: Target, atk: WhiteBoxAttack, pieces: Sequence[dict[str,
         in_bounds=all(p["in_bounds"] for p in pieces), split="test", examples=examples, batch_size=batch_size,
         wall_s=round(wall, 3), images_per_s=round(n / wall, 4) if wall > 0 else None,
         shards=sorted({p["shard"] for p in pieces}), example_indices=idx, correct=robust, clean_correct=clean,
-        robust_frac=robust_frac, margin_trace=traces,
+        robust_frac=robust_frac, margin_trace=traces, gradients_per_example=gradient_evaluations(atk),
+        passes_per_example=gradient_evaluations(atk) * (1 if attack_family(atk) == "transfer"  # the surrogate's
+                                                        else network_passes(target.fields())),
     )
 
 

@@ -99,6 +99,14 @@ def _device_of(target: Target) -> str:
         return "cpu"
 
 
+def _identity_fields(row_type: type[Row], ident: dict[str, Any]) -> dict[str, Any]:
+    """The defense's fields as row fields: those the row class knows by name, the rest of an open-ended defense's
+    own fields (a user's module, say) under ``defense_params``."""
+    known = row_type.field_names()
+    own = {k: v for k, v in ident.items() if k not in known}
+    return {**{k: v for k, v in ident.items() if k in known}, **({"defense_params": own} if own else {})}
+
+
 def run(evaluation: Evaluation[R], targets: Sequence[Target], out: str | Path, *,
         data_sha256: dict[str, str] | None = None, progress: bool = True) -> list[R]:
     """Run ``evaluation`` on every target into the run folder ``out``; return its rows (also those that existed).
@@ -148,19 +156,14 @@ def run(evaluation: Evaluation[R], targets: Sequence[Target], out: str | Path, *
         if pieces is None:
             continue
         made = u.merge(pieces, keys)
-        prov = {**environment(pieces[0].get("device", _device_of(t)) if pieces else _device_of(t)),
-                "timestamp": now()}
+        common = {**_identity_fields(evaluation.row_type, ident), "checkpoint": t.checkpoint,
+                  **environment(pieces[0].get("device", _device_of(t)) if pieces else _device_of(t)),
+                  "timestamp": now(), "data_sha256": data, "code": code}
         for row_name, key in keys.items():
-            if key in done:
-                continue
-            known = evaluation.row_type.field_names()
-            own = {k: v for k, v in ident.items() if k not in known}  # an open-ended defense's own fields
-            fields = {**{k: v for k, v in ident.items() if k in known}, "checkpoint": t.checkpoint, **prov,
-                      "data_sha256": data, "code": code, **({"defense_params": own} if own else {}),
-                      **made[row_name], "key": key}
-            row = evaluation.row_type.build(**fields)
-            append_row(rows_path, row.to_dict())
-            done.add(key)
+            if key not in done:
+                fields = {**common, **made[row_name], "key": key}  # an evaluation's own fields win
+                append_row(rows_path, evaluation.row_type.build(**fields).to_dict())
+                done.add(key)
         runner.finish()
         export_csv(read_rows(rows_path), out / "rows.csv")
     barrier()  # every row is in the file before anyone reads it back

@@ -138,6 +138,9 @@ class WhiteboxRow(Row):
     examples: dict[str, Any] = field(default_factory=dict)
     batch_size: int | None = None
     images_per_s: float | None = None
+    gradients_per_example: int | None = None  # attacker gradients (steps x restarts x EOT draws, summed)
+    passes_per_example: int | None = None  # network forward-backward passes behind them (x chains x (1 + 2k));
+    # the verdict's forward passes are not counted
     shards: list[str] = field(default_factory=list)
     example_indices: list[int] = field(default_factory=list)
     correct: list[int] = field(default_factory=list)
@@ -340,8 +343,27 @@ class HealthRow(Row):
     energy_buffer: float = 0.0
 
 
+@dataclass(kw_only=True)
+class ActivityRow(Row):
+    """What a JEM-k refinement does to clean test images (:mod:`robust_jem.activity`): displacement in [0,1] pixel
+    units, energy along the chain, predictions changed against the bare classifier and JEM-0."""
+
+    kind: ClassVar[str] = "activity"
+    n: int = 0
+    displacement_l2: float = 0.0
+    displacement_linf: float = 0.0
+    energy_start: float = 0.0
+    energy_end: float = 0.0
+    energy_change: float = 0.0
+    changed_vs_bare: float = 0.0
+    changed_vs_jem0: float = 0.0
+    accuracy_bare: float = 0.0
+    accuracy_refined: float = 0.0
+    inactive: bool = False
+
+
 ROW_TYPES: dict[str, type[Row]] = {c.kind: c for c in (WhiteboxRow, BlackboxRow, DistalRow, CalibrationRow, OODRow,
-                                                      CertificateRow, SampleRow, HealthRow)}
+                                                      CertificateRow, SampleRow, HealthRow, ActivityRow)}
 
 
 def escalates(r: Row | dict[str, Any]) -> bool:

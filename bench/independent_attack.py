@@ -1,6 +1,6 @@
 """An independent check of a study's headline: a simple attack written here, not in ``attacks/``.
 
-For every defense in a study run at the given L∞ budgets, it attacks the headline's own examples with a
+For every defense in a study run at the given L∞ or L2 budgets, it attacks the headline's own examples with a
 margin-loss PGD (loss = best other logit − true logit, averaged over ``--eot`` fresh chain draws per step;
 step size cosine-annealed from ε/4 to ε/100 over ``--steps`` steps; start at a uniform point in the ball;
 the best iterate per example kept), then judges the end point in ``--draws`` fresh draws with its own
@@ -11,6 +11,7 @@ The suite's robust accuracy should not exceed this attack's by more than a coupl
 the count of examples robust in the headline but broken here is the number to watch.
 
     python bench/independent_attack.py results/reference-quick-fashion-mnist --eps 0.05,0.1
+    python bench/independent_attack.py results/reference-quick-fashion-mnist --norm l2 --eps 1,2 --tag -l2
 """
 
 from __future__ import annotations
@@ -38,10 +39,20 @@ def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return other - true  # > 0: misclassified
 
 
+def _flat_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
+
+
 def attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, eot: int,
-           g: torch.Generator) -> torch.Tensor:
-    """Margin-loss L∞ PGD, cosine step schedule, EOT-averaged gradients, best iterate per example."""
-    delta = (torch.rand(x.shape, generator=g) * 2 - 1) * eps
+           g: torch.Generator, norm: str = "linf") -> torch.Tensor:
+    """Margin-loss PGD (L∞: signed steps, clipping; L2: normalised steps, radial projection), cosine step schedule,
+    EOT-averaged gradients, best iterate per example."""
+    if norm == "linf":
+        delta = (torch.rand(x.shape, generator=g) * 2 - 1) * eps
+    else:  # a uniform direction at a uniform radius in the ball
+        d = torch.randn(x.shape, generator=g)
+        delta = d / _flat_norm(d) * eps * torch.rand(x.shape[0], generator=g).view(-1, *([1] * (x.dim() - 1)))
+    delta = (x + delta).clamp(0, 1) - x
     best, best_loss = x.clone(), torch.full((x.shape[0],), -math.inf)
     for t in range(steps):
         alpha = eps / 100 + (eps / 4 - eps / 100) * 0.5 * (1 + math.cos(math.pi * t / steps))
@@ -54,7 +65,11 @@ def attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
             loss_mean += loss.detach() / eot
         better = loss_mean > best_loss
         best[better], best_loss[better] = xa.detach()[better], loss_mean[better]
-        delta = (delta + alpha * grad.sign()).clamp(-eps, eps)
+        if norm == "linf":
+            delta = (delta + alpha * grad.sign()).clamp(-eps, eps)
+        else:
+            delta = delta + alpha * grad / _flat_norm(grad)
+            delta = delta * (eps / _flat_norm(delta)).clamp(max=1.0)
         delta = (x + delta).clamp(0, 1) - x
     with torch.no_grad():  # the last point too
         xa = (x + delta).clamp(0, 1)
@@ -77,7 +92,8 @@ def robust_in_all_draws(model: RefinedClassifier, x: torch.Tensor, y: torch.Tens
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path, help="study run folder (rows.jsonl, headline.json)")
-    ap.add_argument("--eps", default="0.05,0.1")
+    ap.add_argument("--norm", choices=("linf", "l2"), default="linf")
+    ap.add_argument("--eps", default=None, help="budgets of --norm [linf: 0.05,0.1; l2: 1,2]")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--eot", type=int, default=4, help="gradient draws per step on randomized models")
     ap.add_argument("--draws", type=int, default=20, help="fresh draws of the final verdict")
@@ -86,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    eps_list = [float(e) for e in args.eps.split(",")]
+    eps_list = [float(e) for e in (args.eps or {"linf": "0.05,0.1", "l2": "1,2"}[args.norm]).split(",")]
     head = json.loads((args.run / "headline.json").read_text())
     rows = read_rows(args.run)
     defenses = {}
@@ -96,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     results = []
     for cell in head:
-        if cell["norm"] != "linf" or not any(math.isclose(cell["eps"], e) for e in eps_list):
+        if cell["norm"] != args.norm or not any(math.isclose(cell["eps"], e) for e in eps_list):
             continue
         r = defenses.get(cell["subject"])
         if r is None or (args.models and cell["model"] not in args.models.split(",")):
@@ -109,19 +125,22 @@ def main(argv: list[str] | None = None) -> None:
         x, y = ds.batch(idx)
         g = torch.Generator().manual_seed(2024)
         t = time.perf_counter()
-        x_adv = attack(model, x, y, cell["eps"], args.steps, 1 if model.deterministic else args.eot, g)
+        x_adv = attack(model, x, y, cell["eps"], args.steps, 1 if model.deterministic else args.eot, g, args.norm)
         mine = robust_in_all_draws(model, x_adv, y, args.draws, seed=99)
         suite = torch.tensor(cell["correct"], dtype=torch.bool)
-        results.append({"model": cell["model"], "defense_id": cell["subject"], "eps": cell["eps"], "n": len(idx),
+        results.append({"model": cell["model"], "defense_id": cell["subject"], "norm": args.norm, "eps": cell["eps"],
+                        "n": len(idx),
                         "suite_robust": int(suite.sum()), "independent_robust": int(mine.sum()),
                         "suite_robust_but_broken_here": int((suite & ~mine).sum()),
                         "broken_by_suite_robust_here": int((~suite & mine).sum()), "wall_s": time.perf_counter() - t})
         print(json.dumps(results[-1]), flush=True)
     dev = device_name("cpu")
     slug = "".join(ch if ch.isalnum() else "-" for ch in dev.split("(")[-1].rstrip(")")).strip("-").lower()
-    meta = {"run": str(args.run), "timestamp": now(), "git_sha": git_sha(), "device": dev, "eps": eps_list,
+    meta = {"run": str(args.run), "timestamp": now(), "git_sha": git_sha(), "device": dev, "norm": args.norm,
+            "eps": eps_list,
             "steps": args.steps, "eot": args.eot, "draws": args.draws, "wall_s": time.perf_counter() - t0,
-            "attack": "margin-loss L∞ PGD, cosine step ε/4→ε/100, uniform start, best iterate, EOT-averaged gradient",
+            "attack": f"margin-loss {'L∞' if args.norm == 'linf' else 'L2'} PGD, cosine step ε/4→ε/100, uniform start, "
+                      "best iterate, EOT-averaged gradient",
             "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"independent_attack-{slug}{args.tag}.json").write_text(json.dumps(meta, indent=1))
@@ -129,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
              f"{meta['timestamp']}, git {meta['git_sha']}, {dev}. {meta['attack']}; {args.steps} steps, EOT "
              f"{args.eot} (1 on deterministic models), verdict: correct in all {args.draws} fresh draws (own seeds). "
              f"Wall time {meta['wall_s']:.0f} s.", "",
-             "| model | L∞ ε | n | robust (suite headline) | robust (independent) | robust in suite, broken here | "
+             f"| model | {'L∞' if args.norm == 'linf' else 'L2'} ε | n | robust (suite headline) | robust (independent) | robust in suite, broken here | "
              "per 100 |", "|---|---|---|---|---|---|---|"]
     for res in results:
         lines.append(f"| {res['model']} | {res['eps']:g} | {res['n']} | {res['suite_robust']} | "

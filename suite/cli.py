@@ -555,7 +555,7 @@ def _whitebox(command: str, attack: Any, *, checkpoints: tuple[str, ...], norm: 
     from robust_jem.distributed import launch
 
     from .evaluate import WhiteboxJob, refuse_foreign_rows, stronger, whitebox
-    from .report import recheck_summary, robust_table, versus_baseline
+    from .console import recheck_summary, robust_table, versus_baseline
 
     eps = list(dict.fromkeys(eps))
     norms = [norm]

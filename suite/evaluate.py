@@ -28,6 +28,7 @@ from robust_jem.images import save_grid
 from robust_jem.refined import Refinement
 
 # the evaluations beside the attacks (re-exported: the CLI and the study import every job from here)
+from .activity import ActivityJob, activity  # noqa: F401
 from .extras import (CalibrationJob, CertifyJob, HealthJob, OODJob, SampleJob, calibrate, certify,  # noqa: F401
                      ebm_health, ood, sample)
 from .jobs import (check_budgets, data_hashes, job_json, prepare_out, refuse_foreign_rows,  # noqa: F401
@@ -232,7 +233,7 @@ def distal(job: DistalJob, out: str | Path, *, device: torch.device, data_dir: s
 
 JOB_TYPES = {WhiteboxJob: whitebox, BlackboxJob: blackbox, DistalJob: distal, CalibrationJob: calibrate,
              OODJob: ood, CertifyJob: certify, SampleJob: sample,
-             HealthJob: ebm_health}
+             HealthJob: ebm_health, ActivityJob: activity}
 
 
 def run_job(job: Any, out: str | Path, *, device: torch.device, data_dir: str | None = None,

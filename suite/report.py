@@ -11,16 +11,16 @@ import logging
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from infra.io import atomic_write
 from infra.provenance import environment, file_sha256, now
 from infra.records import ROWS, export_csv, read_rows
 
 from attacks.checks import CheckResult, all_flags, paired_outcomes, run_checks, worst_case
-from attacks.common import eps_key, format_eps
+from attacks.common import format_eps
 from attacks.plots import NORM_TITLES, model_order, plot_headline, plot_rows
-from attacks.rows import BlackboxRow, Row, WhiteboxRow, escalates, of_kind, parse_row
+from attacks.rows import ActivityRow, BlackboxRow, Row, WhiteboxRow, of_kind, parse_row
 
 from .convergence import convergence_table, plot_convergence
 from .tables import (ci_text, clean_table, common_table, display_names, headline_table, kv_table, pct,
@@ -99,10 +99,11 @@ def verdicts(head_cells: dict[str, dict[tuple[str, float], dict]], mids: dict[st
             out.append(f"- Does SGLD refinement rival adversarial training at {NORM_TITLES.get(norm, norm)} "
                        f"{format_eps(mid)}? The best refined model on the {shared} examples every JEM-k shares, "
                        f"{best}, is {rel} {base} ({why}).")
+        acts = {r.defense_id: r for r in of_kind(rows, ActivityRow)}
         for k in (m for m in jems if jem0 is not None and m != jem0):
             rel, why = compare(at[k], at[jem0])
             out.append(f"- Does refinement buy robustness over the same network without it? {k} is {rel} {jem0} "
-                       f"({why}).")
+                       f"({why}){activity_clause(acts.get(at[k]['subject']))}.")
         ce = next((m for m in at if at[m].get("objective") == "ce"), None)
         if ce is not None:
             out.append(f"- The undefended classifier keeps {pct(at[ce]['robust_acc'])}.")
@@ -122,6 +123,16 @@ def verdicts(head_cells: dict[str, dict[tuple[str, float], dict]], mids: dict[st
         if parts:
             out.append("- Distal adversarials from uniform noise: " + "; ".join(parts) + ".")
     return out
+
+
+def activity_clause(a: ActivityRow | None) -> str:
+    """What the refinement did to clean images, beside a JEM-k verdict (empty when it was not measured)."""
+    if a is None:
+        return ""
+    what = (f"its chain moves clean images by {a.displacement_l2:.3g} in L2 and {a.displacement_linf:.3g} in L∞ "
+            f"([0, 1] pixels) and changes {pct(a.changed_vs_bare)} of the bare classifier's predictions "
+            f"({pct(a.changed_vs_jem0)} of JEM-0's) on {a.n} test images")
+    return f"; refinement inactive: {what}" if a.inactive else f"; {what}"
 
 
 def read_health(run_dir: Path) -> dict[str, Any] | None:
@@ -397,6 +408,19 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
             ("model", "model"), ("σ", "smoothing_sigma"), ("L2 radius", "radius"),
             ("certified accuracy", "certified_accuracy"), ("abstain rate", "abstain_rate"),
             ("empirical robust acc (EOT-PGD)", "empirical_robust_accuracy")]), ""]
+    acts = [r for r in rows if r.get("kind") == "activity"]
+    if acts:
+        md += ["## Refinement activity", "",
+               "What each JEM-k chain does to clean test images, averaged over examples and chains: its displacement "
+               "from the input in [0, 1] pixel units (read it beside the ε attacked), the energy at the input and at "
+               "the chain's end, and the predictions it changes. Fewer than 1 % changed against the bare classifier "
+               "marks the refinement inactive: it cannot be why JEM-k differs from JEM-0.", "",
+               kv_table(sorted(acts, key=lambda r: model_order(str(r.get("model")))), [
+                   ("model", "model"), ("n", "n"), ("L2 moved", "displacement_l2"), ("L∞ moved", "displacement_linf"),
+                   ("energy at input", "energy_start"), ("energy at end", "energy_end"),
+                   ("changed vs bare", "changed_vs_bare"), ("changed vs JEM-0", "changed_vs_jem0"),
+                   ("accuracy bare", "accuracy_bare"), ("accuracy refined", "accuracy_refined"),
+                   ("inactive", "inactive")]), ""]
     if health:
         md += ["## EBM health of the JEM", "",
                f"Its replay buffer ({health.get('n_buffer')} samples) and {health.get('n_conditional')} fresh "
@@ -421,63 +445,3 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
     path = run_dir / "report.md"
     atomic_write(path, "\n".join(md) + "\n")
     return path
-
-
-# ------------------------------------------------------------------------------------------------
-# what a white-box command prints
-# ------------------------------------------------------------------------------------------------
-def recheck_summary(rows: Sequence[Any]) -> str:
-    """What the larger budget found among each row's survivors, and the per-example worst case that results."""
-    checks = [r for r in rows if escalates(r)]
-    if not checks:
-        return "convergence check: no example was left standing at ε > 0, nothing to re-attack"
-    first = checks[0]
-    budget = (f"{first.attack} ({first.steps} steps, {first.restarts} restarts, EOT {first.eot_used})"
-              if first.steps else first.attack)
-    lines = [f"convergence check: the survivors re-attacked by {budget}:"]
-    cells = {(h["subject"], h["norm"], h["eps"]): h for h in worst_case(list(rows))}
-    for c in checks:
-        fell = c.n - sum(c.correct)
-        h = cells.get((c.subject, c.norm, eps_key(c.eps)))
-        worst = (f"; worst case {100 * h['robust_acc']:.0f} % [{100 * h['ci_low']:.0f}, {100 * h['ci_high']:.0f}] "
-                 f"of {h['n']}" if h else "")
-        mode = f" {c.grad_mode}" if c.sgld_steps else ""
-        lines.append(f"  {c.model}{mode} {c.norm} ε={format_eps(c.eps)}: {fell} of {c.n} survivors fell{worst}"
-                     + ("  <- the first attack had not converged" if fell else ""))
-    return "\n".join(lines)
-
-
-def robust_table(rows: Sequence[Any]) -> str:
-    """The rows of a white-box command as one compact table: a line per (model, gradient mode, attack, norm),
-    a column per ε, each cell robust accuracy in % with its 95 % interval (rule: correct in every draw). Rows that
-    re-attacked survivors are summarised by :func:`recheck_summary` instead."""
-    lines: dict[tuple[str, str, str], dict[float, Any]] = {}
-    for r in rows:
-        if escalates(r):
-            continue
-        mode = f" {r.grad_mode}" if r.sgld_steps else ""
-        lines.setdefault((f"{r.model}{mode}", r.attack, r.norm), {})[r.eps] = r
-    out = []
-    for (name, attack, norm), cells in lines.items():
-        grid = sorted(cells)
-        first = cells[grid[0]]
-        head = f"{name} {attack} {norm} (n={first.n}, clean {100 * first.clean_acc:.0f} %)"
-        body = "  ".join(f"ε={format_eps(e)}: {100 * cells[e].robust_acc:.0f} "
-                         f"[{100 * cells[e].robust_ci_low:.0f}, {100 * cells[e].robust_ci_high:.0f}]" for e in grid)
-        out.append(f"{head}  {body}")
-    return "robust accuracy % [95 % CI], correct in every draw:\n" + "\n".join("  " + line for line in out)
-
-
-def versus_baseline(rows: Sequence[Any]) -> str:
-    """Each JEM against the adversarial-training baseline (PGD-AT) at each ε, on the examples both attacked: the
-    per-example worst case over everything run against each (:func:`attacks.checks.worst_case`; here the gradient
-    modes) and an exact McNemar test. Models are found by objective, not label. Empty without both."""
-    cells = [h for h in worst_case(list(rows)) if h["eps"] > 0]
-    base = {(h["norm"], h["eps"]): h for h in cells if h["objective"] == "pgd-at"}
-    lines = []
-    for h in sorted(cells, key=lambda h: (h["eps"], h["model"])):
-        b = base.get((h["norm"], h["eps"]))
-        if h["objective"] == "jem" and b is not None:
-            relation, evidence = compare(h, b)
-            lines.append(f"  ε={format_eps(h['eps'])}: {h['model']} is {relation} {b['model']} ({evidence})")
-    return ("JEM against adversarial training (worst case over gradient modes):\n" + "\n".join(lines)) if lines else ""

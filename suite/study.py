@@ -26,7 +26,7 @@ from robust_jem.config import TrainConfig, preset_config
 from robust_jem.errors import UserError
 from robust_jem.train import train
 
-from .evaluate import (AutoAttackSettings, BlackboxJob, CalibrationJob, CertifyJob, DistalJob, HealthJob, OODJob,
+from .evaluate import (ActivityJob, AutoAttackSettings, BlackboxJob, CalibrationJob, CertifyJob, DistalJob, HealthJob, OODJob,
                        PGDSettings, SampleJob, TransferSettings, WhiteboxJob, job_record, refuse_foreign_rows,
                        run_job)
 from .layout import study_model_dir
@@ -248,6 +248,7 @@ def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
         Stage("ood", "extras", OODJob((ce, at, jem), n_examples=plan.extras_examples)),
         Stage("sample", "extras", SampleJob(jem, n=4), subdir="samples"),
         Stage("health", "extras", HealthJob(jem, judge=ce), subdir="health"),
+        Stage("activity", "extras", ActivityJob((jem,), chain=chain(1, 10), n_examples=plan.extras_examples)),
         Stage("certify", "extras", CertifyJob(ga, n=plan.certify_n, n_examples=plan.certify_examples,
                                               attack_radii=(0.25,), attack_steps=5, forward_draws=4)),
     ]

@@ -88,11 +88,13 @@ def protocol_table(head: list[dict[str, Any]], rows: list[Row]) -> str:
             r = by_key.get(k)
             if isinstance(r, WhiteboxRow):
                 mode = f", {r.grad_mode}" if r.sgld_steps and r.attack_family != "transfer" else ""
+                cost = f", {r.passes_per_example:,} passes" if r.passes_per_example else ""
                 seen[(names[h["subject"]], h["norm"])].add(
-                    f"{r.attack} {r.steps}×{r.restarts} EOT {r.eot_used}{mode}")
+                    f"{r.attack} {r.steps}×{r.restarts} EOT {r.eot_used}{mode}{cost}")
             elif isinstance(r, BlackboxRow):
                 seen[(names[h["subject"]], h["norm"])].add(f"{r.attack} {r.attack_params.get('steps')} steps")
-    lines = ["| model | norm | attacks in the headline (steps × restarts, EOT draws, gradient) |", "|---|---|---|"]
+    lines = ["| model | norm | attacks in the headline (steps × restarts, EOT draws, gradient, network passes per "
+             "example) |", "|---|---|---|"]
     for (m, norm), attacks in sorted(seen.items(), key=lambda kv: (model_order(kv[0][0]), kv[0][1])):
         lines.append(f"| {m} | {NORM_TITLES.get(norm, norm)} | {'; '.join(sorted(attacks))} |")
     return "\n".join(lines)

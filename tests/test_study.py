@@ -28,7 +28,7 @@ def test_every_label_names_exactly_one_defense(tiny_study):
     _, run_dir = tiny_study
     rows = read_typed(run_dir)
     kinds = {r.kind for r in rows}
-    assert kinds == {"whitebox", "blackbox", "distal", "calibration", "ood", "certify"}
+    assert kinds == {"whitebox", "blackbox", "distal", "calibration", "ood", "certify", "activity"}
     by_label: dict[str, set] = {}
     by_id: dict[str, set] = {}
     for r in rows:
@@ -63,6 +63,18 @@ def test_the_report_names_the_jems_health_judged_by_the_ce_model(tiny_study):
     verdict = report.split("## Verdict")[1].split("\n## ")[0]
     assert f"Fréchet distance to real test images in the judge's logits {h['fd_buffer_real']:.1f}" in verdict
     assert "## EBM health of the JEM" in report
+
+
+def test_every_jem_k_verdict_says_what_its_refinement_did(tiny_study):
+    """Refinement activity (JEM-1 and JEM-10 on clean test images) is measured by the study and read beside each
+    "JEM-k vs JEM-0" answer, so an inactive refinement is not mistaken for an ineffective one."""
+    _, run_dir = tiny_study
+    acts = {r.model: r for r in read_typed(run_dir) if r.kind == "activity"}
+    assert set(acts) == {"JEM-1", "JEM-10"} and all(a.n == 50 and a.displacement_l2 > 0 for a in acts.values())
+    verdict = (run_dir / "report.md").read_text().split("## Verdict")[1].split("\n## ")[0]
+    lines = [line for line in verdict.splitlines() if "buy robustness over the same network" in line]
+    assert lines and all("its chain moves clean images by" in line for line in lines), lines
+    assert "## Refinement activity" in (run_dir / "report.md").read_text()
 
 
 def test_rerun_recomputes_nothing_and_rows_know_their_code(tiny_study):
@@ -204,9 +216,10 @@ def test_bench_independent_attack_runs_on_the_tiny_study(tiny_study, tmp_path):
     from test_bench import bench
 
     _, run_dir = tiny_study
-    bench("independent_attack").main([str(run_dir), "--eps", "0.1", "--steps", "2", "--eot", "1", "--draws", "2",
-                                      "--out", str(tmp_path), "--tag=-t"])
-    [record] = [json.loads(p.read_text()) for p in tmp_path.glob("independent_attack-*-t.json")]
-    assert record["results"], record  # it found the headline's cells (a comparison of nothing would pass)
-    for r in record["results"]:
-        assert 0 <= r["independent_robust"] <= r["n"] and 0 <= r["suite_robust"] <= r["n"]
+    for norm, eps in (("linf", "0.1"), ("l2", "2")):
+        bench("independent_attack").main([str(run_dir), "--norm", norm, "--eps", eps, "--steps", "2", "--eot", "1",
+                                          "--draws", "2", "--out", str(tmp_path), f"--tag=-{norm}"])
+        [record] = [json.loads(p.read_text()) for p in tmp_path.glob(f"independent_attack-*-{norm}.json")]
+        assert record["results"], record  # it found the headline's cells (a comparison of nothing would pass)
+        for r in record["results"]:
+            assert r["norm"] == norm and 0 <= r["independent_robust"] <= r["n"] and 0 <= r["suite_robust"] <= r["n"]

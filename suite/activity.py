@@ -1,0 +1,77 @@
+"""Refinement activity as a library call: for every JEM-k defense with k > 0, what its chain does to clean test
+images (:func:`robust_jem.activity.refinement_activity`), one typed row each through the pipeline. The report
+reads it beside the JEM-k verdicts: an inactive refinement (fewer than 1 % of predictions changed) cannot be the
+reason a JEM-k is, or is not, more robust than JEM-0."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attacks import pipeline
+from attacks.pipeline import Evaluation, Unit
+from attacks.rows import ActivityRow
+from attacks.target import Target
+from robust_jem.activity import refinement_activity
+
+from .jobs import data_hashes, prepare_out, subset
+from .targets import Chain, build_targets, load_checkpoints
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ActivityJob:
+    """Refinement activity of every JEM-k (k > 0) of ``chain`` on the first ``n_examples`` test images."""
+
+    checkpoints: tuple[str, ...]
+    chain: Chain = Chain((1, 10))
+    n_examples: int = 1000
+    batch_size: int = 250
+    seed: int = 0
+
+
+class ActivityEvaluation(Evaluation[ActivityRow]):
+    """One row per refined defense, computed in one piece."""
+
+    row_type = ActivityRow
+    code = ("robust_jem/activity.py", "robust_jem/refined.py", "robust_jem/sgld.py", "infra/energy.py")
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, dataset: str, batch_size: int, seed: int) -> None:
+        self.x, self.y, self.dataset, self.batch_size, self.seed = x, y, dataset, batch_size, seed
+
+    def identity(self, target: Target) -> dict[str, Any]:
+        """The defense only: the activity does not depend on how an attacker would differentiate it."""
+        return {k: v for k, v in target.fields().items() if k not in ("grad_mode", "precision", "compiled")}
+
+    def units(self, target: Target) -> list[Unit]:
+        def compute(b: int) -> dict[str, Any]:
+            rc = target.scorer
+            a = refinement_activity(rc.model, rc.refinement, self.x, self.y, seed=self.seed,
+                                    batch_size=self.batch_size)
+            log.info("activity %s: moves images %.3g (L2) / %.3g (L∞), energy %.3g -> %.3g, changes %.1f %% of "
+                     "predictions vs bare%s", target.label, a.displacement_l2, a.displacement_linf, a.energy_start,
+                     a.energy_end, 100 * a.changed_vs_bare, " (inactive)" if a.inactive else "")
+            return {"row": {**a.fields(), "dataset": self.dataset, "seed": self.seed}, "device": str(self.x.device)}
+
+        return [Unit(name=f"{target.label} activity", rows={"row": {"n": len(self.y), "seed": self.seed}},
+                     n_pieces=1, piece=compute, merge=lambda pieces, keys: {"row": pieces[0]["row"]})]
+
+
+def activity(job: ActivityJob, out: str | Path, *, device: torch.device, data_dir: str | None = None,
+             progress: bool = True) -> list[ActivityRow]:
+    """Run ``job``: rows of kind ``activity``, one per JEM-k with k > 0 (baselines and JEM-0 have no chain)."""
+    ds, loaded = load_checkpoints(job.checkpoints, device, data_dir)
+    out = prepare_out(out)
+    targets = [t for t in build_targets(loaded, job.chain, ("full",), seed=job.seed)
+               if t.defense.get("sgld_steps", 0) > 0]
+    data = subset(ds, job.n_examples)
+    evaluation = ActivityEvaluation(data.x.to(device), data.labels, dataset=ds.name, batch_size=job.batch_size,
+                                    seed=job.seed)
+    return pipeline.run(evaluation, targets, out, data_sha256=data_hashes(ds), progress=progress)
+
+
