@@ -90,6 +90,7 @@ def verdicts(head_cells: dict[str, dict[tuple[str, float], dict]], mids: dict[st
         base = next((m for m in at if at[m].get("objective") == "pgd-at"), None)
         parts = [f"{m} keeps {ci_text(at[m]['robust_acc'], at[m]['ci_low'], at[m]['ci_high'])}" for m in
                  sorted(at, key=model_order)]
+        out += [""] if out else []  # each norm its own paragraph, not a line of the list before it
         out.append(f"**{NORM_TITLES.get(norm, norm)} ε = {format_eps(mid)}** (per-example worst case over every "
                    "attack run against each model): " + "; ".join(parts) + ".")
         if jems and base is not None:
@@ -296,10 +297,16 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
             t, cells = headline_table(head, norm)
             head_cells[norm] = cells
             tables.append((norm, t))
-    codes = sorted({r.code for r in typed if r.code})
-    if len(codes) > 1:
-        md += [f"> **Warning:** these rows were computed by {len(codes)} different versions of the attack and "
-               f"defense code ({', '.join(codes)}); numbers from different versions may not be comparable.", ""]
+    # each kind of evaluation hashes its own code (attacks.pipeline): versions differ within a kind, or not at all
+    codes: dict[str, set[str]] = defaultdict(set)
+    for r in typed:
+        if r.code:
+            codes[r.kind].add(r.code)
+    mixed = {kind: sorted(c) for kind, c in sorted(codes.items()) if len(c) > 1}
+    if mixed:
+        md += ["> **Warning:** " + "; ".join(f"the {kind} rows were computed by {len(c)} versions of their code "
+                                              f"({', '.join(c)})" for kind, c in mixed.items())
+               + "; numbers from different versions may not be comparable.", ""]
     for c in ck_info.values():
         mine = [r for r in of_kind(typed, WhiteboxRow) if r.checkpoint == c["path"] and r.eps == 0 and r.n >= 20]
         if mine and c.get("test_acc") is not None:

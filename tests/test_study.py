@@ -223,3 +223,21 @@ def test_bench_independent_attack_runs_on_the_tiny_study(tiny_study, tmp_path):
         assert record["results"], record  # it found the headline's cells (a comparison of nothing would pass)
         for r in record["results"]:
             assert r["norm"] == norm and 0 <= r["independent_robust"] <= r["n"] and 0 <= r["suite_robust"] <= r["n"]
+
+
+def test_the_report_warns_only_when_one_kind_of_row_mixes_code_versions(tiny_study, tmp_path):
+    """Each kind of evaluation hashes its own code, so a study's rows carry several code hashes by design; the
+    warning is about one kind computed by two versions (a resumed run across a code change)."""
+    import shutil
+
+    from infra.records import append_row
+    from suite.report import write_report
+
+    _, run_dir = tiny_study
+    assert "versions of their code" not in (run_dir / "report.md").read_text()
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    row = next(r for r in read_rows(copy) if r["kind"] == "whitebox")
+    append_row(copy / "rows.jsonl", {**row, "key": "other", "code": "0123456789abcdef"})
+    text = write_report(copy, preset="tiny", dataset="fashion-mnist").read_text()
+    assert "the whitebox rows were computed by 2 versions of their code" in text
