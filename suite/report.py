@@ -261,6 +261,7 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
                                               checkpoints=checkpoints, mids=mids))
     preset, dataset, device, checkpoints, mids = (ctx[k] for k in ("preset", "dataset", "device", "checkpoints",
                                                                   "mids"))
+    env = environment(device)  # before this report rewrites any file: a tracked run's own files are not code changes
     typed = [t for t in map(parse_row, rows) if t is not None]
     side = load_side_files(run_dir, rows)
     checks = run_checks(typed, side)
@@ -285,7 +286,6 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
             es = sorted({r["eps"] for r in rows if r.get("kind") == "whitebox" and r["norm"] == norm and r["eps"] > 0})
             if es:
                 mids[norm] = es[(len(es) - 1) // 2]
-    env = environment(device)
     stages = read_rows(run_dir / "stages.jsonl")
     md: list[str] = [f"# robust-jem report: {preset or run_dir.name} on {dataset}", ""]
     md += [f"Generated {now()} by `suite/report.py` from `{ROWS}` ({len(rows)} rows); every number below comes "
