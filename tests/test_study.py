@@ -182,15 +182,17 @@ def _outcomes(r) -> tuple[tuple, object]:
 
 def test_the_pipeline_changed_no_number_of_the_tiny_study(tiny_study):
     """Every row kind moved to one pipeline (attacks.pipeline); what the numbers mean must not move with it. The golden
-    file is the tiny study run by the code before that change (its git sha inside), with AVX2 kernels; training and
-    attacks are bit-reproducible there, so every number must agree exactly."""
+    file is the tiny study run by the code before that change (its git sha inside), with AVX2 kernels on 2 threads;
+    training and attacks are bit-reproducible there, so every number must agree exactly."""
     import torch
 
     from pathlib import Path
 
     golden = json.loads((Path(__file__).parent / "data" / "tiny_study_before_pipeline.json").read_text())
-    if torch.backends.cpu.get_cpu_capability() != golden["cpu_capability"]:
-        pytest.skip(f"recorded with {golden['cpu_capability']} kernels; CI's second pass forces them")
+    here = (torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())
+    if here != (golden["cpu_capability"], golden["torch_threads"]):  # float sums follow kernels and thread splits
+        pytest.skip(f"recorded with {golden['cpu_capability']} kernels on {golden['torch_threads']} threads, here "
+                    f"{here[0]} on {here[1]} (CI's second pass forces AVX2)")
     _, run_dir = tiny_study
     fields = {"whitebox": ("attack", "norm", "eps", "grad_mode", "steps", "eot", "n", "clean_acc", "robust_acc",
                            "correct"), "blackbox": ("attack", "norm", "n", "clean_acc", "acc_curve"),
