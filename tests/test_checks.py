@@ -17,7 +17,8 @@ from torch import nn
 from attacks.benchmark import Examples, run_blackbox, run_sweep
 from attacks.target import Target
 from attacks.black import BlackboxConfig
-from attacks.checks import all_flags, check_bpda_full, check_eot, check_more_steps, run_checks, worst_case
+from attacks.checks import (all_flags, check_bpda_full, check_eot, check_large_eps, check_more_steps, run_checks,
+                            worst_case)
 from suite.report import load_side_files, write_report
 from attacks.rows import WhiteboxRow, read_typed
 from attacks.white import pgd_factory
@@ -167,3 +168,15 @@ def test_a_stronger_attack_on_the_survivors_counts_only_when_it_left_out_nothing
     [cell] = worst_case([head, survivors, ladder])
     assert cell["correct"] == [0, 0, 1, 0] and cell["rows"] == ["main", "check"] and cell["subset_rows"] == ["ladder"]
     assert cell["robust_acc"] == 0.25 and cell["n"] == 4
+
+
+def test_the_large_eps_check_judges_each_defense_at_its_own_largest_eps():
+    """A defense whose grid stops at a large ε of its own is checked there, not dropped because another model's grid
+    went further; a defense whose grid never reaches a large ε is named as not checked."""
+    def row(key: str, model: str, eps: float, robust: float) -> WhiteboxRow:
+        return WhiteboxRow.build(key=key, model=model, defense_id=model, norm="linf", eps=eps, attack="PGD",
+                                 robust_acc=robust, dataset="fashion-mnist")
+    rows = [row("a", "A", 0.5, 0.0), row("b1", "B", 0.3, 0.2), row("b0", "B", 0.1, 0.5), row("c", "C", 0.1, 0.4)]
+    res = check_large_eps(rows)
+    assert res.compared == 2 and [f.subject for f in res.flags] == ["B [B]"]  # B at its own top, 0.3: flagged
+    assert "C: largest linf ε 0.1 is below the large ε 0.3" in res.note and "not checked: C" in res.summary()
