@@ -209,6 +209,12 @@ def test_report_flags_speak_only_when_their_premise_holds(run_cli, tiny_run, tmp
     assert "| JEM-0 |" in clean
     large, _ = report("0.5", tmp_path / "large")
     assert large["status"] != "not run" and large["compared"] >= 1
+    # a second defense in the same run whose grid stops at a small ε: checked at its own top, so here named as not
+    # checked, while the first is still compared at its own large ε (the pipeline's own rows)
+    assert run_cli("pgd", "--checkpoint", tiny_run / "final.pt", "--eps", "0.05", "--steps", "1", "--n-examples", "4",
+                   "--eot", "1", "--sgld-steps", "1", "--out", tmp_path / "large", "--no-progress").code == 0
+    mixed, _ = report("0.5", tmp_path / "large")
+    assert mixed["compared"] == large["compared"] and "JEM-1: largest linf ε 0.05 is below" in mixed["note"]
 
 
 def test_report_never_shows_another_models_checkpoint_facts(run_cli, tiny_run, tmp_path):
