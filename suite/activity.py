@@ -17,6 +17,7 @@ from attacks.pipeline import Evaluation, Unit
 from attacks.rows import ActivityRow
 from attacks.target import Target
 from robust_jem.activity import refinement_activity
+from robust_jem.errors import UserError
 
 from .jobs import data_hashes, prepare_out, subset
 from .targets import Chain, build_targets, load_checkpoints
@@ -69,6 +70,9 @@ def activity(job: ActivityJob, out: str | Path, *, device: torch.device, data_di
     out = prepare_out(out)
     targets = [t for t in build_targets(loaded, job.chain, ("full",), seed=job.seed)
                if t.defense.get("sgld_steps", 0) > 0]
+    if not targets:
+        raise UserError("no refined defense to measure: it needs a JEM checkpoint and a refinement of at least one "
+                        "SGLD step")
     data = subset(ds, job.n_examples)
     evaluation = ActivityEvaluation(data.x.to(device), data.labels, dataset=ds.name, batch_size=job.batch_size,
                                     seed=job.seed)

@@ -793,6 +793,28 @@ def distal(checkpoints: tuple[str, ...], sgld_steps: list[int], n_chains: int | 
 # ------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------
+@cli.command()
+@_chain_options
+@click.option("--n-examples", type=_POS, default=1000, show_default=True, help="First N test images.")
+@click.option("--batch-size", type=_POS, default=250, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="results/extras", show_default=True)
+def activity(checkpoints: tuple[str, ...], sgld_steps: list[int], n_chains: int | None, init_noise: float | None,
+             sgld_step_size: float | None, sgld_noise: float | None, seed: int, device: str, data_dir: str | None,
+             no_progress: bool, n_examples: int, batch_size: int, out: str) -> None:
+    """What each JEM-k chain does to clean test images: displacement, energy, predictions changed against the bare
+    classifier and JEM-0 (rows of kind "activity"; inactive below 1 % changed)."""
+    from .evaluate import ActivityJob, activity as run
+
+    job = ActivityJob(tuple(checkpoints), _chain(sgld_steps, n_chains, init_noise, sgld_step_size, sgld_noise),
+                      n_examples=n_examples, batch_size=batch_size, seed=seed)
+    for r in run(job, out, device=resolve_device(device), data_dir=data_dir, progress=not no_progress):
+        click.echo(f"{r.model}: moves clean images {r.displacement_l2:.3g} (L2) / {r.displacement_linf:.3g} (L∞) "
+                   f"in [0,1] pixels, energy {r.energy_start:.3g} -> {r.energy_end:.3g}, changes "
+                   f"{100 * r.changed_vs_bare:.1f} % of the bare classifier's predictions and "
+                   f"{100 * r.changed_vs_jem0:.1f} % of JEM-0's" + ("  (inactive)" if r.inactive else ""))
+    click.echo(str(Path(out) / "rows.jsonl"))
+
+
 def _one_line(message: str) -> str:
     return " ".join(str(message).split())
 

@@ -51,3 +51,14 @@ def test_a_tilted_energy_pulls_inputs_across_the_boundary():
     a = refinement_activity(toy(10.0), Refinement(10, n_chains=1, init_noise=0.0, step_size=1.0, noise=0.0), x, y)
     assert a.changed_vs_bare == 1 and a.changed_vs_jem0 == 1 and not a.inactive and a.accuracy_refined == 1
     assert a.energy_end < a.energy_start and a.displacement_linf > 0.02
+
+
+def test_activity_command(run_cli, tiny_run, tmp_path):
+    from conftest import assert_usage_error
+
+    res = run_cli("activity", "--checkpoint", tiny_run / "final.pt", "--sgld-steps", "0,2", "--n-examples", "20",
+                  "--out", tmp_path / "a", "--no-progress")
+    assert res.code == 0, res.err
+    assert res.out.startswith("JEM-2: moves clean images ") and "of the bare classifier's predictions" in res.out
+    assert_usage_error(run_cli("activity", "--checkpoint", tiny_run / "final.pt", "--sgld-steps", "0",
+                               "--out", tmp_path / "b", "--no-progress"))  # nothing refined: one line, exit 2
