@@ -22,7 +22,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from infra.io import atomic_write
 from infra.randomness import generator
@@ -134,6 +133,12 @@ def gradient_evaluations(attack: WhiteBoxAttack) -> int:
         or int(p.get("n_queries", 0))
 
 
+def passes_per_image(atk: WhiteBoxAttack, fields: dict[str, Any]) -> int:
+    """Network forward-backward passes behind one image's attacker gradients: on the target's chain, or on the
+    surrogate (one pass per gradient) for a transfer attack."""
+    return gradient_evaluations(atk) * (1 if attack_family(atk) == "transfer" else network_passes(fields))
+
+
 def network_passes(fields: dict[str, Any]) -> int:
     """Network passes behind one gradient of a refined classifier: chains x (1 + 2 per SGLD step)."""
     return int(fields.get("n_chains", 1) or 1) * (1 + 2 * int(fields.get("sgld_steps", 0) or 0))
@@ -184,7 +189,7 @@ class WhiteboxEvaluation(Evaluation[WhiteboxRow]):
         return out
 
     def _unit(self, target: Target, atk: WhiteBoxAttack) -> Unit:
-        bs = self.batch_size or auto_batch_size(target.fields(), atk, _device(target.model).type)
+        bs = self.batch_size or auto_batch_size(target.fields(), atk, target.device.type)
         batches = torch.split(self.index, bs)
         return Unit(name=f"{target.label} {atk.name} {atk.norm} ε={atk.eps:.4g}",
                     rows={"row": {"attack": repr(atk), "dataset": self.dataset, "examples": self.examples}},
@@ -193,7 +198,7 @@ class WhiteboxEvaluation(Evaluation[WhiteboxRow]):
                     merge=lambda pieces, keys: {"row": merge_fields(target, atk, pieces, dataset=self.dataset,
                                                               examples=self.examples, seed=self.seed,
                                                               batch_size=bs)},
-                    shape=f"bs{bs}", passes=len(self.index) * gradient_evaluations(atk) * network_passes(target.fields()))
+                    shape=f"bs{bs}", passes=len(self.index) * passes_per_image(atk, target.fields()))
 
     def finish(self, rows: list[WhiteboxRow], out: Path) -> None:
         for r in rows:
@@ -214,18 +219,11 @@ def run_sweep(targets: Sequence[Target], attack: AttackFactory, norms: Sequence[
     return run(evaluation, targets, out_dir, data_sha256=data_sha256, progress=progress)
 
 
-def _device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def attack_batch(target: Target, atk: WhiteBoxAttack, images: torch.Tensor, labels: torch.Tensor,
                  idx: torch.Tensor) -> dict[str, Any]:
     """Attack the examples ``idx`` (one batch, seeded by its first index) and return their part: the
     per-example outcomes as JSON-able lists, plus the batch's wall time and where it ran."""
-    device = _device(target.model)
+    device = target.device
     x = images[idx]
     x = (x.float() / 255.0) if x.dtype == torch.uint8 else x.float()
     t0 = time.perf_counter()
@@ -271,8 +269,7 @@ def merge_fields(target: Target, atk: WhiteBoxAttack, pieces: Sequence[dict[str,
         wall_s=round(wall, 3), images_per_s=round(n / wall, 4) if wall > 0 else None,
         shards=sorted({p["shard"] for p in pieces}), example_indices=idx, correct=robust, clean_correct=clean,
         robust_frac=robust_frac, margin_trace=traces, gradients_per_example=gradient_evaluations(atk),
-        passes_per_example=gradient_evaluations(atk) * (1 if attack_family(atk) == "transfer"  # the surrogate's
-                                                        else network_passes(target.fields())),
+        passes_per_example=passes_per_image(atk, target.fields()),
     )
 
 
@@ -309,7 +306,7 @@ class BlackboxEvaluation(Evaluation[BlackboxRow]):
 
     def identity(self, target: Target) -> dict[str, Any]:
         """How the defense is attacked with gradients does not apply to a decision-based attack."""
-        return {k: v for k, v in target.fields().items() if k not in ("grad_mode", "precision", "compiled")}
+        return target.fields(attacker=False)
 
     def units(self, target: Target) -> list[Unit]:
         cfg, bs = self.cfg, self.cfg.batch_size

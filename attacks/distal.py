@@ -211,12 +211,11 @@ class DistalEvaluation(Evaluation[DistalRow]):
         self.save_grid = save_grid
 
     def units(self, target: Target) -> list[Unit]:
-        return [Unit(name=f"{target.label} distal", rows={kind: {"start": kind, "params": self.cfg.params()}
-                                                         for kind in self.cfg.starts},
-                     n_pieces=1, piece=lambda b: self._compute(target),
-                     merge=lambda pieces, keys: pieces[0]["rows"])]
+        return [Unit.whole(f"{target.label} distal",
+                           {kind: {"start": kind, "params": self.cfg.params()} for kind in self.cfg.starts},
+                           lambda: self._compute(target))]
 
-    def _compute(self, target: Target) -> dict[str, Any]:
+    def _compute(self, target: Target) -> dict[str, dict[str, Any]]:
         cfg, model = self.cfg, target.model
         density = self.density(target) if self.density is not None else model
         t0 = time.perf_counter()
@@ -262,4 +261,4 @@ class DistalEvaluation(Evaluation[DistalRow]):
                 grid_file=grid_name, grid_layout=f"rows = classes 0..{self.n_classes - 1}; columns = "
                                                  f"{', '.join(cfg.starts)} starts x {cfg.seeds} seeds",
                 wall_s=wall)
-        return {"rows": rows, "device": str(x.device)}
+        return rows

@@ -67,6 +67,14 @@ class Unit:
     shape: str = ""
     passes: int = 0
 
+    @classmethod
+    def whole(cls, name: str, rows: dict[str, dict[str, Any]],
+              compute: Callable[[], dict[str, dict[str, Any]]]) -> "Unit":
+        """A computation done in one piece: ``compute()`` gives every row's fields by row name (it ran on the
+        target's device)."""
+        return cls(name=name, rows=rows, n_pieces=1, piece=lambda b: {"rows": compute()},
+                   merge=lambda pieces, keys: pieces[0]["rows"])
+
 
 class Evaluation(ABC, Generic[R]):
     """What one kind of evaluation is. Subclasses set :attr:`row_type` and :attr:`code` and define
@@ -90,13 +98,6 @@ class Evaluation(ABC, Generic[R]):
     def code_hash(self) -> str:
         """Hash of :data:`COMMON_CODE` and :attr:`code`."""
         return code_hash(*(_ROOT / f for f in dict.fromkeys(COMMON_CODE + self.code)))
-
-
-def _device_of(target: Target) -> str:
-    try:
-        return str(next(target.model.parameters()).device)
-    except StopIteration:
-        return "cpu"
 
 
 def _identity_fields(row_type: type[Row], ident: dict[str, Any]) -> dict[str, Any]:
@@ -157,7 +158,7 @@ def run(evaluation: Evaluation[R], targets: Sequence[Target], out: str | Path, *
             continue
         made = u.merge(pieces, keys)
         common = {**_identity_fields(evaluation.row_type, ident), "checkpoint": t.checkpoint,
-                  **environment(pieces[0].get("device", _device_of(t)) if pieces else _device_of(t)),
+                  **environment(pieces[0].get("device", str(t.device)) if pieces else t.device),
                   "timestamp": now(), "data_sha256": data, "code": code}
         for row_name, key in keys.items():
             if key not in done:

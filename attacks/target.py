@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from infra.provenance import module_sha256
@@ -66,7 +67,14 @@ class Target:
     def deterministic(self) -> bool:
         return is_deterministic(self.scorer)
 
-    def fields(self) -> dict[str, Any]:
-        """Row fields: the label, the defense identity and how it was attacked."""
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights live (the CPU for a module without any)."""
+        return next(self.model.parameters(), torch.empty(0)).device
+
+    def fields(self, attacker: bool = True) -> dict[str, Any]:
+        """Row fields: the label, the defense identity and (unless ``attacker`` is False, e.g. for an evaluation
+        that takes no gradients) how it was attacked."""
         return {"model": self.label, "defense_id": self.defense_id, "checkpoint_sha256": self.checkpoint_sha256,
-                **self.defense, **self.attacker, "deterministic": self.deterministic, "defense_code": self.code}
+                **self.defense, **(self.attacker if attacker else {}), "deterministic": self.deterministic,
+                "defense_code": self.code}

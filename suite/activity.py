@@ -47,20 +47,19 @@ class ActivityEvaluation(Evaluation[ActivityRow]):
 
     def identity(self, target: Target) -> dict[str, Any]:
         """The defense only: the activity does not depend on how an attacker would differentiate it."""
-        return {k: v for k, v in target.fields().items() if k not in ("grad_mode", "precision", "compiled")}
+        return target.fields(attacker=False)
 
     def units(self, target: Target) -> list[Unit]:
-        def compute(b: int) -> dict[str, Any]:
+        def compute() -> dict[str, dict[str, Any]]:
             rc = target.scorer
             a = refinement_activity(rc.model, rc.refinement, self.x, self.y, seed=self.seed,
                                     batch_size=self.batch_size)
             log.info("activity %s: moves images %.3g (L2) / %.3g (L∞), energy %.3g -> %.3g, changes %.1f %% of "
                      "predictions vs bare%s", target.label, a.displacement_l2, a.displacement_linf, a.energy_start,
                      a.energy_end, 100 * a.changed_vs_bare, " (inactive)" if a.inactive else "")
-            return {"row": {**a.fields(), "dataset": self.dataset, "seed": self.seed}, "device": str(self.x.device)}
+            return {"row": {**a.fields(), "dataset": self.dataset, "seed": self.seed}}
 
-        return [Unit(name=f"{target.label} activity", rows={"row": {"n": len(self.y), "seed": self.seed}},
-                     n_pieces=1, piece=compute, merge=lambda pieces, keys: {"row": pieces[0]["row"]})]
+        return [Unit.whole(f"{target.label} activity", {"row": {"n": len(self.y), "seed": self.seed}}, compute)]
 
 
 def activity(job: ActivityJob, out: str | Path, *, device: torch.device, data_dir: str | None = None,

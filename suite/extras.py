@@ -63,7 +63,7 @@ class CalibrationEvaluation(Evaluation[CalibrationRow]):
             dataset, out
 
     def units(self, target: Target) -> list[Unit]:
-        def compute(b: int) -> dict[str, Any]:
+        def compute() -> dict[str, dict[str, Any]]:
             t0 = time.monotonic()
             logits = cal.predict_logits(target.scorer, self.x, self.batch_size)
             stats = cal.calibration_from_logits(logits, self.y, self.bins)
@@ -72,11 +72,10 @@ class CalibrationEvaluation(Evaluation[CalibrationRow]):
             log.info("calibration %s: acc %.4f ECE %.4f NLL %.4f Brier %.4f", target.label, stats.accuracy, stats.ece,
                      stats.nll, stats.brier)
             return {"row": {**cal.calibration_fields(stats), "dataset": self.dataset, "n_examples": len(self.y),
-                            "seed": self.seed, "wall_s": time.monotonic() - t0}, "device": str(self.x.device)}
+                            "seed": self.seed, "wall_s": time.monotonic() - t0}}
 
-        return [Unit(name=f"{target.label} calibration", rows={"row": {"n_bins": self.bins, "n_examples": len(self.y),
-                                                                       "seed": self.seed}},
-                     n_pieces=1, piece=compute, merge=lambda pieces, keys: {"row": pieces[0]["row"]})]
+        return [Unit.whole(f"{target.label} calibration",
+                           {"row": {"n_bins": self.bins, "n_examples": len(self.y), "seed": self.seed}}, compute)]
 
     def finish(self, rows: list[CalibrationRow], out: Path) -> None:
         if len(rows) > 1:
@@ -168,7 +167,7 @@ class OODEvaluation(Evaluation[OODRow]):
     def units(self, target: Target) -> list[Unit]:
         device = self.x_in.device
 
-        def compute(b: int) -> dict[str, Any]:
+        def compute() -> dict[str, dict[str, Any]]:
             t0 = time.monotonic()
             raw_in = ood_lib.ood_scores(target.scorer, self.x_in, self.batch_size)
             raw_out = {name: ood_lib.ood_scores(target.scorer, x.to(device), self.batch_size)
@@ -187,13 +186,12 @@ class OODEvaluation(Evaluation[OODRow]):
             ood_lib.ood_histograms(raw_in, raw_out, self.out / f"ood-{_slug(target.label)}.png",
                                    title=f"{target.label}: {self.in_set} test vs OOD sets",
                                    in_label=f"{self.in_set} (in)")
-            return {"rows": rows, "device": str(device)}
+            return rows
 
         names = {f"{name}/{score}": {"out_set": name, "score": score, "n_in": len(self.x_in), "seed": self.seed,
                                      "tpr": self.tpr}
                  for name in self.sets for score in ood_lib.SCORES}
-        return [Unit(name=f"{target.label} OOD", rows=names, n_pieces=1, piece=compute,
-                     merge=lambda pieces, keys: pieces[0]["rows"])]
+        return [Unit.whole(f"{target.label} OOD", names, compute)]
 
 
 def ood(job: OODJob, out: str | Path, *, device: torch.device, data_dir: str | None = None,
@@ -275,10 +273,9 @@ class CertifyEvaluation(Evaluation[CertificateRow]):
             raise UserError(f"{target.label} is not a smoothed classifier")
         rows = {str(r): {"radius": float(r), "n_examples": len(self.y), "attack_steps": self.attack_steps,
                          "attack_radii": self.attack_radii} for r in self.radii}
-        return [Unit(name=f"certify {target.label}", rows=rows, n_pieces=1,
-                     piece=lambda b: self._compute(target, smoothed), merge=lambda pieces, keys: pieces[0]["rows"])]
+        return [Unit.whole(f"certify {target.label}", rows, lambda: self._compute(target, smoothed))]
 
-    def _compute(self, target: Target, smoothed: SmoothedClassifier) -> dict[str, Any]:
+    def _compute(self, target: Target, smoothed: SmoothedClassifier) -> dict[str, dict[str, Any]]:
         x, y = self.x, self.y
         log.info("certify %s: %d images x (%d + %d) noise draws, then EOT-PGD at radii %s and %d draws per image each",
                  target.label, len(y), smoothed.n0, smoothed.n, self.attack_radii or "none", smoothed.n)
@@ -322,7 +319,7 @@ class CertifyEvaluation(Evaluation[CertificateRow]):
         log.info("certify %s: certified acc %s; abstain %.3f; mean radius %.3f (%.1fs + attack %.1fs)", target.label,
                  ", ".join(f"r={a['radius']:g}: {a['certified_accuracy']:.3f}" for a in summ["certified_accuracy"]),
                  summ["abstain_rate"], summ["mean_radius"], t_cert, t_att)
-        return {"rows": rows, "device": str(x.device)}
+        return rows
 
 
 def certify(job: CertifyJob, out: str | Path, *, device: torch.device, data_dir: str | None = None,
@@ -393,16 +390,15 @@ class SampleEvaluation(Evaluation[SampleRow]):
         settings = {"steps": job.steps, "n": job.n, "init": job.init, "step_size": job.step_size, "noise": job.noise,
                     "clamp": job.clamp, "n_data": job.n_data, "seed": job.seed}
         names = {f"{chain}{'' if c is None else c}": {"chain": chain, "class": c, **settings} for chain, c in chains}
-        return [Unit(name=f"samples {target.label}", rows=names, n_pieces=1,
-                     piece=lambda b: self._compute(target, chains), merge=lambda pieces, keys: pieces[0]["rows"])]
+        return [Unit.whole(f"samples {target.label}", names, lambda: self._compute(target, chains))]
 
-    def _compute(self, target: Target, chains: list[tuple[str, int | None]]) -> dict[str, Any]:
+    def _compute(self, target: Target, chains: list[tuple[str, int | None]]) -> dict[str, dict[str, Any]]:
         from robust_jem.sampling import draw_samples
 
         job = self.job
         s = draw_samples(str(target.checkpoint), self.out, classes=self.classes, n=job.n, steps=job.steps,
                          step_size=job.step_size, noise=job.noise, init=job.init, seed=job.seed, n_data=job.n_data,
-                         device=self.device(target), data_dir=self.data_dir, clamp=job.clamp)
+                         device=target.device, data_dir=self.data_dir, clamp=job.clamp)
         rows = {}
         for chain, c in chains:
             st = s[chain] if c is None else s["conditional"][str(c)]
@@ -410,11 +406,7 @@ class SampleEvaluation(Evaluation[SampleRow]):
                 chain=chain, target_class=c, seed=job.seed, steps=job.steps, sgld_step_size=s["step_size"],
                 sgld_noise=s["noise"], sgld_clamp=s["clamp"], init=job.init, wall_s=s["sampling_wall_s"],
                 dataset=s["dataset"], **st)
-        return {"rows": rows, "summary": s, "device": str(self.device(target))}
-
-    @staticmethod
-    def device(target: Target) -> torch.device:
-        return next(target.model.parameters()).device
+        return rows
 
 
 def sample(job: SampleJob, out: str | Path, *, device: torch.device, data_dir: str | None = None,
@@ -459,18 +451,15 @@ class HealthEvaluation(Evaluation[HealthRow]):
         job = self.job
         key = {"judge_sha256": self.judge_sha256, "n": job.n, "steps": job.steps, "per_class": job.per_class,
                "threshold": job.threshold, "seed": job.seed}
-        return [Unit(name=f"health {target.label}", rows={"row": key}, n_pieces=1,
-                     piece=lambda b: self._compute(target), merge=lambda pieces, keys: {"row": pieces[0]["row"]})]
+        return [Unit.whole(f"health {target.label}", {"row": key}, lambda: self._compute(target))]
 
-    def _compute(self, target: Target) -> dict[str, Any]:
+    def _compute(self, target: Target) -> dict[str, dict[str, Any]]:
         from robust_jem.health import health
 
         job = self.job
-        device = next(target.model.parameters()).device
         res = health(str(target.checkpoint), job.judge, n=job.n, steps=job.steps, per_class=job.per_class,
-                     threshold=job.threshold, seed=job.seed, device=device, data_dir=self.data_dir)
-        return {"row": {**res, "judge": str(job.judge), "judge_sha256": self.judge_sha256, "seed": job.seed},
-                "device": str(device)}
+                     threshold=job.threshold, seed=job.seed, device=target.device, data_dir=self.data_dir)
+        return {"row": {**res, "judge": str(job.judge), "judge_sha256": self.judge_sha256, "seed": job.seed}}
 
     def finish(self, rows: list[HealthRow], out: Path) -> None:
         atomic_write(out / "health.json", json.dumps(rows[-1].to_dict(), indent=1))

@@ -78,6 +78,7 @@ def verdicts(head_cells: dict[str, dict[tuple[str, float], dict]], mids: dict[st
              checks: list[CheckResult], rows: list[Row], dict_rows: list[dict[str, Any]]) -> list[str]:
     """Plain-language answers, each filled from the numbers."""
     out = []
+    acts = {r.defense_id: r for r in of_kind(rows, ActivityRow)}
     for norm, mid in mids.items():
         cells = head_cells.get(norm, {})
         at = {m: h for (m, e), h in cells.items() if abs(e - mid) < 1e-12}
@@ -100,7 +101,6 @@ def verdicts(head_cells: dict[str, dict[tuple[str, float], dict]], mids: dict[st
             out.append(f"- Does SGLD refinement rival adversarial training at {NORM_TITLES.get(norm, norm)} "
                        f"{format_eps(mid)}? The best refined model on the {shared} examples every JEM-k shares, "
                        f"{best}, is {rel} {base} ({why}).")
-        acts = {r.defense_id: r for r in of_kind(rows, ActivityRow)}
         for k in (m for m in jems if jem0 is not None and m != jem0):
             rel, why = compare(at[k], at[jem0])
             out.append(f"- Does refinement buy robustness over the same network without it? {k} is {rel} {jem0} "
