@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from attacks.common import check_eps
+from attacks.white import WHITE_NORMS
 from infra.io import check_out_dir
 from infra.records import ROWS, read_rows
 from robust_jem.data import ImageDataset
@@ -61,9 +62,12 @@ def warn_if_wrong_data(rows: Sequence[Any], loaded: Sequence[Any]) -> list[str]:
 
 
 def check_budgets(norms: Sequence[str], eps: Sequence[float], shape: Sequence[int]) -> None:
-    """Unit errors in a budget, before any work (:func:`attacks.common.check_eps` for every norm and ε: L∞ above 1,
-    L2 beyond the diagonal of images of ``shape`` (C, H, W), negative)."""
+    """Unit errors in a budget, before any work: a norm the white-box attacks do not know, and
+    :func:`attacks.common.check_eps` for every norm and ε (L∞ above 1, L2 beyond the diagonal of images of ``shape``
+    (C, H, W), negative)."""
     for norm in norms:
+        if norm not in WHITE_NORMS:
+            raise UserError(f"unknown norm {norm!r}; choose from {', '.join(WHITE_NORMS)}")
         for e in eps:
             check_eps(norm, float(e), tuple(int(d) for d in shape))
 
