@@ -9,7 +9,7 @@ from pathlib import Path
 from infra.provenance import code_hash as _code_hash
 
 #: modules whose code computes attack rows (their hash enters every row key)
-ATTACK_CODE = ("white.py", "autoattack.py", "verdict.py", "benchmark.py", "runner.py", "black.py", "fixed_noise.py", "curves.py",
+ATTACK_CODE = ("white.py", "autoattack.py", "adaptive.py", "verdict.py", "benchmark.py", "runner.py", "black.py", "fixed_noise.py", "curves.py",
                "distal.py", "target.py")
 
 

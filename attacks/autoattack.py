@@ -26,13 +26,15 @@ class APGD(TorchAttack):
 
     def __init__(self, model: nn.Module, *, norm: str = "linf", eps: float, steps: int = 100, loss: str = "ce",
                  targeted: bool = False, eot: int = 1, rho: float = 0.75, n_classes: int = 10,
-                 restarts: int = 1, eval_draws: int = EVAL_DRAWS, seed: int = 0) -> None:
+                 n_targets: int | None = None, restarts: int = 1, eval_draws: int = EVAL_DRAWS,
+                 seed: int = 0) -> None:
         super().__init__(model, norm=norm, eps=eps, restarts=restarts, eval_draws=eval_draws, seed=seed)
         positive_ints(steps=steps, eot=eot, n_classes=n_classes)
         if loss not in ("ce", "dlr"):
             raise AttackInputError(f"APGD loss must be ce or dlr, got {loss!r}")
         self.steps, self.loss, self.targeted, self.rho = int(steps), loss, bool(targeted), float(rho)
         self.eot, self.n_classes = int(eot), int(n_classes)
+        self.n_targets = min(int(n_targets or n_classes - 1), self.n_classes - 1)
         self.eot_used = 1 if self.deterministic else self.eot
         self.name = "APGD-T" if self.targeted else f"APGD-{loss.upper()}"
 
@@ -40,14 +42,16 @@ class APGD(TorchAttack):
         p = {**super().params(), "steps": self.steps, "loss": "dlr-targeted" if self.targeted else self.loss,
              "eot": self.eot, "eot_used": self.eot_used, "rho": self.rho}
         if self.targeted:
-            p["n_classes"] = self.n_classes
+            p["n_classes"], p["n_targets"] = self.n_classes, self.n_targets
         return p
 
     def _build(self) -> torchattacks.Attack:
         common = dict(norm=TORCHATTACKS_NORM[self.norm], eps=self.eps, steps=self.steps, n_restarts=1, seed=self.seed,
                       eot_iter=self.eot_used, rho=self.rho)
         if self.targeted:
-            return torchattacks.APGDT(self.model, n_classes=self.n_classes, **common)
+            atk = torchattacks.APGDT(self.model, n_classes=self.n_classes, **common)
+            atk.n_target_classes = self.n_targets
+            return atk
         return torchattacks.APGD(self.model, loss=self.loss, **common)
 
     def _run(self, atk: torchattacks.Attack, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -55,14 +59,26 @@ class APGD(TorchAttack):
         example its own single noisy check did not flip; on a randomized model that throws away the attack's
         work exactly where the model looks robust. Here the candidate is the adversarial APGD found where it
         flipped the prediction at least once, and its maximum-loss iterate everywhere else, so the fresh-noise
-        verdict judges a real attack point for every example. (APGD-T keeps torchattacks' own loop over
-        target classes: it runs on deterministic models only, where the single check is exact.)"""
-        if self.targeted:
-            return atk(x, y)
+        verdict judges a real attack point for every example (APGD-T likewise, over its target classes)."""
+        if not self.targeted:
+            return self._single(atk, x, y)[0]
+        # APGD-T: one run per target (the runner-up classes in turn); an example keeps the first target's point
+        # that flipped it, or the runner-up target's maximum-loss iterate when none did
+        out, done = None, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for target_class in range(2, atk.n_target_classes + 2):
+            atk.target_class = target_class
+            cand, flipped = self._single(atk, x, y)
+            take = flipped & ~done if out is not None else torch.ones_like(done)
+            out = cand if out is None else torch.where(take.view(-1, *([1] * (x.dim() - 1))), cand, out)
+            done |= flipped
+        return out
+
+    @staticmethod
+    def _single(atk: torchattacks.Attack, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.enable_grad():
             best, acc, _, best_adv = atk.attack_single_run(x.clone().detach(), y.clone().detach())
-        flipped = (acc == 0).view(-1, *([1] * (x.dim() - 1)))
-        return torch.where(flipped, best_adv, best).detach()
+        flipped = acc == 0
+        return torch.where(flipped.view(-1, *([1] * (x.dim() - 1))), best_adv, best).detach(), flipped
 
 
 class FAB(TorchAttack):
@@ -146,13 +162,14 @@ class WorstOf(WhiteBoxAttack):
 
 def autoattack_factory(*, attacks: Sequence[str] | None = None, version: str = "auto", steps: int = 100,
                        eot: int | None = None, restarts: int = 1, eval_draws: int = EVAL_DRAWS, seed: int = 0,
-                       n_queries: int = 5000, n_classes: int = 10) -> AttackFactory:
+                       n_queries: int = 5000, n_classes: int = 10, n_targets: int | None = None) -> AttackFactory:
     """AutoAttack-style ensembles from torchattacks components, worst case per example.
 
     ``version``: ``rand`` (APGD-CE + APGD-DLR with EOT, for randomized defenses), ``standard`` (APGD-CE,
     APGD-T, FAB-T, Square) or ``auto`` (``rand`` for randomized models, ``standard`` for deterministic
     ones). ``attacks`` (names from :data:`ATTACK_NAMES` minus ``pgd``) overrides the version's list.
-    ``eot`` defaults to 20 (AutoAttack's rand version) and is 1 for deterministic models.
+    ``eot`` defaults to 20 (AutoAttack's rand version) and is 1 for deterministic models. ``n_targets``: APGD-T's
+    target classes (default all ``n_classes - 1``; AutoAttack's standard version uses 9).
     """
     if version not in ("auto", *AA_VERSIONS):
         raise AttackInputError(f"unknown AutoAttack version {version!r}; choose auto, rand or standard")
@@ -176,7 +193,8 @@ def autoattack_factory(*, attacks: Sequence[str] | None = None, version: str = "
             elif name == "apgd-dlr":
                 built.append(APGD(model, steps=steps, loss="dlr", eot=e, **common))
             elif name == "apgd-t":
-                built.append(APGD(model, steps=steps, targeted=True, eot=e, n_classes=n_classes, **common))
+                built.append(APGD(model, steps=steps, targeted=True, eot=e, n_classes=n_classes,
+                                  n_targets=n_targets, **common))
             elif name == "fab-t":
                 built.append(FAB(model, steps=steps, n_classes=n_classes, **common))
             else:

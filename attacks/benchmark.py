@@ -123,14 +123,14 @@ def step_rule(attack: WhiteBoxAttack) -> str | None:
 
 
 def gradient_evaluations(attack: WhiteBoxAttack) -> int:
-    """Attacker gradient evaluations per image of one row (steps x restarts x EOT draws, summed over the
-    parts of an ensemble); 0 at ε = 0."""
+    """Attacker gradient evaluations per image of one row (steps x restarts x EOT draws x APGD-T's targets, summed
+    over the parts of an ensemble; a score-based attack's queries x draws count as forward passes); 0 at ε = 0."""
     if attack.eps == 0:
         return 0
     p = attack.params()
     parts = p.get("attacks") or [p]
-    return sum(int(q.get("steps") or 0) * int(q.get("restarts", 1)) * int(q.get("eot_used", 1)) for q in parts) \
-        or int(p.get("n_queries", 0))
+    return sum(int(q.get("steps") or q.get("n_queries") or 0) * int(q.get("restarts", 1)) * int(q.get("eot_used", 1))
+               * int(q.get("n_targets", 1)) for q in parts)
 
 
 def passes_per_image(atk: WhiteBoxAttack, fields: dict[str, Any]) -> int:
@@ -163,7 +163,7 @@ class WhiteboxEvaluation(Evaluation[WhiteboxRow]):
 
     def __init__(self, attack: AttackFactory, norms: Sequence[str], eps: Sequence[float], images: torch.Tensor,
                  labels: torch.Tensor, *, dataset: str, examples: Examples = Examples(), seed: int = 0,
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, tag: dict[str, Any] | None = None) -> None:
         bad = [n for n in norms if n not in WHITE_NORMS]
         if bad or not norms:
             raise AttackInputError(f"unknown norm {bad[0] if bad else None!r}; choose from {', '.join(WHITE_NORMS)}")
@@ -178,6 +178,7 @@ class WhiteboxEvaluation(Evaluation[WhiteboxRow]):
         total = int(labels.shape[0])
         self.index = torch.as_tensor(examples.indices(total), dtype=torch.long)
         self.examples = examples.describe(total)
+        self.tag = dict(tag or {})
 
     def units(self, target: Target) -> list[Unit]:
         out = []
@@ -192,12 +193,13 @@ class WhiteboxEvaluation(Evaluation[WhiteboxRow]):
         bs = self.batch_size or auto_batch_size(target.fields(), atk, target.device.type)
         batches = torch.split(self.index, bs)
         return Unit(name=f"{target.label} {atk.name} {atk.norm} ε={atk.eps:.4g}",
-                    rows={"row": {"attack": repr(atk), "dataset": self.dataset, "examples": self.examples}},
+                    rows={"row": {"attack": repr(atk), "dataset": self.dataset, "examples": self.examples,
+                                  **({"escalation": self.tag} if self.tag else {})}},
                     n_pieces=len(batches),
                     piece=lambda b: attack_batch(target, atk, self.images, self.labels, batches[b]),
-                    merge=lambda pieces, keys: {"row": merge_fields(target, atk, pieces, dataset=self.dataset,
-                                                              examples=self.examples, seed=self.seed,
-                                                              batch_size=bs)},
+                    merge=lambda pieces, keys: {"row": {**merge_fields(target, atk, pieces, dataset=self.dataset,
+                                                                 examples=self.examples, seed=self.seed,
+                                                                 batch_size=bs), "escalation": self.tag}},
                     shape=f"bs{bs}", passes=len(self.index) * passes_per_image(atk, target.fields()))
 
     def finish(self, rows: list[WhiteboxRow], out: Path) -> None:
@@ -209,13 +211,15 @@ class WhiteboxEvaluation(Evaluation[WhiteboxRow]):
 def run_sweep(targets: Sequence[Target], attack: AttackFactory, norms: Sequence[str], eps: Sequence[float],
               images: torch.Tensor, labels: torch.Tensor, out_dir: str | Path, *, dataset: str,
               examples: Examples = Examples(), seed: int = 0, batch_size: int | None = None,
-              progress: bool = True, data_sha256: dict[str, str] | None = None) -> list[WhiteboxRow]:
+              progress: bool = True, data_sha256: dict[str, str] | None = None,
+              tag: dict[str, Any] | None = None) -> list[WhiteboxRow]:
     """Attack every target at every (norm, ε) through :func:`attacks.pipeline.run` (see
-    :class:`WhiteboxEvaluation` for the arguments); returns the rows, including ones that were already done."""
+    :class:`WhiteboxEvaluation` for the arguments; ``tag`` names an escalation round, recorded and keyed);
+    returns the rows, including ones that were already done."""
     if not targets:
         raise AttackInputError("nothing to attack: no targets")
     evaluation = WhiteboxEvaluation(attack, norms, eps, images, labels, dataset=dataset, examples=examples,
-                                    seed=seed, batch_size=batch_size)
+                                    seed=seed, batch_size=batch_size, tag=tag)
     return run(evaluation, targets, out_dir, data_sha256=data_sha256, progress=progress)
 
 

@@ -24,13 +24,18 @@ Checks:
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from .common import eps_key, same_eps, wilson
 from .rows import BlackboxRow, Row, WhiteboxRow, of_kind
+
+log = logging.getLogger(__name__)
 
 LARGE_EPS_MAX_ACC = 0.01
 LARGE_LINF = 0.3  # any classifier should fall here (Carlini et al. 2019: accuracy -> 0 as ε grows)
@@ -91,6 +96,24 @@ def mcnemar_p(b: int, c: int) -> float:
     return float(binomtest(min(b, c), n, 0.5).pvalue)
 
 
+def detectable_difference(n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest difference in robust accuracy (a fraction) an exact McNemar test on ``n`` paired examples detects
+    at level ``alpha`` with probability ``power``, in the most favourable case: every discordant example favours the
+    same side (discordance both ways needs a larger difference). Then the test rejects once the discordant count D,
+    Binomial(n, δ), reaches the smallest d with 2·0.5^d < alpha; this is the δ with P(D ≥ d) = ``power``
+    (1.0 when even n discordant examples could not reject)."""
+    from scipy.stats import binom
+
+    d = next((k for k in range(1, n + 1) if mcnemar_p(k, 0) < alpha), None)
+    if d is None:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if binom.sf(d - 1, n, mid) < power else (lo, mid)
+    return hi
+
+
 @dataclass(frozen=True)
 class Paired:
     """Two per-example outcome vectors compared on the examples both hold."""
@@ -105,6 +128,11 @@ class Paired:
     def p(self) -> float:
         """Exact McNemar p-value of the discordant pairs."""
         return mcnemar_p(self.only_a, self.only_b)
+
+    @property
+    def detectable(self) -> float:
+        """The smallest difference this comparison could detect with 80 % power (:func:`detectable_difference`)."""
+        return detectable_difference(self.n)
 
 
 def paired_outcomes(a_indices: Sequence[int], a_correct: Sequence[int], b_indices: Sequence[int],
@@ -304,6 +332,20 @@ def all_flags(results: Iterable[CheckResult]) -> list[Flag]:
 
 def _covers(indices: Iterable[int], target: set[int]) -> bool:
     return target <= set(indices)
+
+
+def load_side_files(run_dir: str | Path, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Black-box per-example distance files referenced by rows (missing ones are skipped with a warning)."""
+    side = {}
+    for r in rows:
+        name = r.get("distances_file")
+        if r.get("kind") == "blackbox" and name:
+            path = Path(run_dir) / name
+            if path.exists():
+                side[r["key"]] = json.loads(path.read_text())
+            else:
+                log.warning("missing side file %s", path)
+    return side
 
 
 def worst_case(rows: list[Row], side: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:

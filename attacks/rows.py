@@ -141,6 +141,7 @@ class WhiteboxRow(Row):
     gradients_per_example: int | None = None  # attacker gradients (steps x restarts x EOT draws, summed)
     passes_per_example: int | None = None  # network forward-backward passes behind them (x chains x (1 + 2k));
     # the verdict's forward passes are not counted
+    escalation: dict[str, Any] = field(default_factory=dict)  # a round of escalation on survivors: round, name
     shards: list[str] = field(default_factory=list)
     example_indices: list[int] = field(default_factory=list)
     correct: list[int] = field(default_factory=list)

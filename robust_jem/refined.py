@@ -218,6 +218,11 @@ class RefinedClassifier(nn.Module):
         """The energy the chain descends (through the compiled backbone when asked)."""
         return energy_of_logits(self._net(z))
 
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-example energy of [0,1] images where the chain starts (before noise): what an energy-aimed attack
+        lowers so the chain has no reason to move its candidate."""
+        return self.energy_z(to_internal(x))
+
     def refine(self, z: torch.Tensor, generator: torch.Generator | None = None,
                noise_fn: NoiseFn | None = None) -> torch.Tensor:
         """Noise + SGLD chain on internal-space inputs already repeated over chains."""

@@ -19,10 +19,9 @@ from attacks.black import BlackboxConfig
 from attacks import pipeline
 from attacks.distal import DistalConfig, DistalEvaluation
 from attacks.rows import BlackboxRow, DistalRow, WhiteboxRow
-from attacks.autoattack import autoattack_factory
-from attacks.verdict import EVAL_DRAWS
-from attacks.white import pgd_factory, transfer_factory
+from attacks.white import transfer_factory
 from infra.precision import resolve_bf16
+from infra.randomness import derive_seed
 from robust_jem.errors import UserError
 from robust_jem.images import save_grid
 from robust_jem.refined import Refinement
@@ -31,6 +30,8 @@ from robust_jem.refined import Refinement
 from .activity import ActivityJob, activity  # noqa: F401
 from .extras import (CalibrationJob, CertifyJob, HealthJob, OODJob, SampleJob, calibrate, certify,  # noqa: F401
                      ebm_health, ood, sample)
+from .escalate import EscalationJob, Round, escalate  # noqa: F401
+from .settings import AdaptiveSettings, AutoAttackSettings, PGDSettings, TransferSettings, stronger  # noqa: F401
 from .jobs import (check_budgets, data_hashes, job_json, prepare_out, refuse_foreign_rows,  # noqa: F401
                    warn_if_wrong_data)
 from .targets import Chain, build_targets, load_checkpoints, split, target_for
@@ -42,60 +43,13 @@ log = logging.getLogger(__name__)
 # white-box: PGD and AutoAttack
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class PGDSettings:
-    """torchattacks PGD / PGDL2 / EOTPGD (+ our EOTPGDL2): steps, α (None: 2.5·ε/steps), EOT (``auto``: 20 on a
-    randomized model, 1 on a deterministic one), restarts."""
-
-    steps: int = 10
-    step_size: float | None = None
-    eot: int | str = "auto"
-    restarts: int = 1
-    eval_draws: int = EVAL_DRAWS
-
-    def factory(self, n_classes: int, seed: int) -> Any:
-        return pgd_factory(steps=self.steps, step_size=self.step_size, restarts=self.restarts, eot=self.eot,
-                           eval_draws=self.eval_draws, seed=seed)
-
-
-@dataclass(frozen=True)
-class AutoAttackSettings:
-    """AutoAttack components (torchattacks): ``rand`` (APGD-CE + APGD-DLR with EOT), ``standard``, ``auto``."""
-
-    attacks: tuple[str, ...] | None = None
-    version: str = "auto"
-    steps: int = 100
-    eot: int | None = None
-    n_queries: int = 5000
-    restarts: int = 1
-    eval_draws: int = EVAL_DRAWS
-
-    def factory(self, n_classes: int, seed: int) -> Any:
-        return autoattack_factory(attacks=self.attacks, version=self.version, steps=self.steps, eot=self.eot,
-                                  restarts=self.restarts, eval_draws=self.eval_draws, seed=seed,
-                                  n_queries=self.n_queries, n_classes=n_classes)
-
-
-@dataclass(frozen=True)
-class TransferSettings:
-    """Transfer: PGD (EOT auto) on the bare network of ``source`` (a checkpoint), replayed on every target."""
-
-    source: str
-    steps: int = 50
-    restarts: int = 2
-    eval_draws: int = EVAL_DRAWS
-
-    def factory(self, n_classes: int, seed: int) -> Any:
-        raise TypeError("a transfer attack needs its surrogate loaded: use whitebox()")
-
-
-@dataclass(frozen=True)
 class WhiteboxJob:
     """White-box attacks on every (defense, norm, ε)."""
 
     checkpoints: tuple[str, ...]
     norms: tuple[str, ...]
     eps: tuple[float, ...]
-    attack: PGDSettings | AutoAttackSettings | TransferSettings = PGDSettings()
+    attack: PGDSettings | AutoAttackSettings | TransferSettings | AdaptiveSettings = PGDSettings()
     chain: Chain = Chain()
     grad_modes: tuple[str, ...] = ("full",)
     n_examples: int | None = None
@@ -105,16 +59,6 @@ class WhiteboxJob:
     bf16: bool = False
     compile: bool = False
     recheck: AutoAttackSettings | None = None  # a stronger attack every row's survivors then meet
-
-
-def stronger(settings: PGDSettings | AutoAttackSettings) -> AutoAttackSettings:
-    """The larger budget a command's survivors meet by default: APGD with the margin-type DLR loss (and CE for an
-    AutoAttack run), 4x the steps (at least 20), one more restart, EOT 20 on a randomized model (or the run's own
-    EOT when given), the same verdict."""
-    eot = settings.eot if isinstance(settings.eot, int) else None
-    names = ("apgd-dlr",) if isinstance(settings, PGDSettings) else ("apgd-ce", "apgd-dlr")
-    return AutoAttackSettings(attacks=names, steps=max(20, 4 * settings.steps), eot=eot,
-                              restarts=settings.restarts + 1, eval_draws=settings.eval_draws)
 
 
 def whitebox(job: WhiteboxJob, out: str | Path, *, device: torch.device, data_dir: str | None = None,
@@ -138,30 +82,44 @@ def whitebox(job: WhiteboxJob, out: str | Path, *, device: torch.device, data_di
     if isinstance(job.attack, TransferSettings):
         _, [src] = load_checkpoints([job.attack.source], device, data_dir, dataset=ds.name)
         surrogate = target_for(src, Refinement.bare())
-        factory = transfer_factory(surrogate.scorer, surrogate.label, surrogate.defense_id, steps=job.attack.steps,
-                                   restarts=job.attack.restarts, eval_draws=job.attack.eval_draws, seed=job.seed)
+
+        def factory_for(seed: int) -> Any:
+            return transfer_factory(surrogate.scorer, surrogate.label, surrogate.defense_id, steps=job.attack.steps,
+                                    restarts=job.attack.restarts, eval_draws=job.attack.eval_draws, seed=seed)
     else:
-        factory = job.attack.factory(len(ds.classes), job.seed)
-    rows = run_sweep(targets, factory, list(job.norms), list(job.eps), ds.images, ds.labels, Path(out),
-                     dataset=ds.name, examples=Examples(job.n_examples, job.example_rule, job.seed), seed=job.seed,
-                     batch_size=job.batch_size, progress=progress, data_sha256=data_hashes(ds))
+        def factory_for(seed: int) -> Any:
+            return job.attack.factory(len(ds.classes), seed)
+    rows: list[WhiteboxRow] = []
+    for mode in dict.fromkeys(t.fields()["grad_mode"] for t in targets):  # BPDA on its own attack seed
+        rows += run_sweep([t for t in targets if t.fields()["grad_mode"] == mode], factory_for(attack_seed(job.seed, mode)),
+                          list(job.norms), list(job.eps), ds.images, ds.labels, Path(out), dataset=ds.name,
+                          examples=Examples(job.n_examples, job.example_rule, job.seed), seed=job.seed,
+                          batch_size=job.batch_size, progress=progress, data_sha256=data_hashes(ds))
     warn_if_wrong_data(rows, loaded)
     if job.recheck is not None:
-        rows += recheck_survivors(rows, targets, job.recheck.factory(len(ds.classes), job.seed), ds, Path(out),
-                                  seed=job.seed, batch_size=job.batch_size, progress=progress)
+        rows += recheck_survivors(rows, targets, lambda mode: job.recheck.factory(len(ds.classes),
+                                                                                attack_seed(job.seed, mode)),
+                                  ds, Path(out), seed=job.seed, batch_size=job.batch_size, progress=progress)
     return rows
 
 
-def recheck_survivors(rows: list[WhiteboxRow], targets: list[Any], factory: Any, ds: Any, out: Path, *, seed: int,
+def attack_seed(seed: int, grad_mode: str) -> int:
+    """The attack's seed in one gradient mode: the job's for full gradients, an independent one for BPDA, so the two
+    modes' outcomes are not correlated by shared random starts (their comparison is a check)."""
+    return seed if grad_mode == "full" else derive_seed(seed, "attack", grad_mode)
+
+
+def recheck_survivors(rows: list[WhiteboxRow], targets: list[Any], factory_for: Any, ds: Any, out: Path, *, seed: int,
                       batch_size: int | None, progress: bool) -> list[WhiteboxRow]:
     """Attack each row's survivors (examples still robust, ε > 0) with ``factory``: one row each, on exactly those
-    examples (:meth:`Examples.of`); the headline's worst case then counts what it broke (escalation on survivors)."""
+    examples (:meth:`Examples.of`), with ``factory_for(grad_mode)``'s attack; the headline's worst case then counts
+    what it broke (escalation on survivors)."""
     by_id = {(t.defense_id, t.fields()["grad_mode"]): t for t in targets}
     out_rows: list[WhiteboxRow] = []
     for r in rows:
         standing = [i for i, c in zip(r.example_indices, r.correct) if c]
         if r.eps > 0 and standing:
-            out_rows += run_sweep([by_id[(r.defense_id, r.grad_mode)]], factory, [r.norm], [r.eps], ds.images,
+            out_rows += run_sweep([by_id[(r.defense_id, r.grad_mode)]], factory_for(r.grad_mode), [r.norm], [r.eps], ds.images,
                                   ds.labels, out, dataset=ds.name, examples=Examples.of(standing), seed=seed,
                                   batch_size=batch_size, progress=progress, data_sha256=data_hashes(ds))
     return out_rows
@@ -172,7 +130,8 @@ def recheck_survivors(rows: list[WhiteboxRow], targets: list[Any], factory: Any,
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BlackboxJob:
-    """A foolbox minimisation attack on every defense (the first ``n_examples`` test images)."""
+    """A foolbox minimisation attack on every defense (``n_examples`` test images: the first, or drawn with
+    ``seed`` under the ``random`` rule, the white-box attacks' selection)."""
 
     checkpoints: tuple[str, ...]
     config: BlackboxConfig
@@ -180,6 +139,8 @@ class BlackboxJob:
     n_examples: int = 100
     eps_grid: tuple[float, ...] | None = None
     l0_grid: tuple[int, ...] | None = None
+    example_rule: str = "first"
+    seed: int = 0  # of the example selection (``random``); the attack's seed is the config's
 
 
 def blackbox(job: BlackboxJob, out: str | Path, *, device: torch.device, data_dir: str | None = None,
@@ -190,12 +151,14 @@ def blackbox(job: BlackboxJob, out: str | Path, *, device: torch.device, data_di
     out = prepare_out(out)
     targets = build_targets(loaded, job.chain, ("full",), seed=cfg.seed)  # no gradients used
     n = min(job.n_examples, len(ds))
-    x, y = ds.batch(slice(0, n))
+    idx = Examples(n, job.example_rule, job.seed).indices(len(ds))
+    x, y = ds.batch(torch.as_tensor(idx))
+    described = f"test[0:{n}]" if job.example_rule == "first" else f"test, {n} drawn with seed {job.seed}"
     grids = {k: v for k, v in (("l2", job.eps_grid), ("l0", job.l0_grid)) if v}
     rows: list[BlackboxRow] = []
     for t in targets:
-        rows += run_blackbox(t, x.to(device), y.to(device), cfg, out_dir=Path(out), examples=f"test[0:{n}]",
-                             dataset=ds.name, eps_grids=grids, indices=range(n), progress=progress,
+        rows += run_blackbox(t, x.to(device), y.to(device), cfg, out_dir=Path(out), examples=described,
+                             dataset=ds.name, eps_grids=grids, indices=idx, progress=progress,
                              data_sha256=data_hashes(ds))
     return rows
 
@@ -233,7 +196,7 @@ def distal(job: DistalJob, out: str | Path, *, device: torch.device, data_dir: s
 
 JOB_TYPES = {WhiteboxJob: whitebox, BlackboxJob: blackbox, DistalJob: distal, CalibrationJob: calibrate,
              OODJob: ood, CertifyJob: certify, SampleJob: sample,
-             HealthJob: ebm_health, ActivityJob: activity}
+             HealthJob: ebm_health, ActivityJob: activity, EscalationJob: escalate}
 
 
 def run_job(job: Any, out: str | Path, *, device: torch.device, data_dir: str | None = None,

@@ -17,30 +17,18 @@ from infra.io import atomic_write
 from infra.provenance import environment, file_sha256, now
 from infra.records import ROWS, export_csv, read_rows
 
-from attacks.checks import CheckResult, all_flags, paired_outcomes, run_checks, worst_case
+from attacks.checks import (CheckResult, all_flags, load_side_files, paired_outcomes, run_checks,  # noqa: F401
+                            worst_case)
 from attacks.common import format_eps
 from attacks.plots import NORM_TITLES, model_order, plot_headline, plot_rows
 from attacks.rows import ActivityRow, BlackboxRow, Row, WhiteboxRow, of_kind, parse_row
 
 from .convergence import convergence_table, plot_convergence
+from .escalate import rounds_of
 from .tables import (ci_text, clean_table, common_table, display_names, headline_table, kv_table, pct,
                      per_attack_table, protocol_table)
 
 log = logging.getLogger(__name__)
-
-
-def load_side_files(run_dir: Path, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Black-box per-example distance files referenced by rows (missing ones are skipped with a warning)."""
-    side = {}
-    for r in rows:
-        name = r.get("distances_file")
-        if r.get("kind") == "blackbox" and name:
-            path = run_dir / name
-            if path.exists():
-                side[r["key"]] = json.loads(path.read_text())
-            else:
-                log.warning("missing side file %s", path)
-    return side
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, str]:
@@ -54,13 +42,39 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, str]:
         return "not comparable with", "no common examples"
     rel = ("more robust than" if q.robust_a > q.robust_b else "less robust than") if q.p < 0.05 \
         else "not distinguishable from"
-    text = f"on the same {q.n} examples: {q.robust_a} vs {q.robust_b} robust, McNemar p = {q.p:.3g}"
+    text = (f"on the same {q.n} examples: {q.robust_a} vs {q.robust_b} robust, McNemar p = {q.p:.3g}; at this n only "
+            f"a difference of {100 * q.detectable:.0f} points or more is detected with 80 % power")
     fa, fb = set(a.get("families", [])), set(b.get("families", []))
     if fb - fa:  # the first defense was spared attack families the second faced: not an equal comparison
         text += f"; budgets differ: {a['model']} did not face {', '.join(sorted(fb - fa))}"
     elif fa - fb:
         text += f"; {a['model']} also faced {', '.join(sorted(fa - fb))}"
     return rel, text
+
+
+def escalation_section(rows: list[Row]) -> list[str]:
+    """The convergence evidence of every escalated cell: each round, its real budget, how many survivors it attacked
+    and how many of them it broke, what it cost; and whether the last round broke nothing (converged) or not."""
+    table = rounds_of(rows)
+    if not table:
+        return []
+    md = ["## Escalation on survivors", "",
+          "At the middle ε every defense's survivors of all the attacks above (black-box included) met stronger "
+          "rounds, each on the examples still standing, in this order; the headline counts what they broke. A cell "
+          "whose last round broke nothing has stopped yielding to this attack mix; one whose last round still broke "
+          "examples has not converged, and its robust accuracy is an upper bound that more rounds may lower.", "",
+          "| model | norm | ε | round | attack (its budget) | survivors attacked | broken | network passes | wall s |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    md += [f"| {t['model']} | {NORM_TITLES.get(t['norm'], t['norm'])} | {format_eps(t['eps'])} | {t['round']} | "
+           f"{t['name']} | {t['attacked']} | {t['broken']} | {t['passes']:,} | {t['wall_s']:.0f} |" for t in table]
+    last: dict[tuple, dict[str, Any]] = {}
+    for t in table:
+        last[(t["model"], t["norm"], t["eps"])] = t
+    open_cells = [f"{m} {NORM_TITLES.get(n, n)} {format_eps(e)}" for (m, n, e), t in last.items()
+                  if 0 < t["broken"] < t["attacked"]]  # broke some, not all: the next round might break more
+    md += ["", ("Every escalated cell's last round broke nothing." if not open_cells else
+                f"Not converged (the last round still broke examples): {', '.join(open_cells)}."), ""]
+    return md
 
 
 def best_on_shared(cells: dict[str, dict[str, Any]], names: list[str]) -> tuple[str, int]:
@@ -357,6 +371,7 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
                "reported beside it, not mixed into its cells.", "", conv, ""]
         if conv_png:
             md += [f"![convergence]({conv_png.name})", ""]
+    md += escalation_section(typed)
     md += ["## Gradient-masking checks", "",
            "Each check compares rows the study produced; a check with nothing to compare is *not run*, not passed.",
            "", "| check | what it compares | result |", "|---|---|---|"]

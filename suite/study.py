@@ -26,9 +26,11 @@ from robust_jem.config import TrainConfig, preset_config
 from robust_jem.errors import UserError
 from robust_jem.train import train
 
-from .evaluate import (ActivityJob, AutoAttackSettings, BlackboxJob, CalibrationJob, CertifyJob, DistalJob, HealthJob, OODJob,
-                       PGDSettings, SampleJob, TransferSettings, WhiteboxJob, job_record, refuse_foreign_rows,
-                       run_job)
+from attacks.common import same_eps
+
+from .evaluate import (ActivityJob, AdaptiveSettings, AutoAttackSettings, BlackboxJob, CalibrationJob, CertifyJob,
+                       DistalJob, EscalationJob, HealthJob, OODJob, PGDSettings, Round, SampleJob, TransferSettings,
+                       WhiteboxJob, job_record, refuse_foreign_rows, run_job)
 from .layout import study_model_dir
 from .report import write_report
 from .targets import Chain
@@ -102,6 +104,12 @@ class StudyPlan:
     norm, transfer from the bare network and from PGD-AT, and Boundary + Pointwise; the per-example worst
     case over all of them is the headline. Convergence ladders (steps, EOT) at the middle ε run on the first
     ``n_conv`` images of each group (JEM-10: the norms in ``conv_norms_jem10``) and are reported beside it.
+
+    Examples are one seeded random selection of the test split (``selection_seed``): every defense's examples are
+    a prefix of the same permutation, so the smaller selections are shared by every larger one. At the middle ε of
+    each norm every defense is attacked on ``n_mid`` examples (the decisive comparisons), elsewhere on ``n``.
+    The survivors of every cheap attack at the middle ε then meet the escalation ``rounds``
+    (:func:`escalation_rounds`), repeated at most ``repeats`` times while a round still breaks something.
     """
 
     linf_eps: tuple[float, ...]
@@ -123,58 +131,87 @@ class StudyPlan:
     conv_jem10: tuple[tuple[int, ...], tuple[int, ...]]
     blackbox_steps: int
     blackbox_ladder: tuple[int, ...]
-    n_blackbox_ladder: int
+    n_blackbox_ladder: dict[str, int]
     certify_n: int
     certify_examples: int
     extras_examples: int
+    n_mid: dict[str, int]
+    rounds: tuple[Round, ...]
+    repeats: int = 1
+    selection_seed: int = 0
 
 
-PLANS = {
-    "quick": StudyPlan(linf_eps=(0.0, 0.05, 0.1, 0.2, 0.5), l2_eps=(0.0, 1.0, 2.0, 6.0), linf_mid=0.1, l2_mid=2.0,
-                       grids={"jem1": {"linf": (0.0, 0.05, 0.1, 0.5), "l2": (0.0, 2.0, 6.0)},
-                              "jem10": {"linf": (0.05, 0.1, 0.5), "l2": (2.0,)}},
-                       # JEM-0 and JEM-1 on 100 and 40 images: at 40 and 20 a single example is 2.5 and 5 per 100,
-                       # too coarse for the independent-attack bar (bench/independent_attack.py, at most 2 per 100)
+PLANS: dict[str, StudyPlan] = {}  # filled below, once escalation_rounds is defined
+
+
+def escalation_rounds(steps: int, eot: int, square_queries: int, square_eot: int) -> tuple[Round, ...]:
+    """The rounds every cell's survivors meet after the cheap attacks, in order: APGD-CE + APGD-DLR (AutoAttack-rand
+    at 100 steps and EOT 20) with full gradients and BPDA, margin PGD, the energy-aimed PGD, APGD-T on the three
+    runner-up classes, PGD on the fixed-noise deployment, and Square on averaged queries."""
+    return (Round(AutoAttackSettings(version="rand", steps=steps, eot=eot), ("full", "bpda")),
+            Round(AdaptiveSettings("margin-pgd", steps=steps, eot=eot)),
+            Round(AdaptiveSettings("energy-pgd", steps=steps, eot=eot)),
+            Round(AutoAttackSettings(attacks=("apgd-t",), steps=steps, eot=eot, n_targets=3)),
+            Round(AdaptiveSettings("fixed-noise-pgd", steps=steps)),
+            Round(AdaptiveSettings("square-eot", n_queries=square_queries, eot=square_eot)))
+
+
+PLANS.update({
+    # fits a 2-core CPU: the small selections decide little, and its report says what power it has
+    "quick": StudyPlan(linf_eps=(0.0, 0.05, 0.1, 0.5), l2_eps=(0.0, 1.0, 2.0, 6.0), linf_mid=0.1, l2_mid=2.0,
+                       grids={"jem1": {"linf": (0.0, 0.1, 0.5), "l2": (0.0, 2.0, 6.0)},
+                              "jem10": {"linf": (0.1, 0.5), "l2": (2.0,)}},
                        n={"bare": 100, "jem0": 100, "jem1": 40, "jem10": 8},
+                       n_mid={"bare": 200, "jem0": 200, "jem1": 60, "jem10": 20},
                        n_conv={"bare": 50, "jem0": 20, "jem1": 10, "jem10": 4}, conv_norms_jem10=("linf",),
                        steps=50, restarts=2, eot=1, eval_draws=20, aa_steps=20, conv_steps=(10, 50, 200),
-                       conv_eot=(1, 5, 20), conv_eot_steps=5, conv_jem10=((10, 50, 100), (1, 5, 10)),
+                       conv_eot=(1, 5, 20), conv_eot_steps=5, conv_jem10=((10, 50), (1, 5)),
                        blackbox_steps=12, blackbox_ladder=(100,),
-                       n_blackbox_ladder=10, certify_n=500,
-                       certify_examples=20, extras_examples=500),
-    # the standard models (35 min of training + 35 of attacks here, see its reference run); JEM-10 at 4 ε per norm
+                       n_blackbox_ladder={"bare": 10, "jem0": 10, "jem1": 10, "jem10": 4}, certify_n=500,
+                       certify_examples=20, extras_examples=500,
+                       rounds=escalation_rounds(steps=50, eot=10, square_queries=300, square_eot=5)),
+    # the standard models (35 min of training + 35 of attacks on the machine of its first reference run)
     "standard": StudyPlan(linf_eps=(0.0, 0.02, 0.05, 0.1, 0.2, 0.5), l2_eps=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0),
                           linf_mid=0.1, l2_mid=2.0,
                           grids={"jem1": {"linf": (0.0, 0.02, 0.05, 0.1, 0.5), "l2": (0.0, 0.5, 1.0, 2.0, 8.0)},
                                  "jem10": {"linf": (0.02, 0.05, 0.1, 0.2), "l2": (0.5, 1.0, 2.0, 4.0)}},
                           n={"bare": 300, "jem0": 100, "jem1": 50, "jem10": 20},
+                          n_mid={"bare": 500, "jem0": 500, "jem1": 200, "jem10": 100},
                           n_conv={"bare": 100, "jem0": 40, "jem1": 20, "jem10": 8}, conv_norms_jem10=("linf",),
                           steps=50, restarts=2, eot=1, eval_draws=20, aa_steps=20, conv_steps=(10, 50, 200),
                           conv_eot=(1, 5, 20), conv_eot_steps=5, conv_jem10=((10, 50, 100), (1, 5, 10)),
-                          blackbox_steps=12, blackbox_ladder=(100,), n_blackbox_ladder=20, certify_n=500,
-                          certify_examples=50, extras_examples=1000),
+                          blackbox_steps=12, blackbox_ladder=(100,),
+                          n_blackbox_ladder={"bare": 20, "jem0": 20, "jem1": 20, "jem10": 10}, certify_n=500,
+                          certify_examples=50, extras_examples=1000,
+                          rounds=escalation_rounds(steps=100, eot=20, square_queries=1000, square_eot=10)),
     "tiny": StudyPlan(linf_eps=(0.0, 0.1, 0.5), l2_eps=(0.0, 2.0), linf_mid=0.1, l2_mid=2.0,
                       grids={"jem10": {"linf": (0.1, 0.5), "l2": (2.0,)}},
-                      n={"bare": 12, "jem0": 8, "jem1": 6, "jem10": 4}, n_conv={"bare": 6, "jem0": 4, "jem1": 4,
-                                                                             "jem10": 2},
-                      conv_norms_jem10=("linf",), steps=5, restarts=2, eot=1, eval_draws=2, aa_steps=3, conv_steps=(2, 5), conv_eot=(1, 2),
-                      conv_eot_steps=2, conv_jem10=((2, 5), (1, 2)), blackbox_steps=2, blackbox_ladder=(4,), n_blackbox_ladder=3, certify_n=20, certify_examples=5, extras_examples=50),
+                      n={"bare": 12, "jem0": 8, "jem1": 6, "jem10": 4}, n_mid={"bare": 12, "jem0": 8, "jem1": 6, "jem10": 4},
+                      n_conv={"bare": 6, "jem0": 4, "jem1": 4, "jem10": 2},
+                      conv_norms_jem10=("linf",), steps=5, restarts=2, eot=1, eval_draws=2, aa_steps=3,
+                      conv_steps=(2, 5), conv_eot=(1, 2), conv_eot_steps=2, conv_jem10=((2, 5), (1, 2)),
+                      blackbox_steps=2, blackbox_ladder=(4,), n_blackbox_ladder={"bare": 3, "jem0": 3, "jem1": 3, "jem10": 2},
+                      certify_n=20, certify_examples=5, extras_examples=50,
+                      rounds=escalation_rounds(steps=3, eot=2, square_queries=10, square_eot=2)),
     "cifar10-paper": StudyPlan(linf_eps=(0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255, 0.5),
                                l2_eps=(0.0, 0.25, 0.5, 1.0, 2.0, 10.0), linf_mid=8 / 255, l2_mid=0.5,
                                grids={"jem10": {"linf": (2 / 255, 4 / 255, 8 / 255, 16 / 255),
                                                 "l2": (0.25, 0.5, 1.0)}},
                                n={"bare": 10000, "jem0": 1000, "jem1": 1000, "jem10": 1000},
+                               n_mid={"bare": 10000, "jem0": 1000, "jem1": 1000, "jem10": 1000},
                                n_conv={"bare": 500, "jem0": 200, "jem1": 200, "jem10": 100},
-                               conv_norms_jem10=("linf", "l2"), steps=100, restarts=2, eot=20, eval_draws=20, aa_steps=100, conv_steps=(10, 50, 200),
-                               conv_eot=(1, 5, 20), conv_eot_steps=50,
+                               conv_norms_jem10=("linf", "l2"), steps=100, restarts=2, eot=20, eval_draws=20,
+                               aa_steps=100, conv_steps=(10, 50, 200), conv_eot=(1, 5, 20), conv_eot_steps=50,
                                conv_jem10=((10, 50, 200), (1, 5, 20)), blackbox_steps=1000,
-                               blackbox_ladder=(5000, 25000), n_blackbox_ladder=100, certify_n=10000,
-                               certify_examples=500, extras_examples=10000),
-}
+                               blackbox_ladder=(5000, 25000),
+                               n_blackbox_ladder={"bare": 100, "jem0": 100, "jem1": 100, "jem10": 100},
+                               certify_n=10000, certify_examples=500, extras_examples=10000,
+                               rounds=escalation_rounds(steps=100, eot=20, square_queries=5000, square_eot=20)),
+})
 
 
 def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
-    """The study's jobs, in order (every one resumable by itself: it skips rows that exist under its keys)."""
+    """The study's jobs, in order (every one resumable by itself: it skips rows that exist under their keys)."""
     ce, at, jem, ga = (str(ckpt[k]) for k in ("ce", "pgd-at", "jem", "gaussian-aug"))
     def chain(*steps: int) -> Chain:  # JEM-k as defined everywhere: the checkpoint's own sampler (default_refinement)
         return Chain(steps)
@@ -185,31 +222,40 @@ def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
     mids = {"linf": plan.linf_mid, "l2": plan.l2_mid}
 
     def white(name: str, group: str, norm: str, eps: tuple[float, ...], attack: Any, *, n: int | None = None,
-              modes: tuple[str, ...] = ("full", "bpda"), kind: str = "whitebox") -> Stage:
+              modes: tuple[str, ...] = ("full", "bpda"), kind: str = "whitebox") -> list[Stage]:
+        """The stage at ``eps`` (the middle ε split off on the larger shared selection, ``n_mid``)."""
         models, k = groups[group]
-        return Stage(name, kind, WhiteboxJob(models, (norm,), tuple(eps), attack, chain(k), modes,
-                                             n_examples=n or plan.n[group]))
+        mid = tuple(e for e in eps if same_eps(e, mids[norm]))
+        rest = tuple(e for e in eps if not same_eps(e, mids[norm]))
+        def job(e: tuple[float, ...], size: int) -> WhiteboxJob:
+            return WhiteboxJob(models, (norm,), e, attack, chain(k), modes, n_examples=size, example_rule="random",
+                               seed=plan.selection_seed)
+        if n is not None or plan.n[group] == plan.n_mid[group]:
+            return [Stage(name, kind, job(eps, n or plan.n[group]))]
+        return ([Stage(name, kind, job(rest, plan.n[group]))] if rest else []) + \
+               ([Stage(f"{name}-mid", kind, job(mid, plan.n_mid[group]))] if mid else [])
 
     st: list[Stage] = []
     # headline: the same protocol for every defense (JEM-10 at fewer ε; its BPDA at the middle ones)
     for norm in ("linf", "l2"):
         grid = plan.linf_eps if norm == "linf" else plan.l2_eps
         eps_of = {g: plan.grids.get(g, {}).get(norm, grid) for g in groups}
-        st += [white(f"pgd-{norm}-baselines", "bare", norm, eps_of["bare"], head),
-               white(f"pgd-{norm}-jem0", "jem0", norm, eps_of["jem0"], head),
-               white(f"pgd-{norm}-jem1", "jem1", norm, eps_of["jem1"], head),
-               white(f"pgd-{norm}-jem10-full", "jem10", norm, eps_of["jem10"], head, modes=("full",)),
-               white(f"pgd-{norm}-jem10-bpda", "jem10", norm, (mids[norm],), head, modes=("bpda",))]
+        st += [*white(f"pgd-{norm}-baselines", "bare", norm, eps_of["bare"], head),
+               *white(f"pgd-{norm}-jem0", "jem0", norm, eps_of["jem0"], head),
+               *white(f"pgd-{norm}-jem1", "jem1", norm, eps_of["jem1"], head),
+               *white(f"pgd-{norm}-jem10-full", "jem10", norm, eps_of["jem10"], head, modes=("full",)),
+               *white(f"pgd-{norm}-jem10-bpda", "jem10", norm, (mids[norm],), head, modes=("bpda",))]
+    apgd = f"apgd-{plan.aa_steps}it"  # named by its budget: AutoAttack-rand's would be 100 it, EOT 20
     for norm, e in mids.items():
         grid = plan.linf_eps if norm == "linf" else plan.l2_eps
-        for group in groups:  # AutoAttack at every ε of the defense's curve, so no cell rests on PGD alone
+        for group in groups:  # APGD at every ε of the defense's curve, so no cell rests on PGD alone
             eps = tuple(x for x in plan.grids.get(group, {}).get(norm, grid) if x > 0)
-            st.append(white(f"autoattack-{norm}-{group}", group, norm, eps, aa, modes=("full",), kind="autoattack"))
+            st += white(f"{apgd}-{norm}-{group}", group, norm, eps, aa, modes=("full",), kind="apgd")
         for group in ("jem0", "jem1", "jem10"):
             for source, name in ((jem, "bare-jem"), (at, "pgd-at")):
-                st.append(white(f"transfer-{norm}-{name}-{group}", group, norm, (e,),
-                                TransferSettings(source, steps=plan.steps, restarts=plan.restarts,
-                                                 eval_draws=plan.eval_draws), modes=("full",), kind="transfer"))
+                st += white(f"transfer-{norm}-{name}-{group}", group, norm, (e,),
+                            TransferSettings(source, steps=plan.steps, restarts=plan.restarts,
+                                             eval_draws=plan.eval_draws), modes=("full",), kind="transfer")
     # convergence evidence at the middle ε (Carlini et al.): robust accuracy vs steps and vs EOT draws
     for norm, e in mids.items():
         for group in groups:
@@ -217,30 +263,37 @@ def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
                 continue  # the full-gradient 10-step chain is too dear for both norms on a CPU budget
             ladder_steps, ladder_eot = (plan.conv_jem10 if group == "jem10" else (plan.conv_steps, plan.conv_eot))
             for steps in ladder_steps:
-                st.append(white(f"conv-{norm}-{group}-steps{steps}", group, norm, (e,),
-                                PGDSettings(steps=steps, restarts=1, eot=1, eval_draws=plan.eval_draws),
-                                n=plan.n_conv[group], modes=("full",), kind="convergence"))
+                st += white(f"conv-{norm}-{group}-steps{steps}", group, norm, (e,),
+                            PGDSettings(steps=steps, restarts=1, eot=1, eval_draws=plan.eval_draws),
+                            n=plan.n_conv[group], modes=("full",), kind="convergence")
             if group == "bare":
                 continue  # a deterministic model: EOT is 1 whatever is asked
             for eot in ladder_eot:
-                st.append(white(f"conv-{norm}-{group}-eot{eot}", group, norm, (e,),
-                                PGDSettings(steps=plan.conv_eot_steps, restarts=1, eot=eot,
-                                            eval_draws=plan.eval_draws), n=plan.n_conv[group], modes=("full",),
-                                kind="convergence"))
+                st += white(f"conv-{norm}-{group}-eot{eot}", group, norm, (e,),
+                            PGDSettings(steps=plan.conv_eot_steps, restarts=1, eot=eot, eval_draws=plan.eval_draws),
+                            n=plan.n_conv[group], modes=("full",), kind="convergence")
     for name in ("boundary", "pointwise"):
         init = {"boundary": 10, "pointwise": 20}[name]
-        for group in groups:
+        for group in groups:  # on the middle ε's selection, so they count in its worst case
             models, k = groups[group]
             cfg = BlackboxConfig(name, steps=plan.blackbox_steps, init_steps=init)
             st.append(Stage(f"blackbox-{name}-{group}", "blackbox",
-                            BlackboxJob(models, cfg, chain(k), n_examples=plan.n[group])))
-    # is Boundary converged? median distance against steps on a few images of the cheaper defenses
-    for group in ("bare", "jem0", "jem1"):
+                            BlackboxJob(models, cfg, chain(k), n_examples=plan.n_mid[group], example_rule="random",
+                                        seed=plan.selection_seed)))
+    # is Boundary converged? median distance against steps on a few images of every defense
+    for group in groups:
         models, k = groups[group]
         for steps in (plan.blackbox_steps, *plan.blackbox_ladder):
             cfg = BlackboxConfig("boundary", steps=steps, init_steps=10)
             st.append(Stage(f"blackbox-ladder-{group}-steps{steps}", "blackbox",
-                            BlackboxJob(models, cfg, chain(k), n_examples=plan.n_blackbox_ladder)))
+                            BlackboxJob(models, cfg, chain(k), n_examples=plan.n_blackbox_ladder[group],
+                                        example_rule="random", seed=plan.selection_seed)))
+    # escalation on survivors at the middle ε, after every cheaper attack (black-box included) has had its say
+    for norm, e in mids.items():
+        for group in groups:
+            models, k = groups[group]
+            st.append(Stage(f"escalate-{norm}-{group}", "escalation",
+                            EscalationJob(models, (norm,), (e,), plan.rounds, chain(k), repeats=plan.repeats)))
     st += [
         Stage("distal", "distal", DistalJob((ce, at, jem), chain=chain(0, 1))),
         Stage("calibrate", "extras", CalibrationJob((ce, at, jem), chain=chain(0, 1),
