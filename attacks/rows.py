@@ -346,10 +346,14 @@ class HealthRow(Row):
 
 @dataclass(kw_only=True)
 class ActivityRow(Row):
-    """What a JEM-k refinement does to clean test images (:mod:`robust_jem.activity`): displacement in [0,1] pixel
-    units, energy along the chain, predictions changed against the bare classifier and JEM-0."""
+    """What a JEM-k refinement does to clean test images, or to an attack's candidates (``inputs``, at ``norm`` and
+    ``eps``) (:mod:`robust_jem.activity`): displacement in [0,1] pixel units, energy along the chain, predictions
+    changed against the bare classifier and JEM-0."""
 
     kind: ClassVar[str] = "activity"
+    inputs: str = "clean"  # or the attack whose candidates were refined, e.g. "PGD linf ε=0.1"
+    norm: str | None = None
+    eps: float = 0.0
     n: int = 0
     displacement_l2: float = 0.0
     displacement_linf: float = 0.0

@@ -19,7 +19,7 @@ from infra.records import ROWS, export_csv, read_rows
 
 from attacks.checks import (CheckResult, all_flags, load_side_files, paired_outcomes, run_checks,  # noqa: F401
                             worst_case)
-from attacks.common import format_eps
+from attacks.common import eps_key, format_eps
 from attacks.plots import NORM_TITLES, model_order, plot_headline, plot_rows
 from attacks.rows import ActivityRow, BlackboxRow, Row, WhiteboxRow, of_kind, parse_row
 
@@ -92,7 +92,8 @@ def verdicts(head_cells: dict[str, dict[tuple[str, float], dict]], mids: dict[st
              checks: list[CheckResult], rows: list[Row], dict_rows: list[dict[str, Any]]) -> list[str]:
     """Plain-language answers, each filled from the numbers."""
     out = []
-    acts = {r.defense_id: r for r in of_kind(rows, ActivityRow)}
+    acts = {r.defense_id: r for r in of_kind(rows, ActivityRow) if r.inputs == "clean"}
+    on_cands = {(r.defense_id, r.norm, eps_key(r.eps)): r for r in of_kind(rows, ActivityRow) if r.inputs != "clean"}
     for norm, mid in mids.items():
         cells = head_cells.get(norm, {})
         at = {m: h for (m, e), h in cells.items() if abs(e - mid) < 1e-12}
@@ -118,7 +119,8 @@ def verdicts(head_cells: dict[str, dict[tuple[str, float], dict]], mids: dict[st
         for k in (m for m in jems if jem0 is not None and m != jem0):
             rel, why = compare(at[k], at[jem0])
             out.append(f"- Does refinement buy robustness over the same network without it? {k} is {rel} {jem0} "
-                       f"({why}){activity_clause(acts.get(at[k]['subject']))}.")
+                       f"({why}){activity_clause(acts.get(at[k]['subject']))}"
+                       f"{candidate_clause(on_cands.get((at[k]['subject'], norm, eps_key(mid))))}.")
         ce = next((m for m in at if at[m].get("objective") == "ce"), None)
         if ce is not None:
             out.append(f"- The undefended classifier keeps {pct(at[ce]['robust_acc'])}.")
@@ -148,6 +150,14 @@ def activity_clause(a: ActivityRow | None) -> str:
             f"([0, 1] pixels) and changes {pct(a.changed_vs_bare)} of the bare classifier's predictions "
             f"({pct(a.changed_vs_jem0)} of JEM-0's) on {a.n} test images")
     return f"; refinement inactive: {what}" if a.inactive else f"; {what}"
+
+
+def candidate_clause(a: ActivityRow | None) -> str:
+    """What the refinement did to the attack's candidates at this ε (empty when it was not measured)."""
+    if a is None:
+        return ""
+    return (f"; on {a.n} {a.inputs} candidates it moves them by {a.displacement_l2:.3g} in L2 and "
+            f"{a.displacement_linf:.3g} in L∞ and changes {pct(a.changed_vs_bare)} of the bare classifier's predictions")
 
 
 def read_health(run_dir: Path) -> dict[str, Any] | None:
@@ -436,9 +446,11 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
                "What each JEM-k chain does to clean test images, averaged over examples and chains: its displacement "
                "from the input in [0, 1] pixel units (read it beside the ε attacked), the energy at the input and at "
                "the chain's end, and the predictions it changes. Fewer than 1 % changed against the bare classifier "
-               "marks the refinement inactive: it cannot be why JEM-k differs from JEM-0.", "",
-               kv_table(sorted(acts, key=lambda r: model_order(str(r.get("model")))), [
-                   ("model", "model"), ("n", "n"), ("L2 moved", "displacement_l2"), ("L∞ moved", "displacement_linf"),
+               "marks the refinement inactive: it cannot be why JEM-k differs from JEM-0. Rows on an attack's "
+               "candidates refine the worst point per example that attack found against that same JEM-k.", "",
+               kv_table(sorted(acts, key=lambda r: (model_order(str(r.get("model"))), r.get("inputs", "clean") != "clean",
+                                                    str(r.get("inputs")))), [
+                   ("model", "model"), ("inputs", "inputs"), ("n", "n"), ("L2 moved", "displacement_l2"), ("L∞ moved", "displacement_linf"),
                    ("energy at input", "energy_start"), ("energy at end", "energy_end"),
                    ("changed vs bare", "changed_vs_bare"), ("changed vs JEM-0", "changed_vs_jem0"),
                    ("accuracy bare", "accuracy_bare"), ("accuracy refined", "accuracy_refined"),

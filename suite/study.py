@@ -139,6 +139,7 @@ class StudyPlan:
     rounds: tuple[Round, ...]
     repeats: int = 1
     selection_seed: int = 0
+    n_activity_candidates: int = 50  # examples whose PGD candidates (10 steps, against each JEM-k) are refined
 
 
 PLANS: dict[str, StudyPlan] = {}  # filled below, once escalation_rounds is defined
@@ -157,19 +158,20 @@ def escalation_rounds(steps: int, eot: int, square_queries: int, square_eot: int
 
 
 PLANS.update({
-    # fits a 2-core CPU: the small selections decide little, and its report says what power it has
+    # fits a 2-core CPU in 20 min with training: cheap headline attacks (PGD 20 steps, APGD 10 it) on small
+    # selections, the strength coming from escalation on survivors; its report states the little power it has
     "quick": StudyPlan(linf_eps=(0.0, 0.05, 0.1, 0.5), l2_eps=(0.0, 1.0, 2.0, 6.0), linf_mid=0.1, l2_mid=2.0,
                        grids={"jem1": {"linf": (0.0, 0.1, 0.5), "l2": (0.0, 2.0, 6.0)},
                               "jem10": {"linf": (0.1, 0.5), "l2": (2.0,)}},
-                       n={"bare": 100, "jem0": 100, "jem1": 40, "jem10": 8},
-                       n_mid={"bare": 200, "jem0": 200, "jem1": 60, "jem10": 20},
-                       n_conv={"bare": 50, "jem0": 20, "jem1": 10, "jem10": 4}, conv_norms_jem10=("linf",),
-                       steps=50, restarts=2, eot=1, eval_draws=20, aa_steps=20, conv_steps=(10, 50, 200),
-                       conv_eot=(1, 5, 20), conv_eot_steps=5, conv_jem10=((10, 50), (1, 5)),
+                       n={"bare": 50, "jem0": 50, "jem1": 20, "jem10": 5},
+                       n_mid={"bare": 100, "jem0": 100, "jem1": 40, "jem10": 10},
+                       n_conv={"bare": 20, "jem0": 10, "jem1": 5, "jem10": 2}, conv_norms_jem10=("linf",),
+                       steps=20, restarts=1, eot=1, eval_draws=20, aa_steps=10, conv_steps=(10, 50),
+                       conv_eot=(1, 5), conv_eot_steps=5, conv_jem10=((10,), (1, 5)),
                        blackbox_steps=12, blackbox_ladder=(100,),
-                       n_blackbox_ladder={"bare": 10, "jem0": 10, "jem1": 10, "jem10": 4}, certify_n=500,
-                       certify_examples=20, extras_examples=500,
-                       rounds=escalation_rounds(steps=50, eot=10, square_queries=300, square_eot=5)),
+                       n_blackbox_ladder={"bare": 10, "jem0": 10, "jem1": 5, "jem10": 3}, certify_n=500,
+                       certify_examples=20, extras_examples=500, n_activity_candidates=20,
+                       rounds=escalation_rounds(steps=20, eot=5, square_queries=100, square_eot=2)),
     # the standard models (35 min of training + 35 of attacks on the machine of its first reference run)
     "standard": StudyPlan(linf_eps=(0.0, 0.02, 0.05, 0.1, 0.2, 0.5), l2_eps=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0),
                           linf_mid=0.1, l2_mid=2.0,
@@ -191,7 +193,7 @@ PLANS.update({
                       conv_norms_jem10=("linf",), steps=5, restarts=2, eot=1, eval_draws=2, aa_steps=3,
                       conv_steps=(2, 5), conv_eot=(1, 2), conv_eot_steps=2, conv_jem10=((2, 5), (1, 2)),
                       blackbox_steps=2, blackbox_ladder=(4,), n_blackbox_ladder={"bare": 3, "jem0": 3, "jem1": 3, "jem10": 2},
-                      certify_n=20, certify_examples=5, extras_examples=50,
+                      certify_n=20, certify_examples=5, extras_examples=50, n_activity_candidates=4,
                       rounds=escalation_rounds(steps=3, eot=2, square_queries=10, square_eot=2)),
     "cifar10-paper": StudyPlan(linf_eps=(0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255, 0.5),
                                l2_eps=(0.0, 0.25, 0.5, 1.0, 2.0, 10.0), linf_mid=8 / 255, l2_mid=0.5,
@@ -301,7 +303,8 @@ def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
         Stage("ood", "extras", OODJob((ce, at, jem), n_examples=plan.extras_examples)),
         Stage("sample", "extras", SampleJob(jem, n=4), subdir="samples"),
         Stage("health", "extras", HealthJob(jem, judge=ce), subdir="health"),
-        Stage("activity", "extras", ActivityJob((jem,), chain=chain(1, 10), n_examples=plan.extras_examples)),
+        Stage("activity", "extras", ActivityJob((jem,), chain=chain(1, 10), n_examples=plan.extras_examples,
+                                                candidates=tuple(mids.items()), n_candidates=plan.n_activity_candidates)),
         Stage("certify", "extras", CertifyJob(ga, n=plan.certify_n, n_examples=plan.certify_examples,
                                               attack_radii=(0.25,), attack_steps=5, forward_draws=4)),
     ]

@@ -70,12 +70,16 @@ def test_every_jem_k_verdict_says_what_its_refinement_did(tiny_study):
     """Refinement activity (JEM-1 and JEM-10 on clean test images) is measured by the study and read beside each
     "JEM-k vs JEM-0" answer, so an inactive refinement is not mistaken for an ineffective one."""
     _, run_dir = tiny_study
-    acts = {r.model: r for r in read_typed(run_dir) if r.kind == "activity"}
+    acts = {r.model: r for r in read_typed(run_dir) if r.kind == "activity" and r.inputs == "clean"}
     assert set(acts) == {"JEM-1", "JEM-10"} and all(a.n == 50 and a.displacement_l2 > 0 for a in acts.values())
     verdict = (run_dir / "report.md").read_text().split("## Verdict")[1].split("\n## ")[0]
     lines = [line for line in verdict.splitlines() if "buy robustness over the same network" in line]
     assert lines and all("its chain moves clean images by" in line for line in lines), lines
     assert "## Refinement activity" in (run_dir / "report.md").read_text()
+    # and on the attack's candidates at the middle ε of each norm (PGD against that same JEM-k)
+    cands = {(r.model, r.norm, r.eps) for r in read_typed(run_dir) if r.kind == "activity" and r.inputs != "clean"}
+    assert cands == {(m, n, e) for m in ("JEM-1", "JEM-10") for n, e in (("linf", 0.1), ("l2", 2.0))}, cands
+    assert all("candidates it moves them by" in line for line in lines), lines
 
 
 def test_rerun_recomputes_nothing_and_rows_know_their_code(tiny_study):
