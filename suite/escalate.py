@@ -113,7 +113,8 @@ def escalate_targets(targets: Sequence[Target], rounds: Sequence[Round], norms: 
                     typed = [t for t in map(parse_row, raw) if t is not None and not later_round(t, index)]
                     standing = survivors(typed, load_side_files(out, raw), defense, norm, e)
                     if not standing:
-                        log.info("escalation %s %s ε=%g: no survivors left before round %d", defense, norm, e, index)
+                        log.info("escalation %s %s ε=%g: no survivors left before round %d",
+                                 next(iter(per_mode.values())).label, norm, e, index)
                         break
                     round_seed = derive_seed(seed, "escalation", index)
                     tag = {"round": index, "name": rnd.name + (" (repeat)" if index >= len(rounds) else "")}
