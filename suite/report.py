@@ -45,8 +45,9 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, str]:
     text = (f"on the same {q.n} examples: {q.robust_a} vs {q.robust_b} robust, McNemar p = {q.p:.3g}; at this n only "
             f"a difference of {100 * q.detectable:.0f} points or more is detected with 80 % power")
     fa, fb = set(a.get("families", [])), set(b.get("families", []))
-    if fb - fa:  # the first defense was spared attack families the second faced: not an equal comparison
-        text += f"; budgets differ: {a['model']} did not face {', '.join(sorted(fb - fa))}"
+    spared = fb - fa if any(a["correct"]) else set()  # with nothing left standing, no attack was spared
+    if spared:  # the first defense was spared attack families the second faced: not an equal comparison
+        text += f"; budgets differ: {a['model']} did not face {', '.join(sorted(spared))}"
     elif fa - fb:
         text += f"; {a['model']} also faced {', '.join(sorted(fa - fb))}"
     return rel, text
@@ -55,14 +56,16 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, str]:
 def escalation_section(rows: list[Row]) -> list[str]:
     """The convergence evidence of every escalated cell: each round, its real budget, how many survivors it attacked
     and how many of them it broke, what it cost; and whether the last round broke nothing (converged) or not."""
-    table = rounds_of(rows)
+    table = sorted(rounds_of(rows), key=lambda t: (model_order(t["model"]), t["norm"], t["eps"], t["round"]))
     if not table:
         return []
     md = ["## Escalation on survivors", "",
           "At the middle ε every defense's survivors of all the attacks above (black-box included) met stronger "
           "rounds, each on the examples still standing, in this order; the headline counts what they broke. A cell "
           "whose last round broke nothing has stopped yielding to this attack mix; one whose last round still broke "
-          "examples has not converged, and its robust accuracy is an upper bound that more rounds may lower.", "",
+          "examples has not converged, and its robust accuracy is an upper bound that more rounds may lower. A cell "
+          "with no survivor left is not listed. EOT applies to randomized defenses only (a deterministic one gets "
+          "one draw, as its network passes show).", "",
           "| model | norm | ε | round | attack (its budget) | survivors attacked | broken | network passes | wall s |",
           "|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {t['model']} | {NORM_TITLES.get(t['norm'], t['norm'])} | {format_eps(t['eps'])} | {t['round']} | "

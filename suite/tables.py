@@ -86,11 +86,12 @@ def protocol_table(head: list[dict[str, Any]], rows: list[Row]) -> str:
     for h in head:
         for k in h["rows"]:
             r = by_key.get(k)
-            if isinstance(r, WhiteboxRow):
+            if isinstance(r, WhiteboxRow) and r.eps > 0:  # ε = 0 rows run no attack
                 mode = f", {r.grad_mode}" if r.sgld_steps and r.attack_family != "transfer" else ""
                 cost = f", {r.passes_per_example:,} passes" if r.passes_per_example else ""
-                seen[(names[h["subject"]], h["norm"])].add(
-                    f"{r.attack} {r.steps}×{r.restarts} EOT {r.eot_used}{mode}{cost}")
+                budget = (f"{r.steps}×{r.restarts}" if r.steps else
+                          f"{r.attack_params.get('n_queries')} queries×{r.restarts}")
+                seen[(names[h["subject"]], h["norm"])].add(f"{r.attack} {budget} EOT {r.eot_used}{mode}{cost}")
             elif isinstance(r, BlackboxRow):
                 seen[(names[h["subject"]], h["norm"])].add(f"{r.attack} {r.attack_params.get('steps')} steps")
     lines = ["| model | norm | attacks in the headline (steps × restarts, EOT draws, gradient, network passes per "
