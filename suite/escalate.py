@@ -1,12 +1,14 @@
 """Escalation on survivors (AutoAttack's rule, taken further): after the cheap attacks, the examples still standing
 in a cell meet stronger rounds until one breaks nothing new.
 
-A cell is (defense, norm, ε) with the per-example worst case over every row already in the run folder
-(:func:`attacks.checks.worst_case`, black-box rows included). Each round attacks exactly that cell's survivors
-(:meth:`Examples.of`) and writes one row per gradient mode, tagged ``escalation = {round, name}``; the headline
-counts it because every example it left out is already broken. The rounds run in order; then the first round is
-repeated under new seeds while the previous round still broke something, at most ``repeats`` times. A round that
-breaks nothing is the cell's convergence evidence, and the report shows what each round broke.
+A cell is (defense, norm, ε) with the per-example worst case over every row already in the run folder but the
+escalation rounds (:func:`attacks.checks.worst_case`, black-box rows included), read once. Each round attacks exactly
+the survivors the rounds before it left (:meth:`Examples.of`; a round's rows cover exactly them, so the worst case
+after it is its survivors minus what it broke) and writes one row per gradient mode, tagged
+``escalation = {round, name}``; the headline counts it because every example it left out is already broken. The
+rounds run in order; then the first round is repeated under new seeds while the previous round still broke
+something, at most ``repeats`` times. A round that breaks nothing is the cell's convergence evidence, and the report
+shows what each round broke.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from attacks.benchmark import Examples, run_sweep
 from attacks.checks import load_side_files, worst_case
-from attacks.common import same_eps
+from attacks.common import eps_key
 from attacks.rows import WhiteboxRow, of_kind, parse_row
 from attacks.target import Target
 from infra.randomness import derive_seed
@@ -62,20 +64,11 @@ class EscalationJob:
     batch_size: int | None = None
 
 
-def survivors(rows: list[Any], side: dict[str, dict[str, Any]], defense_id: str, norm: str,
-              eps: float) -> list[int] | None:
-    """The examples of the cell (defense, norm, ε) still robust under every attack so far (None: no such cell)."""
-    for cell in worst_case(rows, side):
-        if cell["subject"] == defense_id and cell["norm"] == norm and same_eps(cell["eps"], eps):
-            return [i for i, c in zip(cell["example_indices"], cell["correct"]) if c]
-    return None
-
-
-def later_round(row: Any, index: int) -> bool:
-    """Whether ``row`` is an escalation round at or after ``index``: left out of the survivors before round
-    ``index``, so a rerun finds the same survivors (the same row keys) and skips what is done."""
-    tag = getattr(row, "escalation", None)
-    return bool(tag) and int(tag.get("round", 0)) >= index
+def survivors(rows: list[Any], side: dict[str, dict[str, Any]]) -> dict[tuple[str, str, float], list[int]]:
+    """Per cell (defense, norm, ε key), the examples still robust under every attack in ``rows`` except escalation
+    rounds (so a rerun finds the same survivors, hence the same row keys, and skips what is done)."""
+    return {(c["subject"], c["norm"], eps_key(c["eps"])): [i for i, ok in zip(c["example_indices"], c["correct"]) if ok]
+            for c in worst_case([r for r in rows if not getattr(r, "escalation", None)], side)}
 
 
 def escalate(job: EscalationJob, out: str | Path, *, device: torch.device, data_dir: str | None = None,
@@ -101,17 +94,17 @@ def escalate_targets(targets: Sequence[Target], rounds: Sequence[Round], norms: 
     for t in targets:
         by_defense.setdefault(t.defense_id, {})[t.fields()["grad_mode"]] = t
     plan = list(enumerate(rounds)) + [(len(rounds) + i, rounds[0]) for i in range(repeats)]
+    raw = read_rows(out / ROWS)
+    before = survivors([t for t in map(parse_row, raw) if t is not None], load_side_files(out, raw))
     made: list[WhiteboxRow] = []
     for defense, per_mode in by_defense.items():
         for norm in norms:
             for e in eps:
                 broke_last = None
+                standing = before.get((defense, norm, eps_key(e)), [])
                 for index, rnd in plan:
                     if index >= len(rounds) and broke_last == 0:
                         break  # converged: the previous round broke nothing new
-                    raw = read_rows(out / ROWS)
-                    typed = [t for t in map(parse_row, raw) if t is not None and not later_round(t, index)]
-                    standing = survivors(typed, load_side_files(out, raw), defense, norm, e)
                     if not standing:
                         log.info("escalation %s %s ε=%g: no survivors left before round %d",
                                  next(iter(per_mode.values())).label, norm, e, index)
@@ -133,6 +126,7 @@ def escalate_targets(targets: Sequence[Target], rounds: Sequence[Round], norms: 
                     broke_last = len(broken)
                     log.info("escalation %s %s ε=%g round %d (%s): %d of %d survivors broken", rows[0].model, norm,
                              e, index, rnd.name, broke_last, len(standing))
+                    standing = [i for i in standing if i not in broken]  # the worst case after this round
                     made += rows
     return made
 

@@ -93,7 +93,7 @@ def stronger(settings: PGDSettings | AutoAttackSettings) -> AutoAttackSettings:
 def budget_name(settings: Any) -> str:
     """An attack named by its real budget, for stage names and tables: "AutoAttack-rand" only at AutoAttack's own
     (APGD-CE + APGD-DLR, 100 iterations, EOT 20); everything else says its iterations and EOT draws."""
-    eot = 20 if settings.eot in (None, "auto") else settings.eot
+    eot = 20 if getattr(settings, "eot", None) in (None, "auto") else settings.eot
     if isinstance(settings, PGDSettings):
         return f"PGD {settings.steps} it x {settings.restarts}, EOT {eot}"
     if isinstance(settings, AutoAttackSettings):
