@@ -115,11 +115,12 @@ def attack_family(attack: WhiteBoxAttack) -> str:
 
 
 def step_rule(attack: WhiteBoxAttack) -> str | None:
-    """How the step size was chosen: ``2.5*eps/steps`` (the default) or ``fixed`` (given by the user)."""
+    """How the step size was chosen: ``2.5*eps/steps`` (the default), ``fixed`` (given by the user) or the attack's own
+    schedule (its ``step_rule`` parameter)."""
     p = attack.params()
     if "step_size" not in p:
         return None
-    return "fixed" if getattr(attack, "step_size_given", False) else "2.5*eps/steps"
+    return "fixed" if getattr(attack, "step_size_given", False) else p.get("step_rule", "2.5*eps/steps")
 
 
 def gradient_evaluations(attack: WhiteBoxAttack) -> int:
@@ -194,7 +195,8 @@ class WhiteboxEvaluation(Evaluation[WhiteboxRow]):
         batches = torch.split(self.index, bs)
         return Unit(name=f"{target.label} {atk.name} {atk.norm} ε={atk.eps:.4g}",
                     rows={"row": {"attack": repr(atk), "dataset": self.dataset, "examples": self.examples,
-                                  **({"escalation": self.tag} if self.tag else {})}},
+                                  # keyed by the round's index only: its display name may change freely
+                                  **({"escalation_round": self.tag["round"]} if self.tag else {})}},
                     n_pieces=len(batches),
                     piece=lambda b: attack_batch(target, atk, self.images, self.labels, batches[b]),
                     merge=lambda pieces, keys: {"row": {**merge_fields(target, atk, pieces, dataset=self.dataset,
@@ -214,7 +216,7 @@ def run_sweep(targets: Sequence[Target], attack: AttackFactory, norms: Sequence[
               progress: bool = True, data_sha256: dict[str, str] | None = None,
               tag: dict[str, Any] | None = None) -> list[WhiteboxRow]:
     """Attack every target at every (norm, ε) through :func:`attacks.pipeline.run` (see
-    :class:`WhiteboxEvaluation` for the arguments; ``tag`` names an escalation round, recorded and keyed);
+    :class:`WhiteboxEvaluation` for the arguments; ``tag`` names an escalation round: recorded, and keyed by its index);
     returns the rows, including ones that were already done."""
     if not targets:
         raise AttackInputError("nothing to attack: no targets")

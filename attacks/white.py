@@ -30,7 +30,7 @@ import torch
 import torchattacks
 from torch import nn
 
-from infra.norms import ascent_step, delta_norm, project
+from infra.norms import ascent_step, delta_norm, project, random_start
 from infra.randomness import derive_seed, seeded
 
 from .common import AttackInputError, check_eps, check_images
@@ -98,13 +98,7 @@ class EOTPGDL2(torchattacks.PGDL2):
         images = images.clone().detach().to(self.device)
         labels = labels.clone().detach().to(self.device)
         loss = nn.CrossEntropyLoss()
-        view = (-1,) + (1,) * (images.dim() - 1)
-        adv = images.clone().detach()
-        if self.random_start:
-            delta = torch.empty_like(adv).normal_()
-            norms = delta.flatten(1).norm(p=2, dim=1).view(view)
-            r = torch.zeros_like(norms).uniform_(0, 1)
-            adv = torch.clamp(adv + delta * r / norms * self.eps, 0, 1).detach()
+        adv = random_start(images, "l2", self.eps).detach() if self.random_start else images.clone().detach()
         for _ in range(self.steps):
             adv.requires_grad = True
             grad = torch.zeros_like(adv)

@@ -43,6 +43,19 @@ def ascent_step(x: torch.Tensor, grad: torch.Tensor, norm: str, alpha: float,
     return x + alpha * grad / _per_example(delta_norm(grad, "l2") + eps_for_division, grad)
 
 
+def random_start(x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """A random point of the ε-ball around ``x`` (uniform per coordinate for L∞; a uniform direction at a uniform
+    radius for L2), projected into [0,1]; drawn from torch's global generator."""
+    _check(norm)
+    import torch
+    if norm == "linf":
+        return project(x, x + torch.empty_like(x).uniform_(-eps, eps), norm, eps)
+    d = torch.randn_like(x)
+    radius = eps * torch.rand(x.shape[0], device=x.device, dtype=x.dtype)
+    return project(x, x + d / _per_example(delta_norm(d, "l2").clamp_min(1e-12), d) * _per_example(radius, d),
+                   norm, eps)
+
+
 def project(x: torch.Tensor, x_adv: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
     """Project ``x_adv`` onto the ε-ball of ``norm`` around ``x`` and into [0,1]."""
     _check(norm)

@@ -60,8 +60,9 @@ def escalation_section(rows: list[Row]) -> list[str]:
     if not table:
         return []
     md = ["## Escalation on survivors", "",
-          "At the middle ε every defense's survivors of all the attacks above (black-box included) met stronger "
-          "rounds, each on the examples still standing, in this order; the headline counts what they broke. A cell "
+          "At every ε > 0 of its curve, every defense's survivors of all the attacks above (black-box included at "
+          "the middle ε, where those run) met stronger rounds, each on the examples still standing, in this order; "
+          "the headline counts what they broke. A cell "
           "whose last round broke nothing has stopped yielding to this attack mix; one whose last round still broke "
           "examples has not converged, and its robust accuracy is an upper bound that more rounds may lower. A cell "
           "with no survivor left is not listed. EOT applies to randomized defenses only (a deterministic one gets "
@@ -378,7 +379,7 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
     if conv:
         conv_png = plot_convergence(typed, mids, run_dir / "convergence.png")
         md += ["## Convergence of the attacks", "",
-               "Robust accuracy at the middle ε as the attack grows (first n images of each defense group), and the "
+               "Robust accuracy at the middle ε as the attack grows (on the first n examples of the shared selection), and the "
                "mean margin per step of the longest attack; a flat end means more of the same attack would not "
                "find more. The headline uses the settings in the per-attack tables below; these ladders are "
                "reported beside it, not mixed into its cells.", "", conv, ""]

@@ -100,16 +100,16 @@ class StudyPlan:
     fewer ε (``grids``: group -> norm -> ε, default the full grid);
     every row says what it attacked. Every headline attack on every defense uses the same protocol:
     PGD with ``steps`` steps, ``restarts`` restarts and ``eot`` gradient draws (1 for deterministic models),
-    full gradients and BPDA through the chain, AutoAttack-rand (APGD-CE + APGD-DLR) at the middle ε of each
-    norm, transfer from the bare network and from PGD-AT, and Boundary + Pointwise; the per-example worst
-    case over all of them is the headline. Convergence ladders (steps, EOT) at the middle ε run on the first
+    full gradients and BPDA through the chain, a cheap APGD-CE + APGD-DLR (``aa_steps``, where ``apgd_at`` says),
+    transfer (``transfer_from``: the bare network, PGD-AT) and Boundary + Pointwise, then escalation on survivors;
+    the per-example worst case over all of them is the headline. Convergence ladders (steps, EOT) at the middle ε run on the first
     ``n_conv`` images of each group (JEM-10: the norms in ``conv_norms_jem10``) and are reported beside it.
 
     Examples are one seeded random selection of the test split (``selection_seed``): every defense's examples are
     a prefix of the same permutation, so the smaller selections are shared by every larger one. At the middle ε of
     each norm every defense is attacked on ``n_mid`` examples (the decisive comparisons), elsewhere on ``n``.
-    The survivors of every cheap attack at the middle ε then meet the escalation ``rounds``
-    (:func:`escalation_rounds`), repeated at most ``repeats`` times while a round still breaks something.
+    The survivors of every cheap attack at every ε > 0 of each defense's curve then meet the escalation ``rounds``
+    (:func:`escalation_rounds`), the first repeated at most ``repeats`` times while a round still breaks something.
     """
 
     linf_eps: tuple[float, ...]
@@ -141,34 +141,39 @@ class StudyPlan:
     selection_seed: int = 0
     n_activity_candidates: int = 50  # examples whose PGD candidates (10 steps, against each JEM-k) are refined
     n_activity: int | None = None  # clean examples the activity is measured on (None: extras_examples)
-    apgd_at_every_eps: bool = True  # the cheap APGD stage at every ε of a curve (False: at the middle ε only)
+    apgd_at: str = "every"  # the cheap APGD stage at every ε of a curve, at the middle ε only ("mid") or nowhere
+    # ("none": the escalation's first round is APGD on the survivors anyway)
+    transfer_from: tuple[str, ...] = ("bare-jem", "pgd-at")  # the transfer attacks' sources
 
 
 PLANS: dict[str, StudyPlan] = {}  # filled below, once escalation_rounds is defined
 
 
-def escalation_rounds(steps: int, eot: int, square_queries: int, square_eot: int,
-                      n_targets: int = 3) -> tuple[Round, ...]:
+def escalation_rounds(steps: int, eot: int, square_queries: int, square_eot: int, n_targets: int = 3,
+                      pgd_steps: int | None = None, pgd_eot: int | None = None) -> tuple[Round, ...]:
     """The rounds every cell's survivors meet after the cheap attacks, in order: APGD-CE + APGD-DLR (AutoAttack-rand
     at 100 steps and EOT 20) with full gradients and BPDA, margin PGD, the energy-aimed PGD, APGD-T on the
-    ``n_targets`` runner-up classes, PGD on the fixed-noise deployment, and Square on averaged queries."""
+    ``n_targets`` runner-up classes, PGD on the fixed-noise deployment, and Square on averaged queries. The three
+    PGD rounds run ``pgd_steps`` steps at ``pgd_eot`` draws (default: ``steps`` and ``eot``, like APGD)."""
+    pgd_steps, pgd_eot = pgd_steps or steps, pgd_eot or eot
     return (Round(AutoAttackSettings(version="rand", steps=steps, eot=eot), ("full", "bpda")),
-            Round(AdaptiveSettings("margin-pgd", steps=steps, eot=eot)),
-            Round(AdaptiveSettings("energy-pgd", steps=steps, eot=eot)),
+            Round(AdaptiveSettings("margin-pgd", steps=pgd_steps, eot=pgd_eot)),
+            Round(AdaptiveSettings("energy-pgd", steps=pgd_steps, eot=pgd_eot)),
             Round(AutoAttackSettings(attacks=("apgd-t",), steps=steps, eot=eot, n_targets=n_targets)),
-            Round(AdaptiveSettings("fixed-noise-pgd", steps=steps)),
+            Round(AdaptiveSettings("fixed-noise-pgd", steps=pgd_steps)),
             Round(AdaptiveSettings("square-eot", n_queries=square_queries, eot=square_eot)))
 
 
 PLANS.update({
     # fits a 2-core CPU in 20 min with training (measured from fresh clones: 23.3 min with 20-it rounds, 10 JEM-10 and
-    # 20 activity examples; 20.7 min with 10-it rounds, 8 JEM-10, 10 activity; then APGD at the middle ε only,
-    # APGD-T on the runner-up class only, activity on 250 clean images):
-    # cheap headline attacks (PGD 20 steps, APGD 10 it) on small selections, the strength coming from escalation on
+    # 20 activity examples; 20.7 min with 10-it rounds, 8 JEM-10, 10 activity; 20.6 min with APGD at the middle ε
+    # only, APGD-T on the runner-up class only, activity on 250 clean images; then escalation at every ε, the PGD
+    # rounds at 50 steps (EOT 1) and APGD's at EOT 3, no cheap APGD stage, transfer from the bare JEM only, activity
+    # on 150): cheap headline attacks (PGD 20 steps) on small selections, the strength coming from escalation on
     # survivors; its report states the little power it has
     "quick": StudyPlan(linf_eps=(0.0, 0.05, 0.1, 0.5), l2_eps=(0.0, 1.0, 2.0, 6.0), linf_mid=0.1, l2_mid=2.0,
                        grids={"jem1": {"linf": (0.0, 0.1, 0.5), "l2": (0.0, 2.0, 6.0)},
-                              "jem10": {"linf": (0.1, 0.5), "l2": (2.0,)}},
+                              "jem10": {"linf": (0.1, 0.5), "l2": (2.0, 6.0)}},
                        n={"bare": 50, "jem0": 50, "jem1": 20, "jem10": 5},
                        n_mid={"bare": 100, "jem0": 100, "jem1": 40, "jem10": 8},
                        n_conv={"bare": 20, "jem0": 10, "jem1": 5, "jem10": 2}, conv_norms_jem10=("linf",),
@@ -176,9 +181,10 @@ PLANS.update({
                        conv_eot=(1, 5), conv_eot_steps=5, conv_jem10=((10,), (1, 5)),
                        blackbox_steps=12, blackbox_ladder=(100,),
                        n_blackbox_ladder={"bare": 10, "jem0": 10, "jem1": 5, "jem10": 3}, certify_n=500,
-                       certify_examples=20, extras_examples=500, n_activity_candidates=10, n_activity=250,
-                       apgd_at_every_eps=False,
-                       rounds=escalation_rounds(steps=10, eot=5, square_queries=100, square_eot=2, n_targets=1)),
+                       certify_examples=20, extras_examples=500, n_activity_candidates=10, n_activity=150,
+                       apgd_at="none", transfer_from=("bare-jem",),
+                       rounds=escalation_rounds(steps=10, eot=3, square_queries=100, square_eot=2, n_targets=1,
+                                                pgd_steps=50, pgd_eot=1)),
     # the standard models (35 min of training + 35 of attacks on the machine of its first reference run)
     "standard": StudyPlan(linf_eps=(0.0, 0.02, 0.05, 0.1, 0.2, 0.5), l2_eps=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0),
                           linf_mid=0.1, l2_mid=2.0,
@@ -259,10 +265,11 @@ def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
         grid = plan.linf_eps if norm == "linf" else plan.l2_eps
         for group in groups:  # APGD at every ε of the defense's curve (quick: the middle one), beside PGD
             eps = tuple(x for x in plan.grids.get(group, {}).get(norm, grid)
-                        if x > 0 and (plan.apgd_at_every_eps or same_eps(x, e)))
+                        if x > 0 and (plan.apgd_at == "every" or (plan.apgd_at == "mid" and same_eps(x, e))))
             st += white(f"{apgd}-{norm}-{group}", group, norm, eps, aa, modes=("full",), kind="apgd")
         for group in ("jem0", "jem1", "jem10"):
-            for source, name in ((jem, "bare-jem"), (at, "pgd-at")):
+            for source, name in ((src, name) for src, name in ((jem, "bare-jem"), (at, "pgd-at"))
+                                 if name in plan.transfer_from):
                 st += white(f"transfer-{norm}-{name}-{group}", group, norm, (e,),
                             TransferSettings(source, steps=plan.steps, restarts=plan.restarts,
                                              eval_draws=plan.eval_draws), modes=("full",), kind="transfer")
@@ -298,12 +305,15 @@ def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
             st.append(Stage(f"blackbox-ladder-{group}-steps{steps}", "blackbox",
                             BlackboxJob(models, cfg, chain(k), n_examples=plan.n_blackbox_ladder[group],
                                         example_rule="random", seed=plan.selection_seed)))
-    # escalation on survivors at the middle ε, after every cheaper attack (black-box included) has had its say
-    for norm, e in mids.items():
+    # escalation on survivors at every ε > 0 of each curve, after every cheaper attack (black-box included) has had
+    # its say
+    for norm in mids:
+        grid = plan.linf_eps if norm == "linf" else plan.l2_eps
         for group in groups:
             models, k = groups[group]
+            eps = tuple(x for x in plan.grids.get(group, {}).get(norm, grid) if x > 0)
             st.append(Stage(f"escalate-{norm}-{group}", "escalation",
-                            EscalationJob(models, (norm,), (e,), plan.rounds, chain(k), repeats=plan.repeats)))
+                            EscalationJob(models, (norm,), eps, plan.rounds, chain(k), repeats=plan.repeats)))
     st += [
         Stage("distal", "distal", DistalJob((ce, at, jem), chain=chain(0, 1))),
         Stage("calibrate", "extras", CalibrationJob((ce, at, jem), chain=chain(0, 1),
