@@ -240,6 +240,22 @@ def test_bench_independent_attack_runs_on_the_tiny_study(tiny_study, tmp_path):
             assert r["norm"] == norm and 0 <= r["independent_robust"] <= r["n"] and 0 <= r["suite_robust"] <= r["n"]
 
 
+def test_bench_study_projection_counts_every_part_of_a_plan(tiny_study, tmp_path):
+    """bench/study_projection.py projects the tiny plan from the tiny run itself: every kind of stage is costed, the
+    escalation from the run's survivors, and training is read from the run."""
+    from test_bench import bench
+
+    root, run_dir = tiny_study
+    bench("study_projection").main([str(run_dir), "--plan", "tiny", "--measured-plan", "tiny", "--survivors",
+                                    str(run_dir), "--runs", str(root / "runs"), "--out", str(tmp_path)])
+    [record] = [json.loads(p.read_text()) for p in tmp_path.glob("study_projection-tiny-*.json")]
+    measured = sum(r["wall_s"] for r in read_rows(run_dir / "stages.jsonl") if not r["stage"].startswith("train-"))
+    assert {"whitebox", "escalation", "blackbox", "extras"} <= set(record["projected_s"]), record["projected_s"]
+    assert record["training_s"] > 0 and all(v > 0 for v in record["seconds_per_pass"].values())
+    # the same plan projected from its own run: within a factor of 3 of what its attack stages took
+    assert measured / 3 < sum(record["projected_s"].values()) < 3 * measured, (record["projected_s"], measured)
+
+
 def test_the_report_warns_only_when_one_kind_of_row_mixes_code_versions(tiny_study, tmp_path):
     """Each kind of evaluation hashes its own code, so a study's rows carry several code hashes by design; the
     warning is about one kind computed by two versions (a resumed run across a code change)."""
