@@ -105,6 +105,15 @@ else
     echo "=== attack-precision: skipped (needs runs/quick-{ce,pgd-at,jem}/final.pt and torchattacks)" | tee -a "$LOG"
 fi
 
+# exact gradients through long chains at bounded memory (issue 28): peak memory and time vs k, plain vs checkpointed
+if (( TINY )); then
+    step chain-memory 60 "$PY" bench/chain_memory.py --device "$DEV" --steps 2,8 --batch 1 --chains 2 --out "$RES" \
+        --tag "-tiny"
+else
+    step chain-memory 120 "$PY" bench/chain_memory.py --device "$DEV" --steps 10,100,1000 --batch 8 --chains 5 \
+        --out "$RES"
+fi
+
 if (( ${#FAILED[@]} )); then
     echo "gpu_suite: failed: ${FAILED[*]} (see $LOG)" | tee -a "$LOG"
     exit 1

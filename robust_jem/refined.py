@@ -23,9 +23,11 @@ from infra.randomness import generator_on
 
 from .model import EnergyModel, to_internal
 from .errors import UserError
-from .sgld import NoiseFn, sgld
+from .sgld import NoiseFn, sgld, sgld_checkpointed
 
 GRAD_MODES = ("full", "bpda")
+CHECKPOINT_MODES = ("auto", "always", "never")
+CHECKPOINT_FROM = 20  # "auto" checkpoints full-gradient chains longer than this (JEM-10 rows stay bit-identical)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,6 +144,11 @@ class RefinedClassifier(nn.Module):
         compile: run the backbone through ``torch.compile``. Only for chains the attacker differentiates
             once (``sgld_steps=0`` or ``grad_mode="bpda"``): the full-gradient chain needs double backward,
             which compiled graphs do not support.
+        checkpoint: how the full-gradient chain holds its graph: ``"auto"`` (checkpointed beyond
+            ``CHECKPOINT_FROM`` steps), ``"always"`` or ``"never"``. Checkpointed (:func:`~robust_jem.sgld.sgld_checkpointed`)
+            the chain keeps ~√k states and recomputes segments in the backward: the same gradient to the input at
+            memory growing like √k instead of k. Never with ``noise_fn`` (a fixed-noise view redraws its noise per
+            call) or when the weights require gradients (they would get none).
 
     Shape: (N, C, H, W) -> (N, K).
     """
@@ -149,10 +156,14 @@ class RefinedClassifier(nn.Module):
     def __init__(self, model: EnergyModel, sgld_steps: int = 0, n_chains: int = Refinement.n_chains,
                  init_noise: float = Refinement.init_noise, step_size: float = Refinement.step_size,
                  noise: float = Refinement.noise, grad_mode: str = "full", seed: int = 0,
-                 generator: torch.Generator | None = None, bf16: bool = False, compile: bool = False) -> None:
+                 generator: torch.Generator | None = None, bf16: bool = False, compile: bool = False,
+                 checkpoint: str = "auto") -> None:
         super().__init__()
         if grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+        if checkpoint not in CHECKPOINT_MODES:
+            raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES}, got {checkpoint!r}")
+        self.checkpoint = checkpoint
         Refinement(sgld_steps, n_chains, init_noise, step_size, noise)  # validates
         if compile and sgld_steps > 0 and grad_mode == "full":
             raise ValueError("compile needs grad_mode='bpda' or sgld_steps=0: backpropagating through the chain "
@@ -210,6 +221,13 @@ class RefinedClassifier(nn.Module):
             return self
         return RefinedClassifier.from_refinement(self.model, self.refinement, grad_mode=self.grad_mode, seed=self.seed)
 
+    @property
+    def checkpointed(self) -> bool:
+        """Whether the full-gradient chain is checkpointed (see ``checkpoint``)."""
+        if self.checkpoint == "never" or any(p.requires_grad for p in self.model.parameters()):
+            return False
+        return self.checkpoint == "always" or self.sgld_steps > CHECKPOINT_FROM
+
     def logits_z(self, z: torch.Tensor) -> torch.Tensor:
         """The backbone's logits on internal-space inputs (compiled when asked)."""
         return self._net(z)
@@ -234,6 +252,8 @@ class RefinedClassifier(nn.Module):
         if self.sgld_steps == 0:
             return z
         if self.grad_mode == "full":
+            if noise_fn is None and self.checkpointed:
+                return sgld_checkpointed(self.energy_z, z, self.sgld_steps, self.step_size, self.noise, generator=g)
             return sgld(self.energy_z, z, self.sgld_steps, self.step_size, self.noise, generator=g,
                         differentiable=True, noise_fn=noise_fn)
         z_end = sgld(self.energy_z, z.detach(), self.sgld_steps, self.step_size, self.noise, generator=g,

@@ -7,6 +7,7 @@ RNG and nothing forces a host-device sync.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -58,6 +59,55 @@ def sgld(energy: EnergyFn, z: torch.Tensor, steps: int, step_size: float, noise:
         if bounds is not None:
             z = z.clamp(*bounds)
     return z if keep_graph else z.detach()
+
+
+class _Segment(torch.autograd.Function):
+    """``steps`` SGLD steps whose graph is not kept: the forward keeps only the segment's start and the noise
+    generator's state, the backward recomputes the segment with its graph (the same noise) and backpropagates
+    through it. Gradients flow to the chain's start only (the energy's parameters must not require them)."""
+
+    @staticmethod
+    def forward(ctx, z, energy, steps, step_size, noise, generator):  # type: ignore[override]
+        ctx.energy, ctx.steps, ctx.step_size, ctx.noise = energy, steps, step_size, noise
+        ctx.state = generator.get_state()  # before the segment's draws: the backward replays them
+        ctx.save_for_backward(z)
+        return sgld(energy, z.detach(), steps, step_size, noise, generator=generator)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        (z,) = ctx.saved_tensors
+        with torch.enable_grad():
+            start = z.detach().requires_grad_(True)
+            end = sgld(ctx.energy, start, ctx.steps, ctx.step_size, ctx.noise,
+                       generator=_generator_at(ctx.state, z.device), differentiable=True)
+            (grad,) = torch.autograd.grad(end, start, grad_out)
+        return grad, None, None, None, None, None
+
+
+def _generator_at(state: torch.Tensor, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.set_state(state)
+    return g
+
+
+def sgld_checkpointed(energy: EnergyFn, z: torch.Tensor, steps: int, step_size: float, noise: float, *,
+                      generator: torch.Generator, segment: int | None = None) -> torch.Tensor:
+    """The differentiable chain of :func:`sgld` (the same states, the same gradient to ``z``) at bounded memory:
+    gradient checkpointing over segments of ``segment`` steps (default ⌈√steps⌉), so the graph held at once is
+    one segment's and the states kept are one per segment — peak memory grows like √steps instead of steps, for
+    one more forward pass of the chain in the backward. Each segment starts from a saved state of ``generator``,
+    so its recomputation draws the same noise (``generator`` advances as in :func:`sgld`). For attackers: the
+    energy's parameters get no gradient."""
+    if segment is None:
+        segment = max(1, math.isqrt(steps - 1) + 1) if steps > 0 else 1
+    if segment < 1:
+        raise ValueError(f"segment must be >= 1, got {segment}")
+    done = 0
+    while done < steps:
+        n = min(segment, steps - done)
+        z = _Segment.apply(z, energy, n, step_size, noise, generator)
+        done += n
+    return z
 
 
 class GaussianInit:

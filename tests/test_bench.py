@@ -16,8 +16,9 @@ from conftest import tiny_cfg
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 #: bench scripts and the test that runs each (the test below checks that none is missing)
-COVERED = {"attack_precision", "attack_throughput", "bf16_matmul", "independent_attack", "independent_health",
-           "interrupt_resume", "jem_sweep", "official_checkpoint", "train_step", "train_step_parts"}
+COVERED = {"attack_precision", "attack_throughput", "bf16_matmul", "chain_memory", "independent_attack",
+           "independent_health", "interrupt_resume", "jem_sweep", "official_checkpoint", "study_projection",
+           "train_step", "train_step_parts"}  # independent_attack and study_projection: in test_study.py
 
 
 def bench(name: str) -> ModuleType:
@@ -126,3 +127,14 @@ def test_official_checkpoint_without_the_official_code(tmp_path):
 def test_train_step_parts_is_importable():
     parts = bench("train_step_parts")
     assert callable(parts.count_flops) and parts.GPU_PEAKS
+
+
+def test_chain_memory(tmp_path):
+    """Both ways run in their own processes, give the same gradient, and report a memory and a time."""
+    bench("chain_memory").main(["--steps", "2,6", "--batch", "1", "--chains", "2", "--device", "cpu", "--out",
+                                str(tmp_path)])
+    [record] = [json.loads(p.read_text()) for p in tmp_path.glob("chain_memory-*.json")]
+    assert [(r["steps"], r["way"], r["status"]) for r in record["results"]] == [
+        (2, "plain", "ok"), (2, "checkpointed", "ok"), (6, "plain", "ok"), (6, "checkpointed", "ok")]
+    for r in record["results"]:
+        assert r["max_rel_grad_diff"] < 1e-5 and r["wall_s"] > 0 and r["peak_mib"] >= 0
