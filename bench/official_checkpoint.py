@@ -11,6 +11,7 @@ official ``checkpoint()`` write it (current and legacy torch file formats), then
    binary format (synthetic images, written here).
 
     python bench/official_checkpoint.py --official /path/to/JEM [--out bench/results/official_checkpoint.md]
+    python bench/official_checkpoint.py --jempp /path/to/JEMPP --out bench/results/jempp_checkpoint.md
 """
 
 from __future__ import annotations
@@ -49,6 +50,19 @@ def official_definitions(repo: Path) -> types.SimpleNamespace:
     return types.SimpleNamespace(**{k: scope[k] for k in ("F", "CCF", "checkpoint")})
 
 
+def jempp_definitions(repo: Path) -> types.SimpleNamespace:
+    """JEM++'s own ``CCF`` (``models/jem_models.py`` around its YOPO WRN) and the ``checkpoint`` function of its
+    ``utils.py`` (taken by name with ``ast``: the module imports more than torch)."""
+    sys.path.insert(0, str(repo))
+    from models import jem_models  # noqa: F401  (JEM++'s own package, found on the path above)
+
+    tree = ast.parse((repo / "utils.py").read_text())
+    keep = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "checkpoint"]
+    scope = {"t": torch, "os": __import__("os")}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), str(repo / "utils.py"), "exec"), scope)  # noqa: S102
+    return types.SimpleNamespace(CCF=jem_models.CCF, checkpoint=scope["checkpoint"])
+
+
 def write_cifar10(folder: Path, n: int, seed: int, label_with: Any = None) -> None:
     """The six files of cifar-10-batches-bin: records of 1 label byte + 3072 pixel bytes (R, G, B planes).
     ``label_with`` (images in [-1,1] -> logits) labels the test images with a model's own predictions, so that
@@ -72,7 +86,9 @@ def sha256(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--official", type=Path, required=True, help="checkout of github.com/wgrathwohl/JEM")
+    code = ap.add_mutually_exclusive_group(required=True)
+    code.add_argument("--official", type=Path, help="checkout of github.com/wgrathwohl/JEM")
+    code.add_argument("--jempp", type=Path, help="checkout of github.com/sndnyang/JEMPP (its YOPO WRN, --norm batch)")
     ap.add_argument("--depth", type=int, default=10)
     ap.add_argument("--width", type=int, default=2)
     ap.add_argument("--formats", default="zip,legacy", help="torch file formats to write: zip, legacy or both")
@@ -80,8 +96,18 @@ def main(argv: list[str] | None = None) -> None:
                     help="label the synthetic test images with the model's own predictions, so pgd runs in full")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "official_checkpoint.md")
     args = ap.parse_args(argv)
-    off = official_definitions(args.official)
+    off = official_definitions(args.official) if args.official else jempp_definitions(args.jempp)
     from robust_jem import load
+
+    def make_model() -> torch.nn.Module:
+        if args.official:
+            return off.CCF(args.depth, args.width, None, 0.0, 10).eval()
+        f = off.CCF(args.depth, args.width, "batch", dropout_rate=0.0, n_classes=10, model="yopo")
+        f.train()  # BatchNorm running statistics that are not the initial ones, as after training
+        with torch.no_grad():
+            for _ in range(3):
+                f.classify(torch.rand(16, 3, 32, 32) * 3 - 1.5)
+        return f.eval()
 
     cli = [sys.executable, "-m", "robust_jem"]
     lines = []
@@ -90,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp)
         for fmt in args.formats.split(","):
             torch.manual_seed(0)
-            f = off.CCF(args.depth, args.width, None, 0.0, 10).eval()
+            f = make_model()
             write_cifar10(tmp / "data" / "cifar-10-batches-bin", n=20, seed=0,
                           label_with=f.classify if args.time_attack else None)
             buffer = torch.rand(16, 3, 32, 32) * 2 - 1
@@ -129,14 +155,20 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 row["import_error"] = imp.stderr.strip()
             results.append(row)
-    commit = subprocess.run(["git", "-C", str(args.official), "rev-parse", "HEAD"], capture_output=True,
+    repo = args.official or args.jempp
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"
+    what = ("wgrathwohl/JEM", "`wideresnet.py`, `norms.py`, and `F`, `CCF`, `checkpoint` of `train_wrn_ebm.py`",
+            "norm None") if args.official else \
+        ("sndnyang/JEMPP", "`models/jem_models.py` (`CCF`, model `yopo`), `models/wideresnet_yopo.py`, "
+         "`models/norms.py`, and `checkpoint` of `utils.py`", "norm batch, running statistics from 3 train-mode "
+         "batches, compared in eval mode")
     git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    lines += ["# An official JEM checkpoint, imported and attacked", "",
-              f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}, robust-jem git {git}; official code "
-              f"wgrathwohl/JEM at {commit} (`wideresnet.py`, `norms.py`, and `F`, `CCF`, `checkpoint` of "
-              f"`train_wrn_ebm.py`). CCF(depth {args.depth}, width {args.width}, norm None), seed 0, a 16-image "
-              "buffer, written by the official `checkpoint()`; 64 random inputs compared; `pgd` on synthetic "
+    lines += [f"# A {'JEM' if args.official else 'JEM++'} checkpoint written by its own code, imported and attacked",
+              "",
+              f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}, robust-jem git {git}; code "
+              f"{what[0]} at {commit} ({what[1]}). CCF(depth {args.depth}, width {args.width}, {what[2]}), seed 0, "
+              "a 16-image buffer, written by its own `checkpoint()`; 64 random inputs compared; `pgd` on synthetic "
               "CIFAR-10 binary files (20 records a file" + ("; test labels = the model's own predictions, so the attack runs "
               "in full: a timing" if args.time_attack else "") + ").", "",
               "| torch format | source sha256 | import | max logit diff | max energy diff | buffer kept | pgd | rows | "

@@ -32,6 +32,7 @@ class ModelConfig:
     hidden: int = 128
     leak: float = 0.2
     dropout: float = 0.0
+    norm: str = "none"  # wrn only: "none" (JEM) or "batch" (JEM++; imported and evaluated in eval mode, not trained)
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,8 @@ class TrainConfig:
             raise UserError(f"unknown objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
         if self.model.arch not in ARCHS:
             raise UserError(f"unknown architecture {self.model.arch!r}; choose from {', '.join(ARCHS)}")
+        if self.model.norm not in ("none", "batch") or (self.model.norm == "batch" and self.model.arch != "wrn"):
+            raise UserError(f"model norm {self.model.norm!r}: 'none', or 'batch' for a wrn")
         positive = {"batch size": self.batch_size, "lr": self.lr, "iters": self.iters}
         for name, value in positive.items():
             if not value > 0:

@@ -1,4 +1,5 @@
-"""Backbones: WRN-depth-width without batch-norm (as in JEM) and a small CPU CNN. One factory."""
+"""Backbones: WRN-depth-width without batch-norm (as in JEM; with it, for imported JEM++-style models evaluated in
+eval mode) and a small CPU CNN. One factory."""
 
 from __future__ import annotations
 
@@ -10,11 +11,18 @@ from .config import ModelConfig
 from .errors import UserError
 
 
-class _WideBasic(nn.Module):
-    """Pre-activation wide block without normalisation (JEM's ``norm=None``)."""
+def _norm(channels: int, norm: str) -> nn.Module:
+    """``none`` (JEM): no layer; ``batch`` (JEM++): BatchNorm2d, which the suite only ever runs in eval mode."""
+    return nn.BatchNorm2d(channels) if norm == "batch" else nn.Identity()
 
-    def __init__(self, c_in: int, c_out: int, stride: int, leak: float, dropout: float) -> None:
+
+class _WideBasic(nn.Module):
+    """Pre-activation wide block: norm -> LeakyReLU -> conv, twice (JEM's ``norm=None``: no norm)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, leak: float, dropout: float, norm: str = "none") -> None:
         super().__init__()
+        if norm != "none":  # registered only when present: a norm-free WRN keeps its state-dict keys
+            self.bn1, self.bn2 = _norm(c_in, norm), _norm(c_out, norm)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=True)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=stride, padding=1, bias=True)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -24,13 +32,15 @@ class _WideBasic(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.dropout(self.conv1(F.leaky_relu(x, self.leak)))
-        out = self.conv2(F.leaky_relu(out, self.leak))
+        bn1, bn2 = getattr(self, "bn1", None), getattr(self, "bn2", None)
+        out = self.dropout(self.conv1(F.leaky_relu(bn1(x) if bn1 is not None else x, self.leak)))
+        out = self.conv2(F.leaky_relu(bn2(out) if bn2 is not None else out, self.leak))
         return out + self.shortcut(x)
 
 
 class WideResNet(nn.Module):
-    """WRN-``depth``-``width`` without batch-norm, LeakyReLU; any input size and channel count.
+    """WRN-``depth``-``width``, LeakyReLU, without batch-norm (``cfg.norm="none"``, JEM) or with it (``"batch"``,
+    JEM++: before every activation and before the final pooling); any input size and channel count.
 
     Shape: (N, C, H, W) in the model's internal space -> (N, n_classes) logits.
     """
@@ -46,15 +56,18 @@ class WideResNet(nn.Module):
         c_in = widths[0]
         for group, stride in zip(widths[1:], (1, 2, 2)):
             for i in range(n):
-                layers.append(_WideBasic(c_in, group, stride if i == 0 else 1, cfg.leak, cfg.dropout))
+                layers.append(_WideBasic(c_in, group, stride if i == 0 else 1, cfg.leak, cfg.dropout, cfg.norm))
                 c_in = group
         self.blocks = nn.Sequential(*layers)
+        if cfg.norm != "none":
+            self.bn = _norm(c_in, cfg.norm)
         self.leak = cfg.leak
         self.fc = nn.Linear(c_in, cfg.n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.blocks(self.conv1(x))
-        h = F.leaky_relu(h, self.leak)
+        bn = getattr(self, "bn", None)
+        h = F.leaky_relu(bn(h) if bn is not None else h, self.leak)
         h = F.adaptive_avg_pool2d(h, 1).flatten(1)
         return self.fc(h)
 

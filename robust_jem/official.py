@@ -1,4 +1,4 @@
-"""Import checkpoints written by the official JEM code (github.com/wgrathwohl/JEM) as native checkpoints.
+"""Import checkpoints written by the official JEM code (github.com/wgrathwohl/JEM) or by JEM++ as native checkpoints.
 
 The official ``train_wrn_ebm.py`` saves ``torch.save({"model_state_dict": f.state_dict(), "replay_buffer": buf})``
 where ``f`` is ``CCF`` (class-conditional: logits = ``class_output(f(x))``) or ``F`` (unconditional: one output
@@ -19,7 +19,16 @@ official                              ours
 ``f.layer{g}.{i}.shortcut.0.*``       ``net.blocks.{(g-1)*n+i}.shortcut.*``
 ``class_output.*`` (or, unconditional, ``energy_output.*``)  ``net.fc.*``
 ``f.linear.*``, the other head        dropped (unused by the official forward)
+``f.layer{g}.{i}.bn{1,2}.*``          ``net.blocks.{(g-1)*n+i}.bn{1,2}.*`` (BatchNorm models)
+``f.bn1.*``                           ``net.bn.*`` (BatchNorm models: before the last activation)
+``f.layer_one.*``, ``f.other_layers.*``  dropped after checking they equal ``f.conv1``, ``f.layer{1,2,3}``, ``f.bn1``
 ====================================  =======================================
+
+JEM++ (github.com/sndnyang/JEMPP) saves the same ``{"model_state_dict", "replay_buffer"}`` dict from the same
+``CCF`` layout around its YOPO WRN (``models/wideresnet_yopo.py``), usually with ``--norm batch``: its extra keys
+are the aliases in the last row. BatchNorm models are imported with ``ModelConfig(norm="batch")`` and, like every
+model here, run in eval mode (running statistics, never updated); their labels say ``[BN eval]``, and they cannot
+be trained further here.
 
 The two forwards are the same function for inputs whose last feature map is 8x8 (29-32 pixels): ours pools
 adaptively, the official code with a fixed 8x8 kernel, so other sizes are refused.
@@ -51,10 +60,14 @@ UNCONDITIONAL_CLASSES = ("unconditional",)
 LEAK = 0.2  # wide_basic's default; Wide_ResNet and F never pass another value
 _ZIP_MAGIC = b"PK\x03\x04"
 
-_BACKBONE = re.compile(r"f\.conv1\.(weight|bias)")
-_BLOCK = re.compile(r"f\.layer([123])\.(0|[1-9][0-9]{0,3})\.(conv1|conv2|shortcut\.0)\.(weight|bias)")
+_BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
+_BACKBONE = re.compile(r"f\.conv1\.(weight|bias)|f\.bn1\." + _BN)
+_BLOCK = re.compile(r"f\.layer([123])\.(0|[1-9][0-9]{0,3})\.((conv1|conv2|shortcut\.0)\.(weight|bias)|(bn1|bn2)\."
+                    + _BN + ")")
 _HEAD = re.compile(r"(class_output|energy_output|f\.linear)\.(weight|bias)")
 _NORM = re.compile(r"(^|\.)(bn\d*|norm\d*|running_mean|running_var|num_batches_tracked)(\.|$)")
+# JEM++'s YOPO WRN registers its layers twice: conv1 as layer_one, layer1..3 and the final bn1 in other_layers
+_ALIAS = re.compile(r"f\.layer_one\.(weight|bias)|f\.other_layers\.([0-3])\.(.+)")
 
 
 def _one_line(text: object, limit: int = 160) -> str:
@@ -134,15 +147,44 @@ def _split_payload(payload: Any, src: Path) -> tuple[dict[str, torch.Tensor], to
     return state, buffer, ignored
 
 
-def _infer_architecture(state: dict[str, torch.Tensor], src: Path) -> tuple[int, int, int]:
-    """(depth, width, in_channels) of the official WRN whose weights ``state`` holds."""
-    norm = sorted((k for k in state if _NORM.search(k)), key=lambda k: ("running_mean" not in k, k))
-    if norm:
-        raise UserError(f"{src} contains BatchNorm/normalisation layers ({_keys(norm)}): JEM++/SADA-JEM "
-                        "checkpoints (and norm != None) are not supported yet")
+def _alias_of(key: str) -> str | None:
+    """The original key a JEM++ alias duplicates (None: not an alias)."""
+    m = _ALIAS.fullmatch(key)
+    if not m:
+        return None
+    if m.group(1):
+        return f"f.conv1.{m.group(1)}"
+    group, rest = int(m.group(2)), m.group(3)
+    return f"f.bn1.{rest}" if group == 3 else f"f.layer{group + 1}.{rest}"
+
+
+def _drop_aliases(state: dict[str, torch.Tensor], src: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """The state dict without JEM++'s duplicate registrations, each checked equal to its original; and whether
+    there were any (the file was written by JEM++'s YOPO WRN)."""
+    aliases = {k: _alias_of(k) for k in state if _alias_of(k) is not None}
+    for alias, original in aliases.items():
+        if original not in state:
+            raise UserError(f"{src}: {_keys([alias])} duplicates {_keys([str(original)])}, which is missing")
+        if state[alias].shape != state[original].shape or not torch.equal(state[alias], state[original]):
+            raise UserError(f"{src}: {_keys([alias])} differs from {_keys([str(original)])}, the layer it registers "
+                            "twice")
+    return {k: v for k, v in state.items() if k not in aliases}, bool(aliases)
+
+
+def _infer_architecture(state: dict[str, torch.Tensor], src: Path) -> tuple[int, int, int, str]:
+    """(depth, width, in_channels, norm) of the JEM-family WRN whose weights ``state`` holds (aliases dropped):
+    ``norm`` is ``"batch"`` when it has BatchNorm layers (JEM++, or the official code with ``--norm batch``)."""
     unknown = sorted(k for k in state if not (_BACKBONE.fullmatch(k) or _BLOCK.fullmatch(k) or _HEAD.fullmatch(k)))
     if unknown:
-        raise UserError(f"{src}: keys not in an official JEM WRN state dict ({_keys(unknown)})")
+        norm_like = [k for k in unknown if _NORM.search(k)]
+        if norm_like:
+            raise UserError(f"{src} contains normalisation layers the suite does not know ({_keys(norm_like)}): only "
+                            "BatchNorm (with running statistics) before each activation, as in JEM++, is supported")
+        raise UserError(f"{src}: keys not in a JEM-family WRN state dict ({_keys(unknown)})")
+    bn = sorted(k for k in state if _NORM.search(k))
+    if bn and not any(k.endswith("running_mean") for k in bn):
+        raise UserError(f"{src}: normalisation layers without running statistics ({_keys(bn)}): instance, layer or "
+                        "act norm are not supported, only BatchNorm")
     blocks: dict[int, set[int]] = {1: set(), 2: set(), 3: set()}
     for k in state:
         m = _BLOCK.fullmatch(k)
@@ -161,12 +203,14 @@ def _infer_architecture(state: dict[str, torch.Tensor], src: Path) -> tuple[int,
     out = int(state["f.layer1.0.conv1.weight"].shape[0])
     if out < 16 or out % 16:
         raise UserError(f"{src}: f.layer1.0.conv1 has {out} output channels, not 16 x width")
-    return 6 * n + 4, out // 16, int(state["f.conv1.weight"].shape[1])
+    return 6 * n + 4, out // 16, int(state["f.conv1.weight"].shape[1]), "batch" if bn else "none"
 
 
 def _official_name(ours: str, n: int, head: str) -> str:
     """Our ``EnergyModel`` key -> the official key it is loaded from (the table in the module docstring)."""
-    parts = ours.split(".")  # net.conv1.weight | net.blocks.{k}.{conv1|conv2|shortcut}.{p} | net.fc.{p}
+    parts = ours.split(".")  # net.conv1.p | net.blocks.{k}.{conv1|conv2|shortcut|bn1|bn2}.p | net.bn.p | net.fc.p
+    if parts[1] == "bn":
+        return f"f.bn1.{parts[2]}"
     if parts[1] == "blocks":
         k = int(parts[2])
         layer = "shortcut.0" if parts[3] == "shortcut" else parts[3]
@@ -190,6 +234,11 @@ def _map_weights(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size], 
         off, v = names[ours], state[names[ours]]
         if tuple(v.shape) != tuple(shape):
             raise UserError(f"{src}: {off} has shape {list(v.shape)}, the WRN it describes needs {list(shape)}")
+        if off.endswith("num_batches_tracked"):
+            if v.is_floating_point() or v.is_complex():
+                raise UserError(f"{src}: {off} is {v.dtype}, not an integer count")
+            out[ours] = v
+            continue
         if not v.is_floating_point():
             raise UserError(f"{src}: {off} is {v.dtype}, not a floating-point tensor")
         if not bool(torch.isfinite(v).all()):
@@ -226,8 +275,8 @@ def import_official(src: str | os.PathLike, dst: str | os.PathLike, *, dataset: 
         the source path, sha256, file format, model class and ignored top-level keys.
 
     Raises:
-        UserError: unreadable or foreign files, normalisation (BatchNorm) layers, missing keys, wrong shapes,
-            non-finite weights, a data set mismatch; nothing is written then.
+        UserError: unreadable or foreign files, normalisation layers other than BatchNorm, missing keys, wrong
+            shapes, non-finite weights, a data set mismatch; nothing is written then.
     """
     src, dst = Path(src), Path(dst)
     if dst.is_dir():
@@ -242,7 +291,8 @@ def import_official(src: str | os.PathLike, dst: str | os.PathLike, *, dataset: 
 
     payload, fmt, sha = read_official(src)
     state, buffer, ignored = _split_payload(payload, src)
-    depth, width, in_channels = _infer_architecture(state, src)
+    state, yopo = _drop_aliases(state, src)
+    depth, width, in_channels, norm = _infer_architecture(state, src)
     head = "energy_output" if unconditional else "class_output"
     if f"{head}.weight" not in state or state[f"{head}.weight"].dim() != 2:
         other = "energy_output (pass unconditional only for an F trained with --uncond)" if unconditional else \
@@ -269,7 +319,7 @@ def import_official(src: str | os.PathLike, dst: str | os.PathLike, *, dataset: 
                         "kernel and ours pools adaptively, so only 29-32 pixel images import exactly")
 
     mcfg = ModelConfig(arch="wrn", in_channels=in_channels, image_size=size, n_classes=n_classes, depth=depth,
-                       width=width, leak=LEAK, dropout=0.0)
+                       width=width, leak=LEAK, dropout=0.0, norm=norm)
     base = preset_config("cifar10-paper", "jem", dataset)
     sgld = base.sgld if buffer is None else replace(base.sgld, buffer_size=int(buffer.shape[0]))
     cfg = replace(base, preset="imported", model=mcfg, sgld=sgld).validate()
@@ -293,6 +343,7 @@ def import_official(src: str | os.PathLike, dst: str | os.PathLike, *, dataset: 
     else:
         classes = tuple(str(i) for i in range(n_classes))
     provenance = {"path": str(src.resolve()), "sha256": sha, "format": fmt,
+                  "code": "JEM++ (YOPO WRN)" if yopo else "JEM", "norm": norm,
                   "model": "F (unconditional)" if unconditional else "CCF", "head": head,
                   "ignored_keys": ignored, "buffer": buffer is not None}
     try:

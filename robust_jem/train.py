@@ -404,6 +404,9 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike, *, device: torch.devi
             raise UserError(f"nothing to resume: {last} does not exist")
         cfg = read_checkpoint(last)["config"]
     cfg.validate()
+    if cfg.model.norm != "none":
+        raise UserError("batch-norm models are imported (import-jem) and evaluated in eval mode, not trained here: "
+                        "SGLD samples would update the running statistics")
     cfg = replace(cfg, bf16=resolve_bf16(cfg.bf16, device, "training"))  # the config written is what runs
     if not resume:
         found = existing_run(cfg, out)

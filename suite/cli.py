@@ -254,8 +254,9 @@ def train(objective: str, dataset: str, preset: str, out: str | None, resume_dir
 @click.option("--unconditional", is_flag=True,
               help="The file holds the official unconditional F (--uncond): its energy head becomes one logit.")
 def import_jem(src: str, dst: str, dataset: str, unconditional: bool) -> None:
-    """Import a checkpoint written by the official JEM code (wgrathwohl/JEM: model_state_dict + replay_buffer)
-    as a native checkpoint: depth, width and classes inferred from the tensors, the replay buffer kept."""
+    """Import a checkpoint written by the official JEM code (wgrathwohl/JEM) or by JEM++ (sndnyang/JEMPP: its YOPO
+    WRN, BatchNorm models run in eval mode and labelled [BN eval]) as a native checkpoint: model_state_dict +
+    replay_buffer; depth, width, normalisation and classes inferred from the tensors, the replay buffer kept."""
     from robust_jem.official import import_official
 
     click.echo(str(import_official(src, dst, dataset=dataset, unconditional=unconditional)))

@@ -100,7 +100,9 @@ def target_for(c: Loaded, refinement: Refinement, *, grad_mode: str = "full", se
     if r.sgld_steps == 0:
         grad_mode = "full"  # an empty chain: both modes are the same gradient
     rc = RefinedClassifier.from_refinement(c.model, r, grad_mode=grad_mode, seed=seed, bf16=bf16, compile=compile)
-    return Target(label=r.label(c.objective), model=rc, scorer=rc.scorer(),
+    config = c.info.get("config")
+    batch_norm = getattr(getattr(config, "model", None), "norm", "none") == "batch"  # run with its running stats
+    return Target(label=r.label(c.objective) + ("[BN eval]" if batch_norm else ""), model=rc, scorer=rc.scorer(),
                   defense={"objective": c.objective, **r.fields()}, checkpoint=c.path, checkpoint_sha256=c.sha256,
                   attacker={"grad_mode": grad_mode, "precision": "bf16" if bf16 else "fp32", "compiled": compile},
                   code=defense_code())

@@ -173,13 +173,69 @@ def test_unconditional_energy_is_official(tmp_path: Path) -> None:
 
 # --- refusals: one line, nothing written ------------------------------------------------------------------
 
-def test_batchnorm_checkpoint_refused(tmp_path: Path) -> None:
-    src = save_official(tmp_path / "jempp.pt", official_model(6, norm="batch"), None)
+class YopoWRN(OfficialWRN):
+    """JEM++'s YOPO WRN (``models/wideresnet_yopo.py``): the same layers, registered twice (``layer_one`` is
+    ``conv1``; ``other_layers`` holds ``layer1..3`` and ``bn1``), so its state dict has those aliases too."""
+
+    def __init__(self, depth: int, width: int, norm: str | None = "batch") -> None:
+        super().__init__(depth, width, norm=norm)
+        self.layer_one = self.conv1
+        self.other_layers = nn.ModuleList([self.layer1, self.layer2, self.layer3, self.bn1])
+
+
+def jempp_model(seed: int, depth: int = 10, width: int = 1) -> OfficialF:
+    """A JEM++ CCF with BatchNorm whose running statistics are not the initial ones (so eval mode matters)."""
+    torch.manual_seed(seed)
+    model = OfficialF(depth, width, norm="batch")
+    model.f = YopoWRN(depth, width)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model.classify(torch.rand(8, 3, 32, 32) * 3 - 1.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["official --norm batch", "JEM++ YOPO"])
+def test_batchnorm_checkpoints_import_and_run_in_eval_mode(tmp_path: Path, kind: str) -> None:
+    off = official_model(6, norm="batch") if kind.startswith("official") else jempp_model(6)
+    if kind.startswith("official"):  # non-trivial running statistics here too
+        off.train()
+        with torch.no_grad():
+            off.classify(torch.rand(8, 3, 32, 32) * 3 - 1.5)
+        off.eval()
+    assert any("running_mean" in k for k in off.state_dict())
+    src = save_official(tmp_path / "bn.pt", off, None)
+    model = load(import_official(src, tmp_path / "native.pt"))
+    assert not model.training
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), off.classify(x * 2 - 1), atol=1e-5, rtol=0)
+    prov = model.checkpoint_info["metrics"]["imported_from"]
+    assert prov["norm"] == "batch" and prov["code"] == ("JEM++ (YOPO WRN)" if "YOPO" in kind else "JEM")
+
+    from suite.targets import Chain, Loaded, build_targets
+    loaded = [Loaded(str(tmp_path / "native.pt"), "0" * 64, model.requires_grad_(False), model.checkpoint_info)]
+    assert {t.label for t in build_targets(loaded, Chain((0, 1)))} == {"JEM-0[BN eval]", "JEM-1[BN eval]"}
+
+    from robust_jem.train import train
+    with pytest.raises(UserError, match="batch-norm models are imported"):
+        train(read_checkpoint(tmp_path / "native.pt")["config"], tmp_path / "again", progress=False)
+
+
+def test_batchnorm_aliases_and_other_norms_refused(tmp_path: Path) -> None:
+    sd = {k: v.clone() for k, v in jempp_model(7).state_dict().items()}
+    sd["f.other_layers.1.0.conv1.weight"] += 1.0  # an alias that is not its original
+    torch.save({"model_state_dict": sd}, tmp_path / "alias.pt")
     with pytest.raises(UserError) as exc:
-        import_official(src, tmp_path / "native.pt")
-    msg = one_line_error(exc)
-    assert "BatchNorm" in msg and "f.bn1." in msg
-    assert "not supported" in msg and not (tmp_path / "native.pt").exists()
+        import_official(tmp_path / "alias.pt", tmp_path / "native.pt")
+    assert "differs from" in one_line_error(exc) and "f.layer2.0.conv1.weight" in one_line_error(exc)
+    sd = {k: v for k, v in official_model(8, norm="batch").state_dict().items()
+          if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}  # affine instance norm
+    torch.save({"model_state_dict": sd}, tmp_path / "instance.pt")
+    with pytest.raises(UserError) as exc:
+        import_official(tmp_path / "instance.pt", tmp_path / "native.pt")
+    assert "without running statistics" in one_line_error(exc)
+    assert not (tmp_path / "native.pt").exists()
 
 
 def _mutations() -> dict[str, object]:
