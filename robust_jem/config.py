@@ -13,7 +13,8 @@ from typing import Any
 
 from .errors import UserError
 
-OBJECTIVES = ("jem", "ce", "pgd-at", "gaussian-aug")
+OBJECTIVES = ("jem", "ce", "pgd-at", "gaussian-aug", "jem-at")
+ENERGY_OBJECTIVES = ("jem", "jem-at")  # trained as energy models (a replay buffer, SGLD): refined as JEM-k
 ARCHS = ("small", "wrn")
 SGLD_INITS = ("uniform", "gaussian", "class-gaussian")
 
@@ -124,8 +125,9 @@ class TrainConfig:
             raise UserError(f"SGLD gradient clip must be >= 0, got {self.sgld.grad_clip}")
         if self.sgld.buffer_size <= 0:
             raise UserError(f"buffer size must be positive, got {self.sgld.buffer_size}")
-        if self.objective == "pgd-at" and not (self.pgd_eps > 0 and self.pgd_steps > 0 and self.pgd_step_size > 0):
-            raise UserError("pgd-at needs a positive PGD ε, number of steps and step size")
+        if self.objective in ("pgd-at", "jem-at") and not (self.pgd_eps > 0 and self.pgd_steps > 0
+                                                           and self.pgd_step_size > 0):
+            raise UserError(f"{self.objective} needs a positive PGD ε, number of steps and step size")
         if self.objective == "gaussian-aug" and not self.sigma > 0:
             raise UserError(f"the Gaussian augmentation sigma must be positive, got {self.sigma}")
         if self.save_every_s <= 0:
@@ -185,6 +187,8 @@ _QUICK: dict[str, dict[str, Any]] = {
                    pgd_eps=0.1, pgd_steps=10, pgd_step_size=0.02),
     "gaussian-aug": dict(iters=1000, lr=1e-3, warmup_iters=0, sigma=0.25, decay_at=(750,)),
 }
+# adversarially trained JEM (issue 28): PGD-AT's schedule and inner attack, plus the quick JEM's log p(x) term
+_QUICK["jem-at"] = {**_QUICK["pgd-at"], **{k: _QUICK["jem"][k] for k in ("energy_l2", "px_weight", "sgld")}}
 
 # Standard preset: the same small net trained longer (under 30 min of JEM training on a 2-core CPU). A short CE
 # warm start (800 iterations); the JEM phase then trains CE + 0.1·log p(x) from class-conditional Gaussian chains
@@ -204,6 +208,7 @@ _STANDARD: dict[str, dict[str, Any]] = {
                    pgd_eps=0.1, pgd_steps=10, pgd_step_size=0.02),
     "gaussian-aug": dict(iters=4000, lr=1e-3, warmup_iters=0, sigma=0.25, decay_at=(3000,)),
 }
+_STANDARD["jem-at"] = {**_STANDARD["pgd-at"], **{k: _STANDARD["jem"][k] for k in ("energy_l2", "px_weight", "sgld")}}
 
 # The JEM paper's objective and sampler on the small net (issue 27): log p(x) weight 1, a replay buffer of 10,000
 # chains from U(-1, 1) with 5 % re-initialised, 20 SGLD steps of size 1 and noise 0.01, data noise 0.03, Adam 1e-4
@@ -227,6 +232,7 @@ _PAPER: dict[str, dict[str, Any]] = {
                    pgd_step_size=2 / 255),
     "gaussian-aug": dict(iters=150 * 782, lr=1e-4, warmup_iters=1000, batch_size=64, sigma=0.25),
 }
+_PAPER["jem-at"] = {**_PAPER["pgd-at"], "sgld": _PAPER["jem"]["sgld"]}
 
 # Tiny preset: seconds, for tests and smoke runs.
 _TINY: dict[str, dict[str, Any]] = {

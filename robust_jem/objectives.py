@@ -1,6 +1,7 @@
 """The training objectives: each contributes one loss ``loss(ctx, x, y) -> (loss, terms)`` to the one loop of
 :mod:`robust_jem.train`. JEM (cross-entropy plus log p(x) by SGLD from the replay buffer, Grathwohl et al. 2020),
-plain CE, Madry PGD adversarial training and Gaussian augmentation.
+plain CE, Madry PGD adversarial training, an adversarially trained JEM (PGD-AT's cross-entropy on adversarial
+inputs plus JEM's log p(x); JEAT-style) and Gaussian augmentation.
 """
 
 from __future__ import annotations
@@ -88,6 +89,18 @@ def ce_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tenso
 
 def jem_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """JEM: CE + log p(x) by PCD (Grathwohl et al. 2020, Eq. 8), optional L2 penalty on energies."""
+    return _jem_terms(ctx, x, y, None)
+
+
+def jem_at_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Adversarially trained JEM: the cross-entropy of PGD-AT (on L-inf PGD examples of the batch) plus JEM's
+    log p(x) term on the clean batch (with data noise) against the replay buffer's SGLD samples."""
+    return _jem_terms(ctx, x, y, _pgd_examples(ctx, x, y))
+
+
+def _jem_terms(ctx: Context, x: torch.Tensor, y: torch.Tensor,
+               x_ce: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CE on ``x_ce`` (None: on the noisy clean batch, JEM) + ``px_weight`` x (E(data) - E(samples))."""
     cfg, model, buf = ctx.cfg, ctx.model, ctx.buffer
     assert buf is not None
     z = to_internal(x)
@@ -104,13 +117,14 @@ def jem_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tens
                   grad_clip=cfg.sgld.grad_clip or None)
     model.train(was_training)
     buf.update(idx, zq)
+    parts = [z, zq] + ([to_internal(x_ce)] if x_ce is not None else [])
     with ctx.autocast():
-        logits = ctx.logits_z(torch.cat([z, zq]))
+        logits = ctx.logits_z(torch.cat(parts))
     logits = logits.float()
     n = x.shape[0]
     e_data = energy_of_logits(logits[:n])
-    e_sample = energy_of_logits(logits[n:])
-    ce, terms = _ce_terms(ctx, logits[:n], y)
+    e_sample = energy_of_logits(logits[n:2 * n])
+    ce, terms = _ce_terms(ctx, logits[2 * n:] if x_ce is not None else logits[:n], y)
     l_px = e_data.mean() - e_sample.mean()
     loss = ce + cfg.px_weight * l_px
     if cfg.energy_l2 > 0:
@@ -139,14 +153,20 @@ def pgd_linf(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: 
     return x_adv.detach()
 
 
-def pgd_at_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Madry PGD adversarial training: CE on L-inf PGD examples."""
+def _pgd_examples(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The inner maximisation of adversarial training (the model in eval mode while it runs)."""
     cfg, model = ctx.cfg, ctx.model
     was_training = model.training
     model.eval()
     x_adv = pgd_linf(ctx.sample_logits, x, y, cfg.pgd_eps, cfg.pgd_steps, cfg.pgd_step_size, ctx.generator,
                      ctx.autocast)
     model.train(was_training)
+    return x_adv
+
+
+def pgd_at_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Madry PGD adversarial training: CE on L-inf PGD examples."""
+    x_adv = _pgd_examples(ctx, x, y)
     with ctx.autocast():
         logits = ctx.logits_z(to_internal(x_adv))
     return _ce_terms(ctx, logits, y)
@@ -160,4 +180,5 @@ def gaussian_aug_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[t
     return _ce_terms(ctx, logits, y)
 
 
-LOSSES: dict[str, LossFn] = {"jem": jem_loss, "ce": ce_loss, "pgd-at": pgd_at_loss, "gaussian-aug": gaussian_aug_loss}
+LOSSES: dict[str, LossFn] = {"jem": jem_loss, "ce": ce_loss, "pgd-at": pgd_at_loss, "gaussian-aug": gaussian_aug_loss,
+                             "jem-at": jem_at_loss}

@@ -22,6 +22,7 @@ from infra.energy import energy_of_logits
 from infra.randomness import generator_on
 
 from .model import EnergyModel, to_internal
+from .config import ENERGY_OBJECTIVES
 from .errors import UserError
 from .sgld import NoiseFn, sgld, sgld_checkpointed
 
@@ -83,13 +84,15 @@ class Refinement:
         Baselines: ``CE``, ``PGD-AT``, ``Gauss-aug``. JEM: ``JEM-k`` for the reference chain (5 copies, init
         noise 0.03, step 1, noise 0.01; Grathwohl et al.'s attack code), ``JEM-bare`` for the classifier
         without chain and noise; any other setting lists what differs from the reference, e.g.
-        ``JEM-1[chains=1]``. Two different refinements never share a label.
+        ``JEM-1[chains=1]``. The adversarially trained JEM likewise: ``JEM-AT-k``, ``JEM-AT-bare``. Two different
+        refinements never share a label.
         """
         base = BASELINE_LABELS.get(objective, objective)
-        if objective == "jem":
+        if objective in ENERGY_OBJECTIVES:
+            name = ENERGY_LABELS[objective]
             if self.is_bare:
-                return "JEM-bare"
-            base = f"JEM-{self.sgld_steps}"
+                return f"{name}-bare"
+            base = f"{name}-{self.sgld_steps}"
             ref = replace(Refinement(), sgld_steps=self.sgld_steps)
         else:
             if self.is_bare:
@@ -103,6 +106,7 @@ class Refinement:
 
 
 BASELINE_LABELS = {"ce": "CE", "pgd-at": "PGD-AT", "gaussian-aug": "Gauss-aug"}
+ENERGY_LABELS = {"jem": "JEM", "jem-at": "JEM-AT"}
 
 
 def default_refinement(sgld_steps: int, sampler: Any | None = None) -> Refinement:
@@ -121,9 +125,9 @@ def default_refinement(sgld_steps: int, sampler: Any | None = None) -> Refinemen
 
 
 def refinement_for(objective: str, refinement: Refinement) -> Refinement:
-    """The refinement a checkpoint is evaluated with: JEM checkpoints as asked, every baseline bare (a
+    """The refinement a checkpoint is evaluated with: energy models (JEM, JEM-AT) as asked, every baseline bare (a
     classifier not trained as an energy model has no sampler worth running)."""
-    return refinement if objective == "jem" else Refinement.bare()
+    return refinement if objective in ENERGY_OBJECTIVES else Refinement.bare()
 
 
 class RefinedClassifier(nn.Module):

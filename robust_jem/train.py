@@ -1,4 +1,4 @@
-"""One training loop for every objective: JEM, plain CE, PGD adversarial training, Gaussian augmentation.
+"""One training loop for every objective: JEM, plain CE, PGD adversarial training, Gaussian augmentation, JEM-AT.
 
 The loop is shared; each objective contributes one loss function ``loss(ctx, x, y) -> (loss, terms)``
 (:mod:`robust_jem.objectives`).
@@ -29,7 +29,7 @@ from infra.randomness import derive_seed, generator
 from infra.records import append_row
 
 from .checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import ENERGY_OBJECTIVES, TrainConfig
 from .data import ImageDataset, Prefetcher, load_dataset
 from .distributed import SINGLE, DistContext, shard, shard_size
 from .errors import TrainingDiverged, UserError  # noqa: F401  (TrainingDiverged: raised here, re-exported)
@@ -159,7 +159,7 @@ class Trainer:
         if cfg.batch_size % dist.world:
             raise UserError(f"batch size {cfg.batch_size} is not divisible by the {dist.world} ranks "
                             f"(each rank trains on batch_size / world examples)")
-        if cfg.objective == "jem" and shard_size(cfg.sgld.buffer_size, dist.world - 1, dist.world) \
+        if cfg.objective in ENERGY_OBJECTIVES and shard_size(cfg.sgld.buffer_size, dist.world - 1, dist.world) \
                 < cfg.batch_size // dist.world:
             raise UserError(f"replay buffer of {cfg.sgld.buffer_size} split over {dist.world} ranks is smaller "
                             f"than the per-rank batch {cfg.batch_size // dist.world}")
@@ -193,7 +193,7 @@ class Trainer:
                                     **({"fused": True} if cfg.fused_adam else {"foreach": True}))
         self.gen = generator(self.gen_seed(seed_offset), self.device)
         self.buffer = None
-        if cfg.objective == "jem":
+        if cfg.objective in ENERGY_OBJECTIVES:
             self.buffer = ReplayBuffer(shard_size(cfg.sgld.buffer_size, self.dist.rank, self.dist.world),
                                        self.train_data.shape, cfg.sgld.reinit_freq, device=self.device,
                                        generator=self.gen, init=self.informative_init())

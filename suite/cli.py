@@ -16,7 +16,7 @@ import click
 from attacks.common import EVAL_DRAWS, parse_eps
 from infra.errors import InputError
 from infra.interrupt import Interrupted
-from robust_jem.config import PRESETS
+from robust_jem.config import OBJECTIVES, PRESETS
 from robust_jem.errors import TrainingDiverged, UserError
 
 log = logging.getLogger("robust_jem")
@@ -168,7 +168,7 @@ def data_check(dataset: str, data_dir: str | None) -> None:
 
 
 @cli.command()
-@click.option("--objective", type=click.Choice(["jem", "ce", "pgd-at", "gaussian-aug"]), default="jem",
+@click.option("--objective", type=click.Choice(list(OBJECTIVES)), default="jem",
               show_default=True)
 @click.option("--dataset", type=click.Choice(["fashion-mnist", "cifar10", "cifar100", "svhn"]),
               default="fashion-mnist", show_default=True)

@@ -408,3 +408,31 @@ def test_single_process_commands_refuse_torchrun(run_cli, monkeypatch, command):
     res = run_cli(command, "--help")
     assert_usage_error(res)
     assert "under torchrun" in res.err
+
+
+def test_jem_at_trains_an_energy_model_on_adversarial_cross_entropy(tmp_path, fashion_available):
+    """The adversarially trained JEM (issue 28): a replay buffer and the log p(x) terms like JEM, its CE on PGD
+    examples (larger than the clean CE of the same network), refined as JEM-AT-k."""
+    import torch.nn.functional as F
+
+    from robust_jem.model import to_internal
+    from robust_jem.objectives import _pgd_examples, Context
+    from robust_jem.refined import Refinement, refinement_for
+    from suite.targets import Chain, Loaded, build_targets
+
+    cfg = tiny_cfg("jem-at", iters=20, log_every=5)
+    final = train(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all({"e_data", "e_sample", "ce", "px"} <= set(r) for r in rows if "loss" in r)
+    ckpt = read_checkpoint(final)
+    assert ckpt["objective"] == "jem-at" and ckpt["buffer"].shape == (64, 1, 28, 28)
+    model = load(final)
+    x, y = load_dataset("fashion-mnist", "test").batch(slice(0, 32))
+    ctx = Context(cfg, model, torch.Generator().manual_seed(0), None, lambda: torch.autocast("cpu", enabled=False))
+    x_adv = _pgd_examples(ctx, x, y)
+    assert float((x_adv - x).abs().max()) <= cfg.pgd_eps + 1e-6
+    with torch.no_grad():
+        assert F.cross_entropy(model.net(to_internal(x_adv)), y) > F.cross_entropy(model.net(to_internal(x)), y)
+    assert refinement_for("jem-at", Refinement(1)).sgld_steps == 1
+    loaded = [Loaded(str(final), "0" * 64, model.requires_grad_(False), model.checkpoint_info)]
+    assert {t.label for t in build_targets(loaded, Chain((0, 1)))} == {"JEM-AT-0", "JEM-AT-1"}
