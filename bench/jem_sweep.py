@@ -68,6 +68,15 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         "std-w800-s03": ["--ce-warmup-iters", "800", "--iters", "8000", "--decay-at", "7000", "--sgld-step-size",
                          "0.3"],
     },
+    "paper-small": {
+        # the paper's objective and sampler (issue 27): diverged at the end of the lr warm-up (step ~1000), and again
+        # within 100 steps after each of the trainer's 3 rollbacks (lr x0.5 each)
+        "paper": [],
+        # one change each, on pilots of 2500 iterations (1500 past the divergence point): a 10x smaller SGLD step
+        # (on this net step 1 climbs the energy: the standard sweep), or chains kept in [-1, 1]
+        "paper-s01-pilot": ["--iters", "2500", "--sgld-step-size", "0.1"],
+        "paper-clamp-pilot": ["--iters", "2500", "--sgld-clamp"],
+    },
 }
 
 
@@ -75,15 +84,36 @@ def run(preset: str, name: str, args: list[str], root: Path, judge: str, threads
     out = root / name
     cli = [sys.executable, "-m", "robust_jem"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if diverged_at(out):
+        return  # a measured failure: kept, not retried
     if not (out / "final.pt").exists():
         cmd = ["train", "--objective", "jem", "--preset", preset, "--out", str(out), *args, "--no-progress",
                "--device", "cpu"]
         if (out / "last.pt").exists():
             cmd = ["train", "--resume", str(out), "--no-progress", "--device", "cpu"]
-        subprocess.run(cli + cmd, check=True, env=env)
+        if subprocess.run(cli + cmd, env=env).returncode != 0:
+            if diverged_at(out):
+                return
+            raise RuntimeError(f"training {name} failed (not a divergence): see {out}")
     if not (out / "health" / "health.json").exists():
         subprocess.run(cli + ["health", "--checkpoint", str(out / "final.pt"), "--judge", judge, "--out",
                               str(out / "health"), "--device", "cpu"], check=True, env=env)
+
+
+def diverged_at(out: Path) -> str | None:
+    """How a variant's training ended in divergence (from its metrics.jsonl rollbacks), or None."""
+    path = out / "metrics.jsonl"
+    if (out / "final.pt").exists() or not path.exists():
+        return None
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    rollbacks = [r for r in rows if r.get("event") == "rollback"]
+    if len(rollbacks) < 3:
+        return None
+    last = next((r for r in reversed(rows) if "loss" in r), {})
+    return (f"diverged: rollbacks at steps {', '.join(str(r['step']) for r in rollbacks)} ({rollbacks[0]['reason']}; "
+            f"lr x{rollbacks[-1]['lr_scale']:g} at the last); last log at step {last.get('step')}: acc "
+            f"{last.get('acc', float('nan')):.2f}, E data {last.get('e_data', float('nan')):.3g}, E sample "
+            f"{last.get('e_sample', float('nan')):.3g}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,6 +152,10 @@ def main(argv: list[str] | None = None) -> None:
              "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for name, extra in variants.items():
         h_path, m_path = root / name / "health" / "health.json", root / name / "metrics.jsonl"
+        failure = diverged_at(root / name)
+        if failure:
+            lines.append(f"| {name} | `{' '.join(extra) or '(preset)'}` | {failure} |" + " |" * (len(columns) - 3))
+            continue
         if not h_path.exists() or not m_path.exists():
             lines.append(f"| {name} | `{' '.join(extra)}` | not run |" + " |" * (len(columns) - 3))
             continue

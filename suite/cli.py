@@ -653,6 +653,35 @@ def plot(runs: tuple[str, ...], out: str | None) -> None:
 
 
 @cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--linf-eps", type=Fraction1(), default=None, help="L-inf budget [the first run's middle ε].")
+@click.option("--l2-eps", type=Fraction1(), default=None, help="L2 budget [the first run's middle ε].")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder for leaderboard.md/.png/.json "
+              "[the first run].")
+def leaderboard(runs: tuple[str, ...], linf_eps: float | None, l2_eps: float | None, out: str | None) -> None:
+    """Every defense of one or more runs in one table and one figure at one ε per norm: clean and robust accuracy
+    with intervals, on each defense's selection and on the examples they all share, the strongest single attack,
+    the cost in network passes."""
+    import json as _json
+
+    from infra.io import check_out_dir
+    from .leaderboard import default_eps, leaderboard as build, leaderboard_markdown, plot_leaderboard
+
+    folder = Path(out or runs[0])
+    check_out_dir(folder)
+    eps = default_eps(runs[0]) if linf_eps is None or l2_eps is None else {}
+    eps.update({k: v for k, v in (("linf", linf_eps), ("l2", l2_eps)) if v is not None})
+    entries = build(runs, eps)
+    (folder / "leaderboard.md").write_text("\n".join(["# Leaderboard", "", f"Runs: {', '.join(runs)}.", "",
+                                                        *leaderboard_markdown(entries)]) + "\n")
+    (folder / "leaderboard.json").write_text(_json.dumps(
+        [{k: v for k, v in e.items() if k not in ("example_indices", "correct")} for e in entries], indent=1))
+    plot_leaderboard(entries, folder / "leaderboard.png")
+    for name in ("leaderboard.md", "leaderboard.png", "leaderboard.json"):
+        click.echo(str(folder / name))
+
+
+@cli.command()
 @click.argument("run", type=click.Path(file_okay=False))
 def report(run: str) -> None:
     """Regenerate RUN/report.md (with flags.json, headline.json, rows.csv and the figures) from RUN's rows."""

@@ -23,8 +23,11 @@ from attacks.common import eps_key, format_eps
 from attacks.plots import NORM_TITLES, model_order, plot_headline, plot_rows
 from attacks.rows import ActivityRow, BlackboxRow, Row, WhiteboxRow, of_kind, parse_row
 
+from robust_jem.errors import UserError
+
 from .convergence import convergence_table, plot_convergence
 from .escalate import rounds_of
+from .leaderboard import leaderboard as build_leaderboard, leaderboard_markdown, plot_leaderboard
 from .tables import (ci_text, clean_table, common_table, display_names, headline_table, kv_table, pct,
                      per_attack_table, protocol_table)
 
@@ -79,6 +82,23 @@ def escalation_section(rows: list[Row]) -> list[str]:
     md += ["", ("Every escalated cell's last round broke nothing." if not open_cells else
                 f"Not converged (the last round still broke examples): {', '.join(open_cells)}."), ""]
     return md
+
+
+def leaderboard_section(run_dir: Path, mids: dict[str, float]) -> list[str]:
+    """Every defense at the middle ε of each norm in one table and one figure (:mod:`suite.leaderboard`); nothing
+    when no defense was attacked there. ``robust-jem leaderboard`` builds the same from any runs."""
+    if not mids:
+        return []
+    try:
+        entries = build_leaderboard([run_dir], mids)
+    except UserError:
+        return []
+    png = plot_leaderboard(entries, run_dir / "leaderboard.png")
+    return ["## Leaderboard", "",
+            "Every defense at the middle ε of each norm: clean and robust accuracy (the worst case over every attack) "
+            "on its own selection and on the examples all of them share, the strongest attack alone, and the cost "
+            "in network passes per example. `robust-jem leaderboard RUN...` rebuilds it from any runs.", "",
+            *leaderboard_markdown(entries), *([f"![leaderboard]({png.name})", ""] if png else [])]
 
 
 def best_on_shared(cells: dict[str, dict[str, Any]], names: list[str]) -> tuple[str, int]:
@@ -348,6 +368,7 @@ def write_report(run_dir: str | os.PathLike, *, preset: str = "", dataset: str =
         [health_sentence(health)] if health else []) + [""]
     clean = clean_table(typed, ck_info)
     md += ["## Clean accuracy", "", clean, ""] if clean else []
+    md += leaderboard_section(run_dir, mids)
     md += ["## Robust accuracy (headline: per-example worst case over every attack)", "",
            "Each cell: robust accuracy [95 % Wilson CI] on the examples every attack against that model covered. "
            "JEM-k is the SGLD-refined classifier (k steps, 5 chains); white-box attacks went through the chain "

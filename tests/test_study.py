@@ -272,3 +272,32 @@ def test_the_report_warns_only_when_one_kind_of_row_mixes_code_versions(tiny_stu
     append_row(copy / "rows.jsonl", {**row, "key": "other", "code": "0123456789abcdef"})
     text = write_report(copy, preset="tiny", dataset="fashion-mnist").read_text()
     assert "the whitebox rows were computed by 2 versions of their code" in text
+
+
+def test_leaderboard_lists_every_defense_on_shared_examples(tiny_study, run_cli, tmp_path):
+    """The study's report has the leaderboard; the command rebuilds it from the run (and from two copies of the run
+    as two runs: each defense twice, the shared examples unchanged); a folder without rows is a usage error."""
+    import shutil
+
+    from suite.leaderboard import leaderboard
+
+    _, run_dir = tiny_study
+    assert "## Leaderboard" in (run_dir / "report.md").read_text() and (run_dir / "leaderboard.png").is_file()
+    res = run_cli("leaderboard", run_dir, "--out", tmp_path)
+    assert res.code == 0, res.err
+    entries = json.loads((tmp_path / "leaderboard.json").read_text())
+    head = [h for h in json.loads((run_dir / "headline.json").read_text()) if h["eps"] in (0.1, 2.0)]
+    assert {(e["subject"], e["norm"]) for e in entries} == {(h["subject"], h["norm"]) for h in head}
+    for e in entries:
+        h = next(h for h in head if (h["subject"], h["norm"]) == (e["subject"], e["norm"]))
+        assert (e["n"], e["robust_acc"]) == (h["n"], h["robust_acc"])  # the headline's worst case, not a re-count
+        assert e["n_shared"] <= e["n"] and 0 <= e["strongest_acc"] <= 1 and e["passes_per_example"] > 0
+        assert e["robust_acc"] <= e["strongest_acc"] <= e["clean_acc"]
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    both = leaderboard([run_dir, copy], {"linf": 0.1})
+    assert len(both) == 2 * sum(e["norm"] == "linf" for e in entries)
+    assert {e["n_shared"] for e in both} == {next(e["n_shared"] for e in entries if e["norm"] == "linf")}
+    (tmp_path / "empty").mkdir()
+    res = run_cli("leaderboard", tmp_path / "empty", "--linf-eps", "0.1", "--l2-eps", "2")
+    assert res.code == 2 and "holds no rows" in res.err and "Traceback" not in res.err
