@@ -76,6 +76,8 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         # (on this net step 1 climbs the energy: the standard sweep), or chains kept in [-1, 1]
         "paper-s01-pilot": ["--iters", "2500", "--sgld-step-size", "0.1"],
         "paper-clamp-pilot": ["--iters", "2500", "--sgld-clamp"],
+        # the pilot that survived (step 0.1 diverged at 2250), at the preset's full length
+        "paper-clamp": ["--sgld-clamp"],
     },
 }
 
