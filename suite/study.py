@@ -263,7 +263,7 @@ def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
     apgd = f"apgd-{plan.aa_steps}it"  # named by its budget: AutoAttack-rand's would be 100 it, EOT 20
     for norm, e in mids.items():
         grid = plan.linf_eps if norm == "linf" else plan.l2_eps
-        for group in groups:  # APGD at every ε of the defense's curve (quick: the middle one), beside PGD
+        for group in groups:  # the cheap APGD stage where apgd_at says (every ε, the middle one, or none)
             eps = tuple(x for x in plan.grids.get(group, {}).get(norm, grid)
                         if x > 0 and (plan.apgd_at == "every" or (plan.apgd_at == "mid" and same_eps(x, e))))
             st += white(f"{apgd}-{norm}-{group}", group, norm, eps, aa, modes=("full",), kind="apgd")
