@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from infra.provenance import device_name, git_sha, now  # noqa: E402
+from infra.provenance import device_name, device_slug, git_sha, now  # noqa: E402
 
 
 def one(checkpoint: str | None, steps: int, way: str, device: str, batch: int, chains: int, out: str) -> None:
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
             results[-1]["max_rel_grad_diff"] = results[-2]["max_rel_grad_diff"] = diff
     tmp.unlink(missing_ok=True)
     dev = device_name(args.device)
-    slug = "".join(ch if ch.isalnum() else "-" for ch in dev.split("(")[-1].rstrip(")")).strip("-").lower()
+    slug = device_slug(dev)
     meta = {"timestamp": now(), "git_sha": git_sha(), "device": dev, "checkpoint": args.checkpoint,
             "batch": args.batch, "chains": args.chains, "results": results}
     stem = args.out / f"chain_memory-{slug}{args.tag}"

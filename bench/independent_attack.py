@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from infra.provenance import device_name, git_sha, now  # noqa: E402
+from infra.provenance import device_name, device_slug, git_sha, now  # noqa: E402
 from infra.records import read_rows  # noqa: E402
 from robust_jem import load, load_dataset  # noqa: E402
 from robust_jem.refined import RefinedClassifier, Refinement  # noqa: E402
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
                         "broken_by_suite_robust_here": int((~suite & mine).sum()), "wall_s": time.perf_counter() - t})
         print(json.dumps(results[-1]), flush=True)
     dev = device_name("cpu")
-    slug = "".join(ch if ch.isalnum() else "-" for ch in dev.split("(")[-1].rstrip(")")).strip("-").lower()
+    slug = device_slug(dev)
     meta = {"run": str(args.run), "timestamp": now(), "git_sha": git_sha(), "device": dev, "norm": args.norm,
             "eps": eps_list,
             "steps": args.steps, "eot": args.eot, "draws": args.draws, "wall_s": time.perf_counter() - t0,

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from attacks.benchmark import passes_per_image  # noqa: E402
 from attacks.common import same_eps  # noqa: E402
-from infra.provenance import device_name, git_sha, now  # noqa: E402
+from infra.provenance import device_name, device_slug, git_sha, now  # noqa: E402
 from infra.records import read_rows  # noqa: E402
 from suite.escalate import EscalationJob  # noqa: E402
 from suite.evaluate import WhiteboxJob  # noqa: E402
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     lines += [f"| {g} | {s / 60:.0f} |" for g, s in sorted(projected.items(), key=lambda t: -t[1])]
     lines += [f"| **total** | **{total / 60:.0f}** ({total / 3600:.1f} h) |", ""]
     args.out.mkdir(parents=True, exist_ok=True)
-    slug = "".join(ch if ch.isalnum() else "-" for ch in dev.split("(")[-1].rstrip(")")).strip("-").lower()
+    slug = device_slug(dev)
     stem = args.out / f"study_projection-{args.plan}-{slug}"
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     stem.with_suffix(".json").write_text(json.dumps({"plan": args.plan, "measured": str(args.measured),

@@ -74,6 +74,12 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def device_slug(name: str) -> str:
+    """A file-name part from a :func:`device_name`: the text in its last parentheses (or all of it), lower case,
+    every other character a dash (``cpu (AMD EPYC, 2 threads)`` -> ``amd-epyc--2-threads``)."""
+    return "".join(ch if ch.isalnum() else "-" for ch in name.split("(")[-1].rstrip(")")).strip("-").lower()
+
+
 def device_name(device: torch.device | str) -> str:
     """Human-readable device description (GPU name, or CPU model and thread count)."""
     import torch
