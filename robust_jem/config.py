@@ -288,3 +288,34 @@ def apply_overrides(cfg: TrainConfig, **overrides: Any) -> TrainConfig:
         else:
             raise UserError(f"unknown setting {key!r}")
     return replace(cfg, sgld=replace(cfg.sgld, **sg), model=replace(cfg.model, **mo), **top).validate()
+
+
+# settings that change how fast or how often a run works, not the model it trains
+_NOT_MODEL_DEFINING = frozenset({"save_every_s", "log_every", "eval_every", "prefetch", "compile", "channels_last",
+                                 "fused_adam"})
+
+
+def preset_changes(cfg: TrainConfig) -> list[str]:
+    """What ``cfg`` changes from its own preset, as ``name=value`` (nested settings dotted: ``sgld.clamp=True``);
+    speed and logging settings are left out. Empty for a preset run, or when the preset is unknown."""
+    try:
+        base = preset_config(cfg.preset, cfg.objective, cfg.dataset).to_dict()
+    except UserError:
+        return []
+    mine = cfg.to_dict()
+    out = []
+    for key, value in mine.items():
+        if key in _NOT_MODEL_DEFINING:
+            continue
+        if isinstance(value, dict):
+            out += [f"{key}.{k}={v}" for k, v in value.items() if base.get(key, {}).get(k) != v]
+        elif base.get(key) != value:
+            out.append(f"{key}={value}")
+    return out
+
+
+def model_name(cfg: TrainConfig) -> str:
+    """A trained model's name from its config: the preset, the objective and every change from the preset, e.g.
+    ``paper-small jem [sgld.clamp=True]`` (the sweep's one-setting variants carry their change in their name)."""
+    changes = preset_changes(cfg)
+    return f"{cfg.preset} {cfg.objective}" + (f" [{', '.join(changes)}]" if changes else "")

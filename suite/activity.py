@@ -1,9 +1,10 @@
-"""Refinement activity as a library call: for every JEM-k defense with k > 0, what its chain does to clean test
-images and to an attack's candidates (:func:`robust_jem.activity.refinement_activity`), one typed row each through
-the pipeline. The report reads it beside the JEM-k verdicts: an inactive refinement (fewer than 1 % of predictions
-changed) cannot be the reason a JEM-k is, or is not, more robust than JEM-0. The candidates are the worst point per
-example of a white-box attack on that same JEM-k (``attack`` at each ``(norm, ε)`` of ``candidates``), so the table
-says whether the chain moves adversarial inputs more than clean ones, next to the ε attacked."""
+"""Refinement activity as a library call: for every JEM-k defense (JEM-0 included, for its clean accuracy), what
+its chain does to clean test images and to an attack's candidates (:func:`robust_jem.activity.refinement_activity`),
+one typed row each through the pipeline. The report reads it beside the JEM-k verdicts: an inactive refinement (fewer
+than 1 % of predictions changed) cannot be the reason a JEM-k is, or is not, more robust than JEM-0. The candidates
+are the worst point per example of a white-box attack on that same JEM-k (``attack`` at each ``(norm, ε)`` of
+``candidates``), so the table says whether the chain moves adversarial inputs more than clean ones, next to the ε
+attacked."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from attacks.pipeline import Evaluation, Unit
 from attacks.rows import ActivityRow
 from attacks.target import Target
 from robust_jem.activity import refinement_activity
+from robust_jem.config import ENERGY_OBJECTIVES
 from robust_jem.errors import UserError
 
 from .jobs import check_budgets, data_hashes, prepare_out, subset
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ActivityJob:
-    """Refinement activity of every JEM-k (k > 0) of ``chain`` on the first ``n_examples`` test images, and on the
+    """Refinement activity of every JEM-k of ``chain`` on the first ``n_examples`` test images, and on the
     candidates of ``attack`` (full gradients, against that JEM-k) for the first ``n_candidates`` of them at each
     ``(norm, ε)`` of ``candidates``."""
 
@@ -95,14 +97,13 @@ class ActivityEvaluation(Evaluation[ActivityRow]):
 
 def activity(job: ActivityJob, out: str | Path, *, device: torch.device, data_dir: str | None = None,
              progress: bool = True) -> list[ActivityRow]:
-    """Run ``job``: rows of kind ``activity``, one per JEM-k with k > 0 (baselines and JEM-0 have no chain)."""
+    """Run ``job``: rows of kind ``activity``, one per JEM-k of the chain (baselines have none; JEM-0 moves nothing)."""
     ds, loaded = load_checkpoints(job.checkpoints, device, data_dir)
     out = prepare_out(out)
     targets = [t for t in build_targets(loaded, job.chain, ("full",), seed=job.seed)
-               if t.defense.get("sgld_steps", 0) > 0]
+               if t.defense["objective"] in ENERGY_OBJECTIVES]  # JEM-0 too: its clean accuracy, no movement
     if not targets:
-        raise UserError("no refined defense to measure: it needs a JEM checkpoint and a refinement of at least one "
-                        "SGLD step")
+        raise UserError("no refined defense to measure: it needs a JEM checkpoint")
     data = subset(ds, job.n_examples)
     for norm, eps in job.candidates:
         check_budgets([norm], [eps], ds.shape)

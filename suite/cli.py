@@ -684,13 +684,15 @@ def leaderboard(runs: tuple[str, ...], linf_eps: float | None, l2_eps: float | N
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False))
 def report(run: str) -> None:
-    """Regenerate RUN/report.md (with flags.json, headline.json, rows.csv and the figures) from RUN's rows."""
+    """Regenerate RUN/report.md (with flags.json, headline.json, rows.csv and the figures; a refinement study's
+    report for its runs) from RUN's rows."""
+    from .refinement import CONTEXT, write_refinement_report
     from .report import write_report
     from infra.records import ROWS
 
     if not (Path(run) / ROWS).is_file():
         raise UserError(f"{run}: no {ROWS} found")
-    click.echo(str(write_report(run)))
+    click.echo(str(write_refinement_report(run) if (Path(run) / CONTEXT).is_file() else write_report(run)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -843,6 +845,24 @@ def activity(checkpoints: tuple[str, ...], sgld_steps: list[int], n_chains: int 
                    f"{100 * r.changed_vs_bare:.1f} % of the bare classifier's predictions and "
                    f"{100 * r.changed_vs_jem0:.1f} % of JEM-0's" + ("  (inactive)" if r.inactive else ""))
     click.echo(str(Path(out) / "rows.jsonl"))
+
+
+@cli.command("refinement-study")
+@_CKPTS
+@click.option("--plan", "plan_name", type=click.Choice(["quick", "standard", "tiny"]), default="quick",
+              show_default=True, help="Grid and attack budgets (suite.refinement.REFINEMENT_PLANS).")
+@click.option("--out", type=click.Path(file_okay=False), default="results/refinement", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--no-progress", is_flag=True)
+def refinement_study(checkpoints: tuple[str, ...], plan_name: str, out: str, data_dir: str | None, device: str,
+                     no_progress: bool) -> None:
+    """Robust and clean accuracy of JEM-k against the refinement's steps and step size, on one shared selection,
+    with the study's attack protocol; report.md and refinement.png in OUT (resumable)."""
+    from .refinement import run_refinement_study
+
+    click.echo(str(run_refinement_study(checkpoints, plan_name, out, device=resolve_device(device),
+                                        data_dir=data_dir, progress=not no_progress) / "report.md"))
 
 
 def _one_line(message: str) -> str:

@@ -6,13 +6,14 @@ interrupted trainings resume from ``last.pt``, and attack sweeps skip rows alrea
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -350,12 +351,19 @@ def run_study(preset: str = "quick", dataset: str | None = None, name: str | Non
     if others:  # before training and before writing anything
         raise UserError(f"{run_dir} holds rows of other checkpoints ({sorted(others)[0]} ...: another run's "
                         f"results); pass --name NEW to start a new run directory, or remove it")
+    with logging_into(run_dir):
+        return _run_study(preset, dataset, run_dir, device, data_dir, runs_dir, progress, only)
+
+
+@contextlib.contextmanager
+def logging_into(run_dir: Path) -> Iterator[None]:
+    """Copy the log into ``RUN/log.txt`` (created with its folder) while the block runs."""
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run_dir / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     try:
-        return _run_study(preset, dataset, run_dir, device, data_dir, runs_dir, progress, only)
+        yield
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
@@ -373,6 +381,30 @@ def planned_cost(preset: str, dataset: str, runs_dir: Path, done: int, results_d
         wall = sum(float(r.get("wall_s", 0)) for r in read_rows(ref))
         line += f"; the reference run of this preset took {wall / 60:.0f} min ({ref})"
     return line
+
+
+def run_stages(stages: list[Stage], run_dir: Path, *, device: torch.device, data_dir: str | None, progress: bool,
+               only: tuple[str, ...] = (), kept: str = "") -> None:
+    """Run ``stages`` in order into ``run_dir`` (each skips the rows it already wrote) and log each stage's job and
+    wall time in ``RUN/stages.jsonl`` once. ``only``: run the stages of these groups alone. An interruption says
+    what is kept (``kept`` first, then the finished stages)."""
+    stage_log = run_dir / "stages.jsonl"
+    logged = {(r["stage"], json.dumps(r.get("job"), sort_keys=True)) for r in read_rows(stage_log)}
+    for stage in tqdm(stages, desc="study", unit="stage", disable=not progress):
+        if only and stage.group not in only:
+            continue
+        record = job_record(stage.job)
+        log.info("stage %s: %s", stage.name, json.dumps(record))
+        t = time.perf_counter()
+        try:
+            run_job(stage.job, run_dir / stage.subdir if stage.subdir else run_dir, device=device, data_dir=data_dir,
+                    progress=progress)
+        except Interrupted as stop:
+            raise Interrupted(f"{kept}{stages.index(stage)} of {len(stages)} stages of {run_dir}; "
+                              f"in stage {stage.name}: {stop.kept}") from None
+        wall = round(time.perf_counter() - t, 2)
+        if (stage.name, json.dumps(record, sort_keys=True)) not in logged:
+            append_row(stage_log, {"stage": stage.name, "job": record, "status": "done", "wall_s": wall})
 
 
 def _run_study(preset: str, dataset: str, run_dir: Path, device: torch.device, data_dir: str | None,
@@ -393,22 +425,8 @@ def _run_study(preset: str, dataset: str, run_dir: Path, device: torch.device, d
                                    "wall_s": round(time.perf_counter() - t, 2), "checkpoint": str(models[objective])})
     refuse_foreign_rows(run_dir, list(models.values()),
                         hint="pass --name NEW to start a new run directory, or remove it")
-    stages = study_stages(PLANS[preset], models)
-    for stage in tqdm(stages, desc="study", unit="stage", disable=not progress):
-        if only and stage.group not in only:
-            continue
-        record = job_record(stage.job)
-        log.info("stage %s: %s", stage.name, json.dumps(record))
-        t = time.perf_counter()
-        try:
-            run_job(stage.job, run_dir / stage.subdir if stage.subdir else run_dir, device=device, data_dir=data_dir,
-                    progress=progress)
-        except Interrupted as stop:
-            raise Interrupted(f"the trained models and {stages.index(stage)} of {len(stages)} stages of {run_dir}; "
-                              f"in stage {stage.name}: {stop.kept}") from None
-        wall = round(time.perf_counter() - t, 2)
-        if (stage.name, json.dumps(record, sort_keys=True)) not in logged:
-            append_row(stage_log, {"stage": stage.name, "job": record, "status": "done", "wall_s": wall})
+    run_stages(study_stages(PLANS[preset], models), run_dir, device=device, data_dir=data_dir, progress=progress,
+               only=only, kept="the trained models and ")
     plan = PLANS[preset]
     write_report(run_dir, preset=preset, dataset=dataset, device=str(device),
                  checkpoints={k: str(v) for k, v in models.items()}, mids={"linf": plan.linf_mid, "l2": plan.l2_mid})

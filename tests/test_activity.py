@@ -59,6 +59,12 @@ def test_activity_command(run_cli, tiny_run, tmp_path):
     res = run_cli("activity", "--checkpoint", tiny_run / "final.pt", "--sgld-steps", "0,2", "--n-examples", "20",
                   "--out", tmp_path / "a", "--no-progress")
     assert res.code == 0, res.err
-    assert res.out.startswith("JEM-2: moves clean images ") and "of the bare classifier's predictions" in res.out
-    assert_usage_error(run_cli("activity", "--checkpoint", tiny_run / "final.pt", "--sgld-steps", "0",
-                               "--out", tmp_path / "b", "--no-progress"))  # nothing refined: one line, exit 2
+    jem0, jem2 = res.out.splitlines()[:2]  # JEM-0 too: its chains' noise alone, and its clean accuracy
+    assert jem0.startswith("JEM-0: moves clean images 0 (L2) / 0 (L∞)") and "0.0 % of JEM-0's" in jem0
+    assert jem2.startswith("JEM-2: moves clean images ") and "of the bare classifier's predictions" in jem2
+    from robust_jem.train import train
+    from conftest import tiny_cfg
+
+    ce = train(tiny_cfg("ce", iters=2), tmp_path / "ce", progress=False)
+    assert_usage_error(run_cli("activity", "--checkpoint", ce, "--sgld-steps", "0,1",
+                               "--out", tmp_path / "b", "--no-progress"))  # no JEM, nothing refined: one line, exit 2

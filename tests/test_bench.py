@@ -16,7 +16,7 @@ from conftest import tiny_cfg
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 #: bench scripts and the test that runs each (the test below checks that none is missing)
-COVERED = {"attack_precision", "attack_throughput", "bf16_matmul", "chain_memory", "independent_attack",
+COVERED = {"attack_precision", "attack_throughput", "bf16_matmul", "chain_memory", "independent_attack", "independent_chain",
            "independent_health", "interrupt_resume", "jem_sweep", "official_checkpoint", "study_projection",
            "train_step", "train_step_parts"}  # independent_attack and study_projection: in test_study.py
 
@@ -138,3 +138,25 @@ def test_chain_memory(tmp_path):
         (2, "plain", "ok"), (2, "checkpointed", "ok"), (6, "plain", "ok"), (6, "checkpointed", "ok")]
     for r in record["results"]:
         assert r["max_rel_grad_diff"] < 1e-5 and r["wall_s"] > 0 and r["peak_mib"] >= 0
+
+
+def test_independent_chain_agrees_with_the_project_and_sees_another_step(tiny_run, tmp_path, fashion_available):
+    """The same chain measured twice (here and by robust_jem.activity) agrees on its displacement; a chain with half
+    the step, measured here, does not: the comparison can tell chains apart."""
+    import torch
+
+    from robust_jem import load
+    from robust_jem.data import fashion_mnist_dirs
+
+    data = next(d for d in fashion_mnist_dirs(None) if d.is_dir())
+    module = bench("independent_chain")
+    module.main([str(tiny_run / "final.pt"), "--data", str(data), "--n", "40", "--k", "2", "--tag=-t", "--out",
+                 str(tmp_path)])
+    record = json.loads((tmp_path / "independent_chain-t.json").read_text())
+    for name in ("displacement_l2", "displacement_linf"):
+        assert record["compared"][name]["relative_difference"] < 0.1, record["compared"][name]
+    x, _ = module.fashion(data, "test")
+    half = module.measure(load(tiny_run / "final.pt").requires_grad_(False), x[:40], k=2, chains=5, init_noise=0.03,
+                          step=0.5, noise=0.01, seed=1)
+    project = record["compared"]["displacement_l2"]["project"]
+    assert abs(half["displacement_l2"] - project) / project > 0.2 and torch.isfinite(torch.tensor(project))  # 2x the bar
