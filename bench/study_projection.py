@@ -12,6 +12,9 @@ name by the ratio of examples. Training is read from the survivors run's ``stage
 
     python bench/study_projection.py results/reference-quick-fashion-mnist --plan standard \
         --survivors results/reference-standard-fashion-mnist --runs /tmp/fq/runs
+    python bench/study_projection.py results/refinement-paper-small-quick --refinement standard
+
+``--refinement PLAN`` projects a refinement-study plan (``suite.refinement``) from a measured refinement run instead.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from attacks.benchmark import passes_per_image  # noqa: E402
 from attacks.common import same_eps  # noqa: E402
 from infra.provenance import device_name, device_slug, git_sha, now  # noqa: E402
 from infra.records import read_rows  # noqa: E402
+from robust_jem.refined import CHECKPOINT_FROM  # noqa: E402
+from suite.activity import ActivityJob  # noqa: E402
 from suite.escalate import EscalationJob  # noqa: E402
 from suite.evaluate import WhiteboxJob  # noqa: E402
 from suite.settings import TransferSettings  # noqa: E402
@@ -66,16 +71,80 @@ def robust_fraction(head: list[dict[str, Any]], sgld_steps: int, objective: str,
     return min(cells, key=lambda c: abs(c["eps"] - eps))["robust_acc"]
 
 
+def project_refinement(measured: Path, plan_name: str) -> tuple[dict[str, float], dict[tuple[int, str], float]]:
+    """Seconds per part of refinement plan ``plan_name`` on the measured refinement run's checkpoints: white-box
+    stages counted in passes, escalation on the survivors the measured run left in its nearest cell (same norm and
+    step, nearest k), activity scaled from the measured stage by the chain steps it refines."""
+    from suite.refinement import CONTEXT, REFINEMENT_PLANS, refinement_cells, refinement_stages
+
+    ctx = json.loads((measured / CONTEXT).read_text())
+    rate = seconds_per_pass(read_rows(measured / "rows.jsonl"))
+    cells = refinement_cells(measured)
+    stages_measured = {s["stage"]: s for s in read_rows(measured / "stages.jsonl")}
+    plan = REFINEMENT_PLANS[plan_name]
+    ds, loaded = load_checkpoints(list(ctx["checkpoints"]), torch.device("cpu"))
+    by_path = {c.path: c for c in loaded}
+    n_classes = len(ds.classes)
+
+    def seconds(fields: dict[str, Any], passes: int) -> float:
+        k, mode = kind(fields)
+        measured_k = min((m for m, md in rate if md == mode), key=lambda m: abs(m - k))  # per pass: ~flat in k
+        recompute = (1 + 3 * k) / (1 + 2 * k) if mode == "full" and k > CHECKPOINT_FROM else 1.0
+        return passes * rate[(measured_k, mode)] * recompute
+
+    def robust(ckpt: str, norm: str, k: int, step: float) -> float:
+        mine = [c for c in cells if c["checkpoint"] == ckpt and c["norm"] == norm] or [{"robust_acc": 1.0, "k": k,
+                                                                                       "step": step}]
+        return min(mine, key=lambda c: (abs(c["step"] - step) > 1e-9 and c["k"] > 0, abs(c["k"] - k)))["robust_acc"]
+
+    projected: dict[str, float] = defaultdict(float)
+    for stage in refinement_stages(plan, list(ctx["checkpoints"])):
+        job = stage.job
+        [ckpt] = job.checkpoints
+        if isinstance(job, ActivityJob):
+            ks = [k for k in job.chain.sgld_steps if k] or [0]
+            done = stages_measured.get(stage.name)
+            measured_ks = [k for k in (done or {}).get("job", {}).get("chain", {}).get("sgld_steps", []) if k]
+            if done and measured_ks:
+                was = max(1, ctx["plan_settings"]["n_activity_candidates"])
+                projected["activity"] += done["wall_s"] * sum(ks) / sum(measured_ks) * plan.n_activity_candidates / was
+            continue
+        modes = job.grad_modes if isinstance(job, WhiteboxJob) else \
+            tuple(dict.fromkeys(m for r in job.rounds for m in r.grad_modes))
+        for norm in job.norms:
+            for e in job.eps:
+                for t in build_targets([by_path[ckpt]], job.chain, modes):
+                    f = t.fields()
+                    if isinstance(job, WhiteboxJob):
+                        atk = job.attack.factory(n_classes, 0)(t.model, norm, e)
+                        projected["white-box"] += job.n_examples * seconds(f, passes_per_image(atk, f))
+                        continue
+                    left = plan.n * robust(ckpt, norm, f["sgld_steps"], f["sgld_step_size"])
+                    for rnd in job.rounds:
+                        if f["grad_mode"] not in rnd.grad_modes or (
+                                f.get("deterministic") and getattr(rnd.attack, "name", "") == "fixed-noise-pgd"):
+                            continue
+                        atk = rnd.attack.factory(n_classes, 0)(t.model, norm, e)
+                        projected["escalation"] += left * seconds(f, passes_per_image(atk, f))
+    return dict(projected), rate
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("measured", type=Path, help="the measured run folder (rows.jsonl, stages.jsonl)")
     ap.add_argument("--plan", default="standard", choices=sorted(PLANS))
-    ap.add_argument("--survivors", type=Path, required=True,
+    ap.add_argument("--refinement", default=None, metavar="PLAN",
+                    help="project refinement plan PLAN instead, from MEASURED, a refinement-study run")
+    ap.add_argument("--survivors", type=Path, default=None,
                     help="a run of the projected plan's models (headline.json, stages.jsonl with training)")
     ap.add_argument("--runs", type=Path, default=Path("runs"), help="the runs folder of the measured run's models")
     ap.add_argument("--measured-plan", default="quick", choices=sorted(PLANS))
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args(argv)
+    if args.refinement:
+        return refinement_main(args)
+    if args.survivors is None:
+        ap.error("--survivors is required to project a study plan")
     rows = read_rows(args.measured / "rows.jsonl")
     stages_measured = {s["stage"]: s for s in read_rows(args.measured / "stages.jsonl")}
     rate = seconds_per_pass(rows)
@@ -152,6 +221,33 @@ def main(argv: list[str] | None = None) -> None:
                                                      "seconds_per_pass": {f"{k}-{m}": v for (k, m), v in rate.items()},
                                                      "training_s": training, "projected_s": dict(projected),
                                                      "total_s": total}, indent=1))
+    print("\n".join(lines))
+
+
+def refinement_main(args: argparse.Namespace) -> None:
+    """``--refinement PLAN``: the refinement plan's projection, written beside the study projections."""
+    projected, rate = project_refinement(args.measured, args.refinement)
+    measured_s = sum(s["wall_s"] for s in read_rows(args.measured / "stages.jsonl"))
+    total = sum(projected.values())
+    dev = device_name("cpu")
+    lines = [f"# Projected wall time of the `{args.refinement}` refinement-study plan on {dev}", "",
+             f"{now()}, git {git_sha()}. Seconds per network pass and the survivors of each cell (nearest k at the "
+             f"same norm and SGLD step) measured on `{args.measured}` ({measured_s / 60:.0f} min of stages); chains "
+             f"longer than {CHECKPOINT_FROM} steps are checkpointed (each SGLD step's forward done twice); models "
+             "not trained here (the run's checkpoints).", "",
+             "| seconds per pass | " + " | ".join(f"JEM-{k} {m}" for k, m in sorted(rate)) + " |",
+             "|---|" + "---|" * len(rate),
+             "| measured | " + " | ".join(f"{rate[k] * 1e3:.2f} ms" for k in sorted(rate)) + " |", "",
+             "| part | projected minutes |", "|---|---|"]
+    lines += [f"| {g} | {s / 60:.0f} |" for g, s in sorted(projected.items(), key=lambda t: -t[1])]
+    lines += [f"| **total** | **{total / 60:.0f}** ({total / 3600:.1f} h) |", ""]
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"study_projection-refinement-{args.refinement}-{device_slug(dev)}"
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps({"refinement_plan": args.refinement, "measured": str(args.measured),
+                                                     "device": dev, "git_sha": git_sha(), "timestamp": now(),
+                                                     "seconds_per_pass": {f"{k}-{m}": v for (k, m), v in rate.items()},
+                                                     "projected_s": projected, "total_s": total}, indent=1))
     print("\n".join(lines))
 
 

@@ -99,3 +99,17 @@ def test_a_model_is_named_by_its_preset_and_every_change():
     assert model_name(clamped) == "paper-small jem [sgld.clamp=True]"  # speed and logging settings do not count
     assert model_name(preset_config("quick", "jem", "fashion-mnist", px_weight=1.0,
                                     sgld_step_size=0.5)) == "quick jem [sgld.step_size=0.5, px_weight=1.0]"
+
+
+def test_the_projection_of_a_plan_from_its_own_run_gives_back_its_white_box_time(tiny_study, tmp_path):
+    """bench/study_projection.py --refinement counts the white-box passes exactly: projecting the tiny plan from the
+    tiny run returns the wall time its attacking white-box rows took (the rate is measured on those same rows)."""
+    from infra.records import read_rows
+    from test_bench import bench
+
+    bench("study_projection").main([str(tiny_study), "--refinement", "tiny", "--out", str(tmp_path)])
+    [record] = [json.loads(p.read_text()) for p in tmp_path.glob("study_projection-refinement-tiny-*.json")]
+    rows = [r for r in read_rows(tiny_study / "rows.jsonl") if r.get("kind") == "whitebox" and r.get("eps")
+            and not r.get("escalation")]
+    assert record["projected_s"]["white-box"] == pytest.approx(sum(r["wall_s"] for r in rows), rel=1e-6)
+    assert record["projected_s"]["activity"] > 0 and record["total_s"] >= record["projected_s"]["white-box"]
