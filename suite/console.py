@@ -18,9 +18,8 @@ def recheck_summary(rows: Sequence[Any]) -> str:
     if not checks:
         return "convergence check: no example was left standing at ε > 0, nothing to re-attack"
     first = checks[0]
-    budget = (f"{first.attack} ({first.steps} steps, {first.restarts} restarts, EOT {first.eot_used})"
-              if first.steps else first.attack)
-    lines = [f"convergence check: the survivors re-attacked by {budget}:"]
+    budget = f"{first.attack} ({first.steps} steps, {first.restarts} restarts)" if first.steps else first.attack
+    lines = [f"convergence check: the survivors re-attacked by {budget}, with each row's EOT draws:"]
     cells = {(h["subject"], h["norm"], h["eps"]): h for h in worst_case(list(rows))}
     for c in checks:
         fell = c.n - sum(c.correct)
@@ -28,7 +27,8 @@ def recheck_summary(rows: Sequence[Any]) -> str:
         worst = (f"; worst case {100 * h['robust_acc']:.0f} % [{100 * h['ci_low']:.0f}, {100 * h['ci_high']:.0f}] "
                  f"of {h['n']}" if h else "")
         mode = f" {c.grad_mode}" if c.sgld_steps else ""
-        lines.append(f"  {c.model}{mode} {c.norm} ε={format_eps(c.eps)}: {fell} of {c.n} survivors fell{worst}"
+        lines.append(f"  {c.model}{mode} {c.norm} ε={format_eps(c.eps)}, EOT {c.eot_used}: {fell} of {c.n} survivors "
+                     f"fell{worst}"
                      + ("  <- the first attack had not converged" if fell else ""))
     return "\n".join(lines)
 

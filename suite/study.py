@@ -226,6 +226,12 @@ PLANS.update({
 })
 
 
+def curve(plan: StudyPlan, group: str, norm: str) -> tuple[float, ...]:
+    """The ε a defense group is attacked at under ``norm``: its own grid where the plan gives one, else the norm's."""
+    grid = plan.linf_eps if norm == "linf" else plan.l2_eps
+    return plan.grids.get(group, {}).get(norm, grid)
+
+
 def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
     """The study's jobs, in order (every one resumable by itself: it skips rows that exist under their keys)."""
     ce, at, jem, ga = (str(ckpt[k]) for k in ("ce", "pgd-at", "jem", "gaussian-aug"))
@@ -254,8 +260,7 @@ def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
     st: list[Stage] = []
     # headline: the same protocol for every defense (JEM-10 at fewer ε; its BPDA at the middle ones)
     for norm in ("linf", "l2"):
-        grid = plan.linf_eps if norm == "linf" else plan.l2_eps
-        eps_of = {g: plan.grids.get(g, {}).get(norm, grid) for g in groups}
+        eps_of = {g: curve(plan, g, norm) for g in groups}
         st += [*white(f"pgd-{norm}-baselines", "bare", norm, eps_of["bare"], head),
                *white(f"pgd-{norm}-jem0", "jem0", norm, eps_of["jem0"], head),
                *white(f"pgd-{norm}-jem1", "jem1", norm, eps_of["jem1"], head),
@@ -263,14 +268,14 @@ def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
                *white(f"pgd-{norm}-jem10-bpda", "jem10", norm, (mids[norm],), head, modes=("bpda",))]
     apgd = f"apgd-{plan.aa_steps}it"  # named by its budget: AutoAttack-rand's would be 100 it, EOT 20
     for norm, e in mids.items():
-        grid = plan.linf_eps if norm == "linf" else plan.l2_eps
         for group in groups:  # the cheap APGD stage where apgd_at says (every ε, the middle one, or none)
-            eps = tuple(x for x in plan.grids.get(group, {}).get(norm, grid)
+            eps = tuple(x for x in curve(plan, group, norm)
                         if x > 0 and (plan.apgd_at == "every" or (plan.apgd_at == "mid" and same_eps(x, e))))
             st += white(f"{apgd}-{norm}-{group}", group, norm, eps, aa, modes=("full",), kind="apgd")
         for group in ("jem0", "jem1", "jem10"):
-            for source, name in ((src, name) for src, name in ((jem, "bare-jem"), (at, "pgd-at"))
-                                 if name in plan.transfer_from):
+            for source, name in ((jem, "bare-jem"), (at, "pgd-at")):
+                if name not in plan.transfer_from:
+                    continue
                 st += white(f"transfer-{norm}-{name}-{group}", group, norm, (e,),
                             TransferSettings(source, steps=plan.steps, restarts=plan.restarts,
                                              eval_draws=plan.eval_draws), modes=("full",), kind="transfer")
@@ -309,10 +314,9 @@ def study_stages(plan: StudyPlan, ckpt: dict[str, Path]) -> list[Stage]:
     # escalation on survivors at every ε > 0 of each curve, after every cheaper attack (black-box included) has had
     # its say
     for norm in mids:
-        grid = plan.linf_eps if norm == "linf" else plan.l2_eps
         for group in groups:
             models, k = groups[group]
-            eps = tuple(x for x in plan.grids.get(group, {}).get(norm, grid) if x > 0)
+            eps = tuple(x for x in curve(plan, group, norm) if x > 0)
             st.append(Stage(f"escalate-{norm}-{group}", "escalation",
                             EscalationJob(models, (norm,), eps, plan.rounds, chain(k), repeats=plan.repeats)))
     st += [

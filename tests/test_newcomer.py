@@ -306,7 +306,7 @@ def test_pgd_says_how_many_of_its_survivors_a_larger_budget_broke(run_cli, tmp_p
     assert check["attack"] == "APGD-DLR" and check["steps"] == 20 and check["restarts"] == 2
     assert check["example_indices"] == standing and standing  # the tiny CE leaves some standing at 1 step
     fell = len(standing) - sum(check["correct"])
-    assert f"ε=0.02: {fell} of {len(standing)} survivors fell; worst case" in res.out, res.out
+    assert f"ε=0.02, EOT {check['eot_used']}: {fell} of {len(standing)} survivors fell; worst case" in res.out, res.out
     quiet = run_cli("pgd", *args, "--no-check", "--out", tmp_path / "b")
     assert quiet.code == 0 and "survivors" not in quiet.out
     assert {r["examples"]["rule"] for r in read_rows(tmp_path / "b")} == {"first"}
