@@ -229,6 +229,12 @@ def verdict_line(cells: list[dict[str, Any]]) -> str:
             f"{100 * v['clean_change']:+.1f} points.")
 
 
+def most_robust(cells: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The refined cell (k > 0) with the highest robust accuracy (ties: the larger n, then the shorter chain)."""
+    refined = [c for c in cells if c["k"] > 0]
+    return max(refined, key=lambda c: (c["robust_acc"], c["n"], -c["k"])) if refined else None
+
+
 def _cell_table(cells: list[dict[str, Any]]) -> list[str]:
     md = ["| refinement | k | SGLD step | clean (n) | robust (n) | vs JEM-0: only this / only JEM-0, p | moves clean "
           "L2 / L∞ | energy change | changes vs bare / JEM-0 | changes candidates vs bare | attacks |",
@@ -331,6 +337,13 @@ def write_refinement_report(run_dir: str | os.PathLike) -> Path:
             mine = [c for c in cells if c["checkpoint"] == ckpt and c["norm"] == norm]
             md.append(verdict_line(mine) if mine else f"- {NORM_TITLES.get(norm, norm)}: not attacked yet.")
         md.append("")
+    top = most_robust(cells)
+    if top is not None:
+        md += [f"The most robust refined cell of this run (k > 0; the one an independent attack should check first): "
+               f"**{top['model']}** of {top['name']} at {NORM_TITLES.get(top['norm'], top['norm'])} ε = "
+               f"{format_eps(top['eps'])}, {top['robust_acc'] * top['n']:.0f} of {top['n']} robust "
+               f"(`python bench/independent_attack.py RUN --norm {top['norm']} --eps {top['eps']:g} --models "
+               f"'{top['model']}'`).", ""]
     if fig:
         md += [f"![robust and clean accuracy against k]({fig.name})", ""]
     for ckpt, v in ctx["checkpoints"].items():
