@@ -74,7 +74,7 @@ def robust_fraction(head: list[dict[str, Any]], sgld_steps: int, objective: str,
 def project_refinement(measured: Path, plan_name: str) -> tuple[dict[str, float], dict[tuple[int, str], float]]:
     """Seconds per part of refinement plan ``plan_name`` on the measured refinement run's checkpoints: white-box
     stages counted in passes, escalation on the survivors the measured run left in its nearest cell (same norm and
-    step, nearest k), activity scaled from the measured stage by the chain steps it refines."""
+    step, nearest k), activity from the measured stages' seconds per refined chain step."""
     from suite.refinement import CONTEXT, REFINEMENT_PLANS, refinement_cells, refinement_stages
 
     ctx = json.loads((measured / CONTEXT).read_text())
@@ -97,17 +97,16 @@ def project_refinement(measured: Path, plan_name: str) -> tuple[dict[str, float]
                                                                                        "step": step}]
         return min(mine, key=lambda c: (abs(c["step"] - step) > 1e-9 and c["k"] > 0, abs(c["k"] - k)))["robust_acc"]
 
+    acts = [(s["wall_s"], sum(s["job"]["chain"]["sgld_steps"])) for s in stages_measured.values()
+            if s["job"].get("job") == "ActivityJob"]
+    activity_rate = sum(w for w, _ in acts) / max(1, sum(k for _, k in acts))
     projected: dict[str, float] = defaultdict(float)
     for stage in refinement_stages(plan, list(ctx["checkpoints"])):
         job = stage.job
         [ckpt] = job.checkpoints
-        if isinstance(job, ActivityJob):
-            ks = [k for k in job.chain.sgld_steps if k] or [0]
-            done = stages_measured.get(stage.name)
-            measured_ks = [k for k in (done or {}).get("job", {}).get("chain", {}).get("sgld_steps", []) if k]
-            if done and measured_ks:
-                was = max(1, ctx["plan_settings"]["n_activity_candidates"])
-                projected["activity"] += done["wall_s"] * sum(ks) / sum(measured_ks) * plan.n_activity_candidates / was
+        if isinstance(job, ActivityJob):  # seconds per refined chain step, measured over the run's activity stages
+            projected["activity"] += activity_rate * sum(job.chain.sgld_steps) * plan.n_activity_candidates / \
+                max(1, ctx["plan_settings"]["n_activity_candidates"])
             continue
         modes = job.grad_modes if isinstance(job, WhiteboxJob) else \
             tuple(dict.fromkeys(m for r in job.rounds for m in r.grad_modes))

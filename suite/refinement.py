@@ -104,21 +104,22 @@ def training_sampler(checkpoint: str) -> Any:
     return getattr(load(checkpoint).checkpoint_info.get("config"), "sgld", None)
 
 
-def cell_chains(plan: RefinementPlan, checkpoint: str) -> list[tuple[float, Chain]]:
-    """(step factor, chain) for one checkpoint: its own sampler's k grid, then each other factor's."""
+def cell_chains(plan: RefinementPlan, checkpoint: str) -> list[tuple[int, float, Chain]]:
+    """(k, step factor, chain) of every cell for one checkpoint, cheapest first (by k): a study cut short keeps
+    JEM-0 and the short chains, and resumes with the long ones."""
     base = default_refinement(1, training_sampler(checkpoint)).step_size
-    chains = [(1.0, Chain(tuple(plan.sgld_steps)))]
-    chains += [(s, Chain(tuple(plan.scaled_steps), step_size=s * base)) for s in plan.step_scales if s != 1.0]
-    return chains
+    cells = [(k, 1.0, Chain((k,))) for k in plan.sgld_steps]
+    cells += [(k, s, Chain((k,), step_size=s * base)) for k in plan.scaled_steps for s in plan.step_scales if s != 1.0]
+    return sorted(cells, key=lambda c: (c[0], c[1] != 1.0, c[1]))
 
 
 def refinement_stages(plan: RefinementPlan, checkpoints: Sequence[str]) -> list[Stage]:
-    """The study's jobs in order: per checkpoint and step factor, the white-box attacks (both norms), then the
-    escalation on their survivors and the activity."""
+    """The study's jobs in order: per checkpoint and cell (cheapest first), the white-box attacks (both norms), then
+    the escalation on their survivors and the activity."""
     st: list[Stage] = []
     for i, ckpt in enumerate(checkpoints):
-        for scale, chain in cell_chains(plan, ckpt):
-            name = f"m{i}-x{scale:g}"
+        for k, scale, chain in cell_chains(plan, ckpt):
+            name = f"m{i}-k{k}-x{scale:g}"
             for norm, eps in plan.eps:
                 st.append(Stage(f"pgd-{norm}-{name}", "whitebox", WhiteboxJob(
                     (ckpt,), (norm,), (eps,), plan.attack, chain, ("full", "bpda"), n_examples=plan.n,
