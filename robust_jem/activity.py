@@ -6,19 +6,19 @@ For images ``x`` and a refinement (k steps, c chains, init noise, step size, noi
 
 * the chain's displacement, from its start (the input plus the init noise) to its end, in L2 and L∞, in [0,1]
   pixel units (the internal [-1,1] distance / 2), so it reads beside the ε attacked;
-* the energy at the chain's start and at its end (E = -logsumexp of the logits), and its change;
+* the energy the chain descends (E = -logsumexp of the logits: the classifier's, or a purifier's) at the chain's
+  start and at its end, and its change;
 * how many predictions the refinement changes: against the bare classifier and against JEM-0 (the same init
   noise and chains without SGLD steps, drawn from the same seed).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from infra.energy import energy_of_logits
 from infra.randomness import generator
 
 from .model import EnergyModel, to_internal
@@ -56,14 +56,14 @@ class Activity:
 
 
 def refinement_activity(model: EnergyModel, refinement: Refinement, x: torch.Tensor, y: torch.Tensor, *,
-                        seed: int = 0, batch_size: int = 250) -> Activity:
+                        seed: int = 0, batch_size: int = 250, purifier: EnergyModel | None = None) -> Activity:
     """Measure ``refinement`` on images ``x`` (N, C, H, W) in [0,1] with labels ``y`` (see the module's doc).
 
     The chains are drawn as :meth:`RefinedClassifier.refine` draws them (init noise, then the SGLD steps, from one
     generator); the displacement is the chain's own, from its start after the init noise to its end, so JEM-0's
     noise is not counted as refinement."""
     r, c = refinement, refinement.n_chains
-    steps_only = RefinedClassifier.from_refinement(model, Refinement(r.sgld_steps, c, 0.0, r.step_size, r.noise))
+    steps_only = RefinedClassifier.from_refinement(model, replace(r, init_noise=0.0), purifier=purifier)
     sums = torch.zeros(8, dtype=torch.float64)
     for i in range(0, x.shape[0], batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size].to(x.device)
@@ -84,8 +84,8 @@ def refinement_activity(model: EnergyModel, refinement: Refinement, x: torch.Ten
             end_logits = model.logits_z(z_end)
             refined = end_logits.view(c, n, -1).mean(0).argmax(1)
             jem0 = model.logits_z(z_start).view(c, n, -1).mean(0).argmax(1)
-            e0 = energy_of_logits(model.logits_z(z_start)).view(c, n).mean(0)
-            e1 = energy_of_logits(end_logits).view(c, n).mean(0)
+            e0 = steps_only.energy_z(z_start).view(c, n).mean(0)  # the energy the chain descends
+            e1 = steps_only.energy_z(z_end).view(c, n).mean(0)
             bare = bare_logits.argmax(1)
             sums += torch.tensor([l2.sum(), linf.sum(), e0.sum(), e1.sum(), (refined != bare).sum(),
                                   (refined != jem0).sum(), (bare == yb).sum(), (refined == yb).sum()],

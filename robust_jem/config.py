@@ -13,8 +13,10 @@ from typing import Any
 
 from .errors import UserError
 
-OBJECTIVES = ("jem", "ce", "pgd-at", "gaussian-aug", "jem-at")
-ENERGY_OBJECTIVES = ("jem", "jem-at")  # trained as energy models (a replay buffer, SGLD): refined as JEM-k
+OBJECTIVES = ("jem", "ce", "pgd-at", "gaussian-aug", "jem-at", "ebm")
+ENERGY_OBJECTIVES = ("jem", "jem-at")  # classifiers trained as energy models: refined as JEM-k
+SAMPLING_OBJECTIVES = (*ENERGY_OBJECTIVES, "ebm")  # trained with a replay buffer and SGLD
+PURIFIER_OBJECTIVES = ("ebm",)  # energy models only: they purify another model's inputs, they classify nothing
 ARCHS = ("small", "wrn")
 SGLD_INITS = ("uniform", "gaussian", "class-gaussian")
 
@@ -233,6 +235,16 @@ _PAPER: dict[str, dict[str, Any]] = {
     "gaussian-aug": dict(iters=150 * 782, lr=1e-4, warmup_iters=1000, batch_size=64, sigma=0.25),
 }
 _PAPER["jem-at"] = {**_PAPER["pgd-at"], "sgld": _PAPER["jem"]["sgld"]}
+
+# The purifier of long-run EBM purification (issue 28; Hill et al. 2021): log p(x) alone, no labels, with the sampler
+# that trained the paper's JEM stably here (bench/results/paper-small_jem_sweep.md: U(-1, 1) chains, 20 steps of size
+# 1, noise 0.01, clamped to [-1, 1]); the quick one for 2000 iterations (~20 min here), the others for the JEM's.
+_EBM_SAMPLER = SGLDConfig(steps=20, step_size=1.0, noise=0.01, buffer_size=10000, reinit_freq=0.05, clamp=True,
+                          init="uniform")
+_QUICK["ebm"] = dict(iters=2000, lr=1e-4, warmup_iters=200, px_weight=1.0, sgld=_EBM_SAMPLER)
+_STANDARD["ebm"] = dict(iters=8000, lr=1e-4, warmup_iters=1000, px_weight=1.0, sgld=_EBM_SAMPLER)
+_PAPER_SMALL["ebm"] = _STANDARD["ebm"]
+_PAPER["ebm"] = {**_PAPER["jem"], "sgld": replace(_PAPER["jem"]["sgld"], clamp=True)}
 
 # Tiny preset: seconds, for tests and smoke runs.
 _TINY: dict[str, dict[str, Any]] = {

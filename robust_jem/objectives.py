@@ -1,7 +1,8 @@
 """The training objectives: each contributes one loss ``loss(ctx, x, y) -> (loss, terms)`` to the one loop of
 :mod:`robust_jem.train`. JEM (cross-entropy plus log p(x) by SGLD from the replay buffer, Grathwohl et al. 2020),
 plain CE, Madry PGD adversarial training, an adversarially trained JEM (PGD-AT's cross-entropy on adversarial
-inputs plus JEM's log p(x); JEAT-style) and Gaussian augmentation.
+inputs plus JEM's log p(x); JEAT-style), Gaussian augmentation, and an EBM without labels (log p(x) alone: the
+purifier of long-run EBM purification).
 """
 
 from __future__ import annotations
@@ -98,9 +99,16 @@ def jem_at_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.T
     return _jem_terms(ctx, x, y, _pgd_examples(ctx, x, y))
 
 
-def _jem_terms(ctx: Context, x: torch.Tensor, y: torch.Tensor,
-               x_ce: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """CE on ``x_ce`` (None: on the noisy clean batch, JEM) + ``px_weight`` x (E(data) - E(samples))."""
+def ebm_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """An energy model for sampling alone (the purifier of long-run EBM purification, Hill et al. 2021): JEM's
+    log p(x) term by PCD, ``px_weight`` x (E(data) - E(samples)); the labels are not used."""
+    return _jem_terms(ctx, x, y, None, ce=False)
+
+
+def _jem_terms(ctx: Context, x: torch.Tensor, y: torch.Tensor, x_ce: torch.Tensor | None,
+               ce: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CE on ``x_ce`` (None: on the noisy clean batch, JEM; ``ce=False``: no CE, an EBM) + ``px_weight`` x
+    (E(data) - E(samples))."""
     cfg, model, buf = ctx.cfg, ctx.model, ctx.buffer
     assert buf is not None
     z = to_internal(x)
@@ -124,9 +132,12 @@ def _jem_terms(ctx: Context, x: torch.Tensor, y: torch.Tensor,
     n = x.shape[0]
     e_data = energy_of_logits(logits[:n])
     e_sample = energy_of_logits(logits[n:2 * n])
-    ce, terms = _ce_terms(ctx, logits[2 * n:] if x_ce is not None else logits[:n], y)
     l_px = e_data.mean() - e_sample.mean()
-    loss = ce + cfg.px_weight * l_px
+    loss = cfg.px_weight * l_px
+    terms: dict[str, torch.Tensor] = {}
+    if ce:
+        l_ce, terms = _ce_terms(ctx, logits[2 * n:] if x_ce is not None else logits[:n], y)
+        loss = loss + l_ce
     if cfg.energy_l2 > 0:
         loss = loss + cfg.energy_l2 * (e_data.pow(2).mean() + e_sample.pow(2).mean())
     terms.update(px=l_px.detach(), e_data=e_data.mean().detach(), e_sample=e_sample.mean().detach())
@@ -181,4 +192,4 @@ def gaussian_aug_loss(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[t
 
 
 LOSSES: dict[str, LossFn] = {"jem": jem_loss, "ce": ce_loss, "pgd-at": pgd_at_loss, "gaussian-aug": gaussian_aug_loss,
-                             "jem-at": jem_at_loss}
+                             "jem-at": jem_at_loss, "ebm": ebm_loss}

@@ -45,6 +45,9 @@ class Refinement:
         n_chains: noisy copies per input whose logits are averaged.
         init_noise: std of the Gaussian added before the chain ([-1,1] model space).
         step_size, noise: SGLD settings ([-1,1] model space).
+        purifier: "" when the chain descends the classifier's own energy (JEM-k); else the sha256 (16 hex digits)
+            of the separate energy model whose energy it descends before the classifier labels the result
+            (long-run EBM purification, Hill et al. 2021).
     """
 
     sgld_steps: int = 0
@@ -52,6 +55,7 @@ class Refinement:
     init_noise: float = 0.03
     step_size: float = 1.0
     noise: float = 0.01
+    purifier: str = ""
 
     def __post_init__(self) -> None:
         if self.sgld_steps < 0 or self.n_chains < 1 or self.init_noise < 0 or self.step_size < 0 or self.noise < 0:
@@ -74,9 +78,10 @@ class Refinement:
         return self.init_noise == 0 and (self.sgld_steps == 0 or self.noise == 0)
 
     def fields(self) -> dict[str, Any]:
-        """The refinement as row fields (the names rows have always used)."""
+        """The refinement as row fields (the names rows have always used; ``purifier`` only when there is one)."""
         return {"sgld_steps": self.sgld_steps, "n_chains": self.n_chains, "init_noise": self.init_noise,
-                "sgld_step_size": self.step_size, "sgld_noise": self.noise}
+                "sgld_step_size": self.step_size, "sgld_noise": self.noise,
+                **({"purifier": self.purifier} if self.purifier else {})}
 
     def label(self, objective: str) -> str:
         """The one name of (objective, refinement) in rows, tables and plots.
@@ -85,10 +90,14 @@ class Refinement:
         noise 0.03, step 1, noise 0.01; Grathwohl et al.'s attack code), ``JEM-bare`` for the classifier
         without chain and noise; any other setting lists what differs from the reference, e.g.
         ``JEM-1[chains=1]``. The adversarially trained JEM likewise: ``JEM-AT-k``, ``JEM-AT-bare``. Two different
-        refinements never share a label.
+        refinements never share a label. Purified by a separate energy model: ``CE+EBM-k[ebm=<its sha256, 8
+        digits>]`` (the chain's settings against the reference chain's, like JEM-k).
         """
         base = BASELINE_LABELS.get(objective, objective)
-        if objective in ENERGY_OBJECTIVES:
+        if self.purifier:
+            base = f"{ENERGY_LABELS.get(objective, base)}+EBM-{self.sgld_steps}"
+            ref = replace(Refinement(), sgld_steps=self.sgld_steps, purifier=self.purifier)
+        elif objective in ENERGY_OBJECTIVES:
             name = ENERGY_LABELS[objective]
             if self.is_bare:
                 return f"{name}-bare"
@@ -102,6 +111,7 @@ class Refinement:
         diffs = [f"{short}={getattr(self, name):g}" for name, short in
                  (("n_chains", "chains"), ("init_noise", "init_noise"), ("step_size", "step"), ("noise", "noise"))
                  if getattr(self, name) != getattr(ref, name)]
+        diffs += [f"ebm={self.purifier[:8]}"] if self.purifier else []
         return base + (f"[{', '.join(diffs)}]" if diffs else "")
 
 
@@ -125,9 +135,10 @@ def default_refinement(sgld_steps: int, sampler: Any | None = None) -> Refinemen
 
 
 def refinement_for(objective: str, refinement: Refinement) -> Refinement:
-    """The refinement a checkpoint is evaluated with: energy models (JEM, JEM-AT) as asked, every baseline bare (a
-    classifier not trained as an energy model has no sampler worth running)."""
-    return refinement if objective in ENERGY_OBJECTIVES else Refinement.bare()
+    """The refinement a checkpoint is evaluated with: energy models (JEM, JEM-AT) and any classifier behind a
+    purifier as asked, every other baseline bare (a classifier not trained as an energy model has no sampler worth
+    running)."""
+    return refinement if objective in ENERGY_OBJECTIVES or refinement.purifier else Refinement.bare()
 
 
 class RefinedClassifier(nn.Module):
@@ -153,6 +164,9 @@ class RefinedClassifier(nn.Module):
             the chain keeps ~√k states and recomputes segments in the backward: the same gradient to the input at
             memory growing like √k instead of k. Never with ``noise_fn`` (a fixed-noise view redraws its noise per
             call) or when the weights require gradients (they would get none).
+        purifier: a separate energy model whose energy the chain descends (long-run EBM purification); the
+            classifier ``model`` then only labels the chain's end. ``purifier_id`` names it (its sha256) in
+            :attr:`refinement`.
 
     Shape: (N, C, H, W) -> (N, K).
     """
@@ -161,14 +175,16 @@ class RefinedClassifier(nn.Module):
                  init_noise: float = Refinement.init_noise, step_size: float = Refinement.step_size,
                  noise: float = Refinement.noise, grad_mode: str = "full", seed: int = 0,
                  generator: torch.Generator | None = None, bf16: bool = False, compile: bool = False,
-                 checkpoint: str = "auto") -> None:
+                 checkpoint: str = "auto", purifier: EnergyModel | None = None, purifier_id: str = "") -> None:
         super().__init__()
         if grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
         if checkpoint not in CHECKPOINT_MODES:
             raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES}, got {checkpoint!r}")
         self.checkpoint = checkpoint
-        Refinement(sgld_steps, n_chains, init_noise, step_size, noise)  # validates
+        Refinement(sgld_steps, n_chains, init_noise, step_size, noise, purifier_id)  # validates
+        if (purifier is None) != (not purifier_id):
+            raise ValueError("a purifier needs its id (sha256) and an id its purifier")
         if compile and sgld_steps > 0 and grad_mode == "full":
             raise ValueError("compile needs grad_mode='bpda' or sgld_steps=0: backpropagating through the chain "
                              "is a double backward, which torch.compile'd graphs do not support")
@@ -178,20 +194,27 @@ class RefinedClassifier(nn.Module):
         self.seed = seed
         self._generator = generator
         self.bf16, self.compiled = bool(bf16), bool(compile)
-        # a plain attribute, not a submodule: the weights are ``model.net``'s, registered through ``self.model``
+        self.purifier, self.purifier_id = purifier, purifier_id
+        # plain attributes, not submodules: the weights are registered through ``self.model`` (and ``self.purifier``)
         self.__dict__["_net"] = torch.compile(model.net) if compile else model.net
+        chain_net = model.net if purifier is None else purifier.net
+        self.__dict__["_energy_net"] = (torch.compile(chain_net) if compile and purifier is not None
+                                        else self._net if purifier is None else chain_net)
 
     @classmethod
-    def from_refinement(cls, model: EnergyModel, refinement: Refinement, **kwargs: Any) -> "RefinedClassifier":
-        """The classifier of ``refinement`` (``kwargs``: grad_mode, seed, bf16, compile)."""
+    def from_refinement(cls, model: EnergyModel, refinement: Refinement, purifier: EnergyModel | None = None,
+                        **kwargs: Any) -> "RefinedClassifier":
+        """The classifier of ``refinement`` (``purifier``: the energy model its ``purifier`` names; ``kwargs``:
+        grad_mode, seed, bf16, compile)."""
         r = refinement
         return cls(model, r.sgld_steps, n_chains=r.n_chains, init_noise=r.init_noise, step_size=r.step_size,
-                   noise=r.noise, **kwargs)
+                   noise=r.noise, purifier=purifier, purifier_id=r.purifier, **kwargs)
 
     @property
     def refinement(self) -> Refinement:
         """The defense this module computes (without the attacker's gradient mode and precision)."""
-        return Refinement(self.sgld_steps, self.n_chains, self.init_noise, self.step_size, self.noise)
+        return Refinement(self.sgld_steps, self.n_chains, self.init_noise, self.step_size, self.noise,
+                          self.purifier_id)
 
     @property
     def deterministic(self) -> bool:
@@ -211,7 +234,8 @@ class RefinedClassifier(nn.Module):
     def extra_repr(self) -> str:
         return (f"sgld_steps={self.sgld_steps}, n_chains={self.n_chains}, init_noise={self.init_noise}, "
                 f"step_size={self.step_size}, noise={self.noise}, grad_mode={self.grad_mode!r}, seed={self.seed}"
-                + (", bf16=True" if self.bf16 else "") + (", compile=True" if self.compiled else ""))
+                + (", bf16=True" if self.bf16 else "") + (", compile=True" if self.compiled else "")
+                + (f", purifier={self.purifier_id[:8]}" if self.purifier_id else ""))
 
     def config(self) -> dict:
         """The refinement's row fields plus the attacker's gradient mode, precision and compilation."""
@@ -223,12 +247,13 @@ class RefinedClassifier(nn.Module):
         bf16 or compilation only ever changes the attacker's arithmetic."""
         if not (self.bf16 or self.compiled):
             return self
-        return RefinedClassifier.from_refinement(self.model, self.refinement, grad_mode=self.grad_mode, seed=self.seed)
+        return RefinedClassifier.from_refinement(self.model, self.refinement, purifier=self.purifier,
+                                                 grad_mode=self.grad_mode, seed=self.seed)
 
     @property
     def checkpointed(self) -> bool:
         """Whether the full-gradient chain is checkpointed (see ``checkpoint``)."""
-        if self.checkpoint == "never" or any(p.requires_grad for p in self.model.parameters()):
+        if self.checkpoint == "never" or any(p.requires_grad for p in self.parameters()):
             return False
         return self.checkpoint == "always" or self.sgld_steps > CHECKPOINT_FROM
 
@@ -237,8 +262,8 @@ class RefinedClassifier(nn.Module):
         return self._net(z)
 
     def energy_z(self, z: torch.Tensor) -> torch.Tensor:
-        """The energy the chain descends (through the compiled backbone when asked)."""
-        return energy_of_logits(self._net(z))
+        """The energy the chain descends: the classifier's own (JEM-k) or the purifier's (compiled when asked)."""
+        return energy_of_logits(self._energy_net(z))
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:
         """Per-example energy of [0,1] images where the chain starts (before noise): what an energy-aimed attack

@@ -29,7 +29,7 @@ from infra.randomness import derive_seed, generator
 from infra.records import append_row
 
 from .checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
-from .config import ENERGY_OBJECTIVES, TrainConfig
+from .config import PURIFIER_OBJECTIVES, SAMPLING_OBJECTIVES, TrainConfig
 from .data import ImageDataset, Prefetcher, load_dataset
 from .distributed import SINGLE, DistContext, shard, shard_size
 from .errors import TrainingDiverged, UserError  # noqa: F401  (TrainingDiverged: raised here, re-exported)
@@ -159,7 +159,7 @@ class Trainer:
         if cfg.batch_size % dist.world:
             raise UserError(f"batch size {cfg.batch_size} is not divisible by the {dist.world} ranks "
                             f"(each rank trains on batch_size / world examples)")
-        if cfg.objective in ENERGY_OBJECTIVES and shard_size(cfg.sgld.buffer_size, dist.world - 1, dist.world) \
+        if cfg.objective in SAMPLING_OBJECTIVES and shard_size(cfg.sgld.buffer_size, dist.world - 1, dist.world) \
                 < cfg.batch_size // dist.world:
             raise UserError(f"replay buffer of {cfg.sgld.buffer_size} split over {dist.world} ranks is smaller "
                             f"than the per-rank batch {cfg.batch_size // dist.world}")
@@ -193,7 +193,7 @@ class Trainer:
                                     **({"fused": True} if cfg.fused_adam else {"foreach": True}))
         self.gen = generator(self.gen_seed(seed_offset), self.device)
         self.buffer = None
-        if cfg.objective in ENERGY_OBJECTIVES:
+        if cfg.objective in SAMPLING_OBJECTIVES:
             self.buffer = ReplayBuffer(shard_size(cfg.sgld.buffer_size, self.dist.rank, self.dist.world),
                                        self.train_data.shape, cfg.sgld.reinit_freq, device=self.device,
                                        generator=self.gen, init=self.informative_init())
@@ -465,5 +465,9 @@ def train(cfg: TrainConfig | None, out: str | os.PathLike, *, device: torch.devi
         append_row(out / "metrics.jsonl", {"step": trainer.step, "event": "final", **final_metrics})
     trainer.save("final.pt", metrics=final_metrics)
     if dist.is_main:
-        log.info("%s: test accuracy %.4f -> %s", cfg.objective, final_metrics["test_acc"], out / "final.pt")
+        if cfg.objective in PURIFIER_OBJECTIVES:  # its logits are no classes: its energies say what it learnt
+            log.info("%s: energy %.3g on test images, %.3g on its buffer -> %s", cfg.objective,
+                     final_metrics["test_energy"], final_metrics["buffer_energy"], out / "final.pt")
+        else:
+            log.info("%s: test accuracy %.4f -> %s", cfg.objective, final_metrics["test_acc"], out / "final.pt")
     return out / "final.pt"

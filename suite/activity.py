@@ -66,7 +66,7 @@ class ActivityEvaluation(Evaluation[ActivityRow]):
         def compute() -> dict[str, dict[str, Any]]:
             rc = target.scorer
             a = refinement_activity(rc.model, rc.refinement, self.x, self.y, seed=self.seed,
-                                    batch_size=self.batch_size)
+                                    batch_size=self.batch_size, purifier=rc.purifier)
             log.info("activity %s: moves images %.3g (L2) / %.3g (L∞), energy %.3g -> %.3g, changes %.1f %% of "
                      "predictions vs bare%s", target.label, a.displacement_l2, a.displacement_linf, a.energy_start,
                      a.energy_end, 100 * a.changed_vs_bare, " (inactive)" if a.inactive else "")
@@ -85,7 +85,8 @@ class ActivityEvaluation(Evaluation[ActivityRow]):
         def compute() -> dict[str, dict[str, Any]]:
             cand = torch.cat([atk(x[i:i + 25], y[i:i + 25].to(x.device), stream=i).x_adv for i in range(0, len(y), 25)])
             rc = target.scorer
-            a = refinement_activity(rc.model, rc.refinement, cand, y, seed=self.seed, batch_size=self.batch_size)
+            a = refinement_activity(rc.model, rc.refinement, cand, y, seed=self.seed, batch_size=self.batch_size,
+                                    purifier=rc.purifier)
             log.info("activity %s on %s candidates: moves them %.3g (L2) / %.3g (L∞), changes %.1f %% of predictions "
                      "vs bare", target.label, inputs, a.displacement_l2, a.displacement_linf, 100 * a.changed_vs_bare)
             return {"row": {**a.fields(), "dataset": self.dataset, "seed": self.seed, "inputs": inputs, "norm": norm,
@@ -101,7 +102,7 @@ def activity(job: ActivityJob, out: str | Path, *, device: torch.device, data_di
     ds, loaded = load_checkpoints(job.checkpoints, device, data_dir)
     out = prepare_out(out)
     targets = [t for t in build_targets(loaded, job.chain, ("full",), seed=job.seed)
-               if t.defense["objective"] in ENERGY_OBJECTIVES]  # JEM-0 too: its clean accuracy, no movement
+               if t.defense["objective"] in ENERGY_OBJECTIVES or t.defense.get("purifier")]  # JEM-0 too
     if not targets:
         raise UserError("no refined defense to measure: it needs a JEM checkpoint")
     data = subset(ds, job.n_examples)

@@ -154,9 +154,12 @@ def run_refinement_study(checkpoints: Sequence[str], plan_name: str = "quick", o
         names[c] = model_name(info["config"]) if hasattr(info.get("config"), "preset") else Path(c).stem
     out = Path(out)
     refuse_foreign_rows(out, checkpoints, hint="pass --out NEW for another run, or remove it")
+    if (out / CONTEXT).is_file() and json.loads((out / CONTEXT).read_text()).get("plan") != plan_name:
+        raise UserError(f"{out} holds a run of another plan; pass --out NEW for another run, or remove it")
     t0 = time.perf_counter()
     with logging_into(out):
-        atomic_write(out / CONTEXT, json.dumps({"plan": plan_name, "plan_settings": asdict(plan), "device": str(device), "device_name": device_name(device),
+        atomic_write(out / CONTEXT, json.dumps({"plan": plan_name, "plan_settings": asdict(plan), "device": str(device),
+                                                "device_name": device_name(device),
                                                 "checkpoints": {c: {"name": names[c], "sha256": file_sha256(c)}
                                                                 for c in checkpoints}}, indent=1, default=str))
         run_stages(refinement_stages(plan, checkpoints), out, device=torch.device(device), data_dir=data_dir,
@@ -192,7 +195,8 @@ def refinement_cells(run_dir: Path) -> list[dict[str, Any]]:
         lo, hi = wilson(k_clean, clean.n) if clean else (float("nan"), float("nan"))
         cells.append({**c, "checkpoint": r.checkpoint, "name": ctx["checkpoints"][r.checkpoint]["name"],
                       "k": r.sgld_steps, "step": r.sgld_step_size, "noise": r.sgld_noise,
-                      "clean_acc": clean.accuracy_refined if clean else float("nan"), "clean_n": clean.n if clean else 0,
+                      "clean_acc": clean.accuracy_refined if clean else float("nan"),
+                      "clean_n": clean.n if clean else 0,
                       "clean_low": lo, "clean_high": hi, "activity": asdict(clean) if clean else None,
                       "candidates": asdict(cand) if cand else None})
     for c in cells:
@@ -318,13 +322,15 @@ def write_refinement_report(run_dir: str | os.PathLike) -> Path:
     plan = ctx["plan_settings"]
     md = ["# Refinement strength: JEM-k against its SGLD refinement", "",
           f"Plan `{ctx['plan']}`: k ∈ {{{', '.join(map(str, plan['sgld_steps']))}}} at each checkpoint's own SGLD "
-          f"step, k ∈ {{{', '.join(map(str, plan['scaled_steps']))}}} at {', '.join(f'{s:g}x' for s in plan['step_scales'] if s != 1)} "
+          f"step, k ∈ {{{', '.join(map(str, plan['scaled_steps']))}}} at "
+          f"{', '.join(f'{s:g}x' for s in plan['step_scales'] if s != 1)} "
           f"that step; robust accuracy on one shared random selection of {plan['n']} test examples (seed "
           f"{plan['selection_seed']}) under PGD ({plan['attack']['steps']} steps, {plan['attack']['restarts']} "
           f"restart(s)) with full gradients through the chain and with BPDA, then {len(plan['rounds'])} escalation "
           f"rounds on the survivors — the per-example worst case; clean accuracy and activity on the first "
           f"{plan['n_activity']} test images. Report written {now()} at git {git_sha()} on "
-          f"{ctx.get('device_name', ctx.get('device', '?'))}; the stages took {wall / 60:.1f} min ({len(stages)} logged in `stages.jsonl`).", "",
+          f"{ctx.get('device_name', ctx.get('device', '?'))}; the stages took {wall / 60:.1f} min ({len(stages)} "
+          "logged in `stages.jsonl`).", "",
           "## Models", "", "| model | checkpoint | sha256 |", "|---|---|---|"]
     md += [f"| {v['name']} | `{c}` | `{v['sha256'][:16]}` |" for c, v in ctx["checkpoints"].items()]
     md += ["", "## The answer", "",

@@ -17,6 +17,7 @@ from attacks.target import Target
 from infra.provenance import code_hash, file_sha256
 from robust_jem.checkpoint import load
 from robust_jem.data import ImageDataset, load_dataset
+from robust_jem.config import PURIFIER_OBJECTIVES
 from robust_jem.errors import UserError
 from robust_jem.model import EnergyModel
 from robust_jem.refined import GRAD_MODES, RefinedClassifier, Refinement, default_refinement, refinement_for
@@ -44,9 +45,11 @@ class Chain:
     init_noise: float | None = None
     step_size: float | None = None
     noise: float | None = None
+    purifier: str | None = None  # an energy model's checkpoint: its chain purifies every model's inputs
 
     def refinements(self, sampler: Any | None = None) -> list[Refinement]:
-        """The refinements for a checkpoint trained with ``sampler`` (its ``SGLDConfig``; None: the reference)."""
+        """The refinements for a checkpoint trained with ``sampler`` (its ``SGLDConfig``; None: the reference).
+        With a purifier, ``sampler`` is the purifier's and every refinement names it."""
         given = {name: v for name, v in (("n_chains", self.n_chains), ("init_noise", self.init_noise),
                                          ("step_size", self.step_size), ("noise", self.noise)) if v is not None}
         return [replace(default_refinement(k, sampler), **given) for k in dict.fromkeys(self.sgld_steps)]
@@ -73,14 +76,21 @@ def split(name: str, part: str, data_dir: str | None) -> ImageDataset:
 
 
 def load_checkpoints(checkpoints: Sequence[str], device: torch.device, data_dir: str | None = None,
-                     dataset: str | None = None) -> tuple[ImageDataset, list[Loaded]]:
-    """Load every checkpoint before anything runs (all must share one data set) and its test split."""
+                     dataset: str | None = None, purifiers: bool = False) -> tuple[ImageDataset, list[Loaded]]:
+    """Load every checkpoint before anything runs (all must share one data set) and its test split. An energy model
+    without classes (objective ``ebm``) is refused unless ``purifiers`` asks for purifiers (then it is all that is
+    accepted)."""
     if not checkpoints:
         raise UserError("give at least one --checkpoint")
     loaded = []
     for path in dict.fromkeys(map(str, checkpoints)):
         model = load(path, device).requires_grad_(False)  # attacks need input gradients only
         loaded.append(Loaded(path, file_sha256(path), model, model.checkpoint_info))  # type: ignore[arg-type]
+    for c in loaded:
+        if (c.objective in PURIFIER_OBJECTIVES) != purifiers:
+            raise UserError(f"{c.path} is {'not ' if purifiers else ''}an energy model without classes (objective "
+                            f"{c.objective}): " + ("only an ebm checkpoint can purify" if purifiers else
+                                                   "it classifies nothing; give it as --purifier"))
     names = {c.info["dataset"] for c in loaded}
     if dataset is not None and names != {dataset}:
         raise UserError(f"the checkpoints were trained on {', '.join(sorted(names))}, not {dataset}")
@@ -94,12 +104,14 @@ def load_checkpoints(checkpoints: Sequence[str], device: torch.device, data_dir:
 
 
 def target_for(c: Loaded, refinement: Refinement, *, grad_mode: str = "full", seed: int = 0, bf16: bool = False,
-               compile: bool = False) -> Target:
-    """The :class:`Target` of one checkpoint under one refinement (made bare for a baseline)."""
+               compile: bool = False, purifier: Loaded | None = None) -> Target:
+    """The :class:`Target` of one checkpoint under one refinement (made bare for a baseline); with ``purifier``
+    (the energy model ``refinement.purifier`` names) the chain descends its energy instead."""
     r = refinement_for(c.objective, refinement)
     if r.sgld_steps == 0:
         grad_mode = "full"  # an empty chain: both modes are the same gradient
-    rc = RefinedClassifier.from_refinement(c.model, r, grad_mode=grad_mode, seed=seed, bf16=bf16, compile=compile)
+    rc = RefinedClassifier.from_refinement(c.model, r, purifier=purifier.model if r.purifier and purifier else None,
+                                           grad_mode=grad_mode, seed=seed, bf16=bf16, compile=compile)
     config = c.info.get("config")
     batch_norm = getattr(getattr(config, "model", None), "norm", "none") == "batch"  # run with its running stats
     return Target(label=r.label(c.objective) + ("[BN eval]" if batch_norm else ""), model=rc, scorer=rc.scorer(),
@@ -111,16 +123,35 @@ def target_for(c: Loaded, refinement: Refinement, *, grad_mode: str = "full", se
 def build_targets(loaded: Sequence[Loaded], chain: Chain, grad_modes: Sequence[str] = ("full",), *, seed: int = 0,
                   bf16: bool = False, compile: bool = False) -> list[Target]:
     """Every defense to evaluate: each JEM checkpoint once per refinement (and per gradient mode when k > 0),
-    each baseline once, bare. Duplicates (a baseline asked for several k) are dropped."""
+    each baseline once, bare. Duplicates (a baseline asked for several k) are dropped. With ``chain.purifier``
+    every checkpoint is evaluated behind the purifier's chain (its own sampler's step and noise by default)."""
     bad = [m for m in grad_modes if m not in GRAD_MODES]
     if bad or not grad_modes:
         raise UserError(f"unknown gradient mode {bad[0] if bad else None!r}; choose from {', '.join(GRAD_MODES)}")
+    purifier = load_purifier(chain.purifier, loaded) if chain.purifier else None
     out: dict[tuple, Target] = {}
     for c in loaded:
-        config = c.info.get("config")
+        config = (purifier or c).info.get("config")
         for r in chain.refinements(getattr(config, "sgld", None)):
-            r = refinement_for(c.objective, r)
+            r = refinement_for(c.objective, replace(r, purifier=purifier.sha256[:16]) if purifier else r)
             for mode in (["full"] if r.sgld_steps == 0 else list(dict.fromkeys(grad_modes))):
-                t = target_for(c, r, grad_mode=mode, seed=seed, bf16=bf16, compile=compile)
+                t = target_for(c, r, grad_mode=mode, seed=seed, bf16=bf16, compile=compile, purifier=purifier)
                 out.setdefault((t.defense_id, mode), t)
     return list(out.values())
+
+
+def load_purifier(path: str, loaded: Sequence[Loaded]) -> Loaded:
+    """The purifier's checkpoint (an ``ebm``), on the device of the models it purifies and for their data set."""
+    device = next(loaded[0].model.parameters()).device if loaded else torch.device("cpu")
+    if not Path(path).is_file():
+        raise UserError(f"--purifier {path}: no such file")
+    model = load(path, device).requires_grad_(False)
+    p = Loaded(str(path), file_sha256(path), model, model.checkpoint_info)  # type: ignore[arg-type]
+    if p.objective not in PURIFIER_OBJECTIVES:
+        raise UserError(f"--purifier {path} is a {p.objective} model; a purifier is an energy model trained without "
+                        f"labels (robust-jem train --objective ebm)")
+    datasets = {c.info["dataset"] for c in loaded}
+    if datasets and datasets != {p.info["dataset"]}:
+        raise UserError(f"--purifier {path} was trained on {p.info['dataset']}, the models on "
+                        f"{', '.join(sorted(datasets))}")
+    return p

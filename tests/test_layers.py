@@ -96,7 +96,9 @@ def test_one_atomic_writer_one_energy_formula_one_verdict():
         return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "logsumexp"
                    for n in ast.walk(ast.parse(src)))
 
-    energies = sorted(str(p.relative_to(ROOT)) for p, s in sources.items() if calls_logsumexp(s))
+    # bench/independent_*.py re-derive what they check on purpose (their own chain, energy and attack): not the project
+    energies = sorted(str(p.relative_to(ROOT)) for p, s in sources.items()
+                      if calls_logsumexp(s) and not p.name.startswith("independent_"))
     # smoothing.py's logsumexp averages softmax over noise draws (log-mean-exp), it is not an energy
     assert energies == ["attacks/smoothing.py", "infra/energy.py"], energies
     verdicts = sorted(str(p.relative_to(ROOT)) for p, s in sources.items() if '"verdict", m' in s)

@@ -91,6 +91,13 @@ def test_bad_input_is_one_line(run_cli, tmp_path, fashion_available):
     assert_usage_error(run_cli("refinement-study", "--checkpoint", ce, "--plan", "huge"))
 
 
+def test_another_plan_into_the_same_folder_is_refused(run_cli, tiny_run, tiny_study):
+    before = (tiny_study / "rows.jsonl").read_text()
+    assert_usage_error(run_cli("refinement-study", "--checkpoint", tiny_run / "final.pt", "--plan", "quick", "--out",
+                               tiny_study, "--no-progress"))
+    assert (tiny_study / "rows.jsonl").read_text() == before
+
+
 def test_a_model_is_named_by_its_preset_and_every_change():
     from robust_jem.config import model_name, preset_config
 

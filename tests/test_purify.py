@@ -1,0 +1,96 @@
+"""Long-run EBM purification (issue 28 item 3): an energy model trained without labels, whose chain moves the input
+before another classifier labels it; exact gradients through the whole chain, its own label and identity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import assert_usage_error, tiny_cfg, trained_tiny_classifier
+from robust_jem.refined import RefinedClassifier, Refinement
+from test_activity import toy
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory, fashion_available):
+    """A tiny CE classifier and a tiny EBM (the purifier) trained on the same data."""
+    from robust_jem.train import train
+
+    root = tmp_path_factory.mktemp("purify")
+    return train(tiny_cfg("ce"), root / "ce", progress=False), train(tiny_cfg("ebm"), root / "ebm", progress=False)
+
+
+def test_an_ebm_trains_on_log_px_alone(tiny_pair):
+    from robust_jem.checkpoint import read_checkpoint
+
+    _, ebm = tiny_pair
+    rows = [json.loads(line) for line in (ebm.parent / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "loss" in r]
+    assert logged and all("ce" not in r and "acc" not in r for r in logged)  # no labels used
+    assert all(r["loss"] == pytest.approx(r["px"]) for r in logged)  # px_weight 1, nothing else
+    assert read_checkpoint(ebm)["buffer"] is not None
+
+
+def test_the_chain_descends_the_purifiers_energy_and_the_classifier_only_labels():
+    """A classifier with a flat energy (its own chain would not move) behind a tilted purifier: the chain pulls the
+    inputs up the mean pixel, across the classifier's boundary; the classifier's own JEM-k does not move them."""
+    x = torch.full((8, 1, 28, 28), 0.49)
+    classifier, purifier = toy(10.0), toy(10.0)
+    classifier.net.a = 10.0  # classifies by the sign of the mean pixel
+    flat = toy(0.0)
+    own = RefinedClassifier(flat, 10, n_chains=1, init_noise=0.0, noise=0.0)
+    behind = RefinedClassifier(flat, 10, n_chains=1, init_noise=0.0, noise=0.0, purifier=purifier,
+                               purifier_id="0123456789abcdef")
+    z = 2 * x - 1
+    assert torch.equal(own.refine(z), z)  # a flat energy: no step
+    moved = behind.refine(z)
+    assert (moved.flatten(1).mean(1) > z.flatten(1).mean(1) + 0.05).all()
+    assert behind.refinement.purifier == "0123456789abcdef"
+    with pytest.raises(ValueError):
+        RefinedClassifier(flat, 1, purifier=purifier)  # a purifier without its id: no identity for the rows
+
+
+def test_exact_gradients_through_a_long_purifying_chain_at_bounded_memory(fashion_available):
+    """The checkpointed and the plain backward through a purifier's chain give the same input gradient."""
+    classifier = trained_tiny_classifier(100, lr=3e-3).double().requires_grad_(False)
+    purifier = trained_tiny_classifier(30, lr=3e-3).double().requires_grad_(False)
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for way in ("never", "always"):
+        rc = RefinedClassifier(classifier, 25, n_chains=2, grad_mode="full", checkpoint=way, purifier=purifier,
+                               purifier_id="f" * 16)
+        assert rc.checkpointed == (way == "always")
+        xr = x.clone().requires_grad_(True)
+        logits = rc(xr, generator=torch.Generator().manual_seed(3))
+        (grads[way],) = torch.autograd.grad(logits[:, 0].sum(), xr)
+    torch.testing.assert_close(grads["always"], grads["never"], rtol=1e-9, atol=1e-12)
+    assert grads["never"].abs().max() > 0
+
+
+def test_a_purified_defense_has_its_own_label_and_identity():
+    r = Refinement(100, purifier="0123456789abcdef")
+    assert r.label("ce") == "CE+EBM-100[ebm=01234567]"
+    assert Refinement(100, step_size=0.1, purifier="0123456789abcdef").label("ce") == \
+        "CE+EBM-100[step=0.1, ebm=01234567]"
+    assert r.fields()["purifier"] == "0123456789abcdef" and "purifier" not in Refinement(10).fields()
+    assert Refinement(10).label("jem") == "JEM-10"  # JEM-k's labels and rows are untouched
+
+
+def test_pgd_attacks_a_classifier_behind_a_purifier(run_cli, tiny_pair, tmp_path):
+    from infra.provenance import file_sha256
+    from infra.records import read_rows
+
+    ce, ebm = tiny_pair
+    res = run_cli("pgd", "--checkpoint", ce, "--purifier", ebm, "--sgld-steps", "2", "--grad-mode", "full,bpda",
+                  "--eps", "0.1", "--steps", "2", "--eot", "1", "--eval-draws", "2", "--n-examples", "4",
+                  "--no-check", "--out", tmp_path / "p", "--no-progress")
+    assert res.code == 0, res.err
+    rows = read_rows(tmp_path / "p")
+    assert {r["grad_mode"] for r in rows} == {"full", "bpda"}
+    assert all(r["defense_params"]["purifier"] == file_sha256(ebm)[:16] and r["model"].startswith("CE+EBM-2[")
+               for r in rows)  # the identity names the purifier
+    assert all(r["sgld_step_size"] == 1.0 for r in rows)  # the purifier's sampler (tiny: step 1), not the CE's
+    assert_usage_error(run_cli("pgd", "--checkpoint", ebm, "--eps", "0.1", "--out", tmp_path / "q"))
+    assert_usage_error(run_cli("pgd", "--checkpoint", ce, "--purifier", ce, "--eps", "0.1", "--out", tmp_path / "r"))
