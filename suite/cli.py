@@ -689,15 +689,20 @@ def leaderboard(runs: tuple[str, ...], linf_eps: float | None, l2_eps: float | N
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False))
 def report(run: str) -> None:
-    """Regenerate RUN/report.md (with flags.json, headline.json, rows.csv and the figures; a refinement study's
-    report for its runs) from RUN's rows."""
-    from .refinement import CONTEXT, write_refinement_report
+    """Regenerate RUN/report.md (with flags.json, headline.json, rows.csv and the figures; a refinement or defenses
+    study's report for theirs) from RUN's rows."""
+    from . import defenses, refinement
     from .report import write_report
     from infra.records import ROWS
 
     if not (Path(run) / ROWS).is_file():
         raise UserError(f"{run}: no {ROWS} found")
-    click.echo(str(write_refinement_report(run) if (Path(run) / CONTEXT).is_file() else write_report(run)))
+    if (Path(run) / refinement.CONTEXT).is_file():
+        click.echo(str(refinement.write_refinement_report(run)))
+    elif (Path(run) / defenses.CONTEXT).is_file():
+        click.echo(str(defenses.write_defenses_report(run)))
+    else:
+        click.echo(str(write_report(run)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -873,6 +878,26 @@ def refinement_study(checkpoints: tuple[str, ...], plan_name: str, out: str, dat
 
     click.echo(str(run_refinement_study(checkpoints, plan_name, out, device=resolve_device(device),
                                         data_dir=data_dir, progress=not no_progress) / "report.md"))
+
+
+@cli.command("defenses-study")
+@click.option("--plan", "plan_name", type=click.Choice(["quick", "standard", "tiny"]), default="quick",
+              show_default=True, help="Attack budgets and selection (suite.defenses.DEFENSES_PLANS).")
+@click.option("--preset", default=None, help="Training preset of the four models [the plan's name].")
+@click.option("--dataset", default="fashion-mnist", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run directory [results/defenses-PLAN-DATASET].")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--no-progress", is_flag=True)
+def defenses_study(plan_name: str, preset: str | None, dataset: str, out: str | None, data_dir: str | None,
+                   device: str, no_progress: bool) -> None:
+    """CE, PGD-AT, adversarially trained JEM-k and CE behind a long-run EBM purifier (trained or reused), attacked
+    with exact gradients through every chain and with BPDA on one shared selection; a leaderboard report."""
+    from .defenses import run_defenses_study
+
+    click.echo(str(run_defenses_study(plan_name, preset, dataset, out, device=resolve_device(device),
+                                      data_dir=data_dir, progress=not no_progress) / "report.md"))
 
 
 def _one_line(message: str) -> str:

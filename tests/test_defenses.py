@@ -1,0 +1,42 @@
+"""The defenses study (issue 28): four models trained or reused, every defense on one shared selection, exact
+gradients and BPDA through every chain, one leaderboard."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def tiny_defenses(tmp_path_factory, fashion_available):
+    from suite.defenses import run_defenses_study
+
+    root = tmp_path_factory.mktemp("defenses")
+    out = run_defenses_study("tiny", runs_dir=root / "runs", out=root / "run", progress=False)
+    return root, out
+
+
+def test_every_defense_meets_the_same_attacks_on_the_same_examples(tiny_defenses):
+    from infra.provenance import file_sha256
+    from infra.records import read_rows
+
+    root, out = tiny_defenses
+    rows = [r for r in read_rows(out / "rows.jsonl") if r["kind"] == "whitebox" and not r.get("escalation")]
+    models = {r["model"] for r in rows}
+    ebm_sha = file_sha256(root / "runs" / "tiny-fashion-mnist" / "ebm" / "final.pt")[:16]
+    assert models == {"CE", "PGD-AT", "JEM-AT-0", "JEM-AT-1", f"CE+EBM-3[ebm={ebm_sha[:8]}]"}
+    assert len({tuple(r["example_indices"]) for r in rows}) == 1  # one shared selection
+    chained = {(r["model"], r["norm"], r["grad_mode"]) for r in rows if r["sgld_steps"]}
+    assert chained == {(m, n, g) for m in ("JEM-AT-1", f"CE+EBM-3[ebm={ebm_sha[:8]}]") for n in ("linf", "l2")
+                       for g in ("full", "bpda")}
+    report = (out / "report.md").read_text()
+    assert report.count("| CE+EBM-3[") >= 5  # two leaderboard tables, two gap lines, its activity
+    assert "## BPDA against exact gradients" in report and (out / "leaderboard.png").is_file()
+
+
+def test_a_second_run_reuses_the_models_and_adds_nothing(tiny_defenses):
+    from suite.defenses import run_defenses_study
+
+    root, out = tiny_defenses
+    before = (out / "rows.jsonl").read_text()
+    run_defenses_study("tiny", runs_dir=root / "runs", out=out, progress=False)
+    assert (out / "rows.jsonl").read_text() == before
