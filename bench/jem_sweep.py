@@ -76,7 +76,9 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         # (on this net step 1 climbs the energy: the standard sweep), or chains kept in [-1, 1]
         "paper-s01-pilot": ["--iters", "2500", "--sgld-step-size", "0.1"],
         "paper-clamp-pilot": ["--iters", "2500", "--sgld-clamp"],
-        # the pilot that survived (step 0.1 diverged at 2250), at the preset's full length
+        # the pilot that survived (step 0.1 diverged at 2250), at the preset's full length: it diverged too, later
+        # (both energies drifted down from -23 at step 2500 to -55 at 6150, then the data energy ran away at 6200 and
+        # after each rollback); the 2500-iteration pilot is the stable paper-faithful model
         "paper-clamp": ["--sgld-clamp"],
     },
 }
