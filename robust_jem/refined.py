@@ -45,6 +45,8 @@ class Refinement:
         n_chains: noisy copies per input whose logits are averaged.
         init_noise: std of the Gaussian added before the chain ([-1,1] model space).
         step_size, noise: SGLD settings ([-1,1] model space).
+        clamp: keep the chains in [-1, 1] after every step (the projected sampler some JEMs were trained with; the
+            paper's refinement does not clamp).
         purifier: "" when the chain descends the classifier's own energy (JEM-k); else the sha256 (16 hex digits)
             of the separate energy model whose energy it descends before the classifier labels the result
             (long-run EBM purification, Hill et al. 2021).
@@ -56,6 +58,7 @@ class Refinement:
     step_size: float = 1.0
     noise: float = 0.01
     purifier: str = ""
+    clamp: bool = False
 
     def __post_init__(self) -> None:
         if self.sgld_steps < 0 or self.n_chains < 1 or self.init_noise < 0 or self.step_size < 0 or self.noise < 0:
@@ -81,7 +84,7 @@ class Refinement:
         """The refinement as row fields (the names rows have always used; ``purifier`` only when there is one)."""
         return {"sgld_steps": self.sgld_steps, "n_chains": self.n_chains, "init_noise": self.init_noise,
                 "sgld_step_size": self.step_size, "sgld_noise": self.noise,
-                **({"purifier": self.purifier} if self.purifier else {})}
+                **({"purifier": self.purifier} if self.purifier else {}), **({"sgld_clamp": True} if self.clamp else {})}
 
     def label(self, objective: str) -> str:
         """The one name of (objective, refinement) in rows, tables and plots.
@@ -111,7 +114,7 @@ class Refinement:
         diffs = [f"{short}={getattr(self, name):g}" for name, short in
                  (("n_chains", "chains"), ("init_noise", "init_noise"), ("step_size", "step"), ("noise", "noise"))
                  if getattr(self, name) != getattr(ref, name)]
-        diffs += [f"ebm={self.purifier[:8]}"] if self.purifier else []
+        diffs += (["clamp"] if self.clamp else []) + ([f"ebm={self.purifier[:8]}"] if self.purifier else [])
         return base + (f"[{', '.join(diffs)}]" if diffs else "")
 
 
@@ -175,14 +178,16 @@ class RefinedClassifier(nn.Module):
                  init_noise: float = Refinement.init_noise, step_size: float = Refinement.step_size,
                  noise: float = Refinement.noise, grad_mode: str = "full", seed: int = 0,
                  generator: torch.Generator | None = None, bf16: bool = False, compile: bool = False,
-                 checkpoint: str = "auto", purifier: EnergyModel | None = None, purifier_id: str = "") -> None:
+                 checkpoint: str = "auto", purifier: EnergyModel | None = None, purifier_id: str = "",
+                 clamp: bool = False) -> None:
         super().__init__()
         if grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
         if checkpoint not in CHECKPOINT_MODES:
             raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES}, got {checkpoint!r}")
         self.checkpoint = checkpoint
-        Refinement(sgld_steps, n_chains, init_noise, step_size, noise, purifier_id)  # validates
+        Refinement(sgld_steps, n_chains, init_noise, step_size, noise, purifier_id, clamp)  # validates
+        self.clamp = bool(clamp)
         if (purifier is None) != (not purifier_id):
             raise ValueError("a purifier needs its id (sha256) and an id its purifier")
         if compile and sgld_steps > 0 and grad_mode == "full":
@@ -208,13 +213,13 @@ class RefinedClassifier(nn.Module):
         grad_mode, seed, bf16, compile)."""
         r = refinement
         return cls(model, r.sgld_steps, n_chains=r.n_chains, init_noise=r.init_noise, step_size=r.step_size,
-                   noise=r.noise, purifier=purifier, purifier_id=r.purifier, **kwargs)
+                   noise=r.noise, purifier=purifier, purifier_id=r.purifier, clamp=r.clamp, **kwargs)
 
     @property
     def refinement(self) -> Refinement:
         """The defense this module computes (without the attacker's gradient mode and precision)."""
         return Refinement(self.sgld_steps, self.n_chains, self.init_noise, self.step_size, self.noise,
-                          self.purifier_id)
+                          self.purifier_id, self.clamp)
 
     @property
     def deterministic(self) -> bool:
@@ -235,7 +240,7 @@ class RefinedClassifier(nn.Module):
         return (f"sgld_steps={self.sgld_steps}, n_chains={self.n_chains}, init_noise={self.init_noise}, "
                 f"step_size={self.step_size}, noise={self.noise}, grad_mode={self.grad_mode!r}, seed={self.seed}"
                 + (", bf16=True" if self.bf16 else "") + (", compile=True" if self.compiled else "")
-                + (f", purifier={self.purifier_id[:8]}" if self.purifier_id else ""))
+                + (f", purifier={self.purifier_id[:8]}" if self.purifier_id else "") + (", clamp=True" if self.clamp else ""))
 
     def config(self) -> dict:
         """The refinement's row fields plus the attacker's gradient mode, precision and compilation."""
@@ -280,13 +285,15 @@ class RefinedClassifier(nn.Module):
             z = z + self.init_noise * eps
         if self.sgld_steps == 0:
             return z
+        bounds = (-1.0, 1.0) if self.clamp else None
         if self.grad_mode == "full":
             if noise_fn is None and self.checkpointed:
-                return sgld_checkpointed(self.energy_z, z, self.sgld_steps, self.step_size, self.noise, generator=g)
+                return sgld_checkpointed(self.energy_z, z, self.sgld_steps, self.step_size, self.noise, generator=g,
+                                         bounds=bounds)
             return sgld(self.energy_z, z, self.sgld_steps, self.step_size, self.noise, generator=g,
-                        differentiable=True, noise_fn=noise_fn)
+                        differentiable=True, noise_fn=noise_fn, bounds=bounds)
         z_end = sgld(self.energy_z, z.detach(), self.sgld_steps, self.step_size, self.noise, generator=g,
-                     noise_fn=noise_fn)
+                     noise_fn=noise_fn, bounds=bounds)
         return z + (z_end - z).detach()  # BPDA: forward = chain, backward = identity
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,

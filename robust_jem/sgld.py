@@ -67,11 +67,11 @@ class _Segment(torch.autograd.Function):
     through it. Gradients flow to the chain's start only (the energy's parameters must not require them)."""
 
     @staticmethod
-    def forward(ctx, z, energy, steps, step_size, noise, generator):  # type: ignore[override]
-        ctx.energy, ctx.steps, ctx.step_size, ctx.noise = energy, steps, step_size, noise
+    def forward(ctx, z, energy, steps, step_size, noise, generator, bounds):  # type: ignore[override]
+        ctx.energy, ctx.steps, ctx.step_size, ctx.noise, ctx.bounds = energy, steps, step_size, noise, bounds
         ctx.state = generator.get_state()  # before the segment's draws: the backward replays them
         ctx.save_for_backward(z)
-        return sgld(energy, z.detach(), steps, step_size, noise, generator=generator)
+        return sgld(energy, z.detach(), steps, step_size, noise, generator=generator, bounds=bounds)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
@@ -79,9 +79,9 @@ class _Segment(torch.autograd.Function):
         with torch.enable_grad():
             start = z.detach().requires_grad_(True)
             end = sgld(ctx.energy, start, ctx.steps, ctx.step_size, ctx.noise,
-                       generator=_generator_at(ctx.state, z.device), differentiable=True)
+                       generator=_generator_at(ctx.state, z.device), differentiable=True, bounds=ctx.bounds)
             (grad,) = torch.autograd.grad(end, start, grad_out)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def _generator_at(state: torch.Tensor, device: torch.device) -> torch.Generator:
@@ -91,7 +91,8 @@ def _generator_at(state: torch.Tensor, device: torch.device) -> torch.Generator:
 
 
 def sgld_checkpointed(energy: EnergyFn, z: torch.Tensor, steps: int, step_size: float, noise: float, *,
-                      generator: torch.Generator, segment: int | None = None) -> torch.Tensor:
+                      generator: torch.Generator, segment: int | None = None,
+                      bounds: tuple[float, float] | None = None) -> torch.Tensor:
     """The differentiable chain of :func:`sgld` (the same states, the same gradient to ``z``) at bounded memory:
     gradient checkpointing over segments of ``segment`` steps (default ⌈√steps⌉), so the graph held at once is
     one segment's and the states kept are one per segment — peak memory grows like √steps instead of steps, for
@@ -105,7 +106,7 @@ def sgld_checkpointed(energy: EnergyFn, z: torch.Tensor, steps: int, step_size: 
     done = 0
     while done < steps:
         n = min(segment, steps - done)
-        z = _Segment.apply(z, energy, n, step_size, noise, generator)
+        z = _Segment.apply(z, energy, n, step_size, noise, generator, bounds)
         done += n
     return z
 

@@ -462,6 +462,9 @@ def _refinement_options() -> list[Any]:
                      help="SGLD step of the refinement [the checkpoint's own sampler step: 1 for the paper's JEM]."),
         click.option("--sgld-noise", type=click.FloatRange(min=0), default=None,
                      help="SGLD noise of the refinement [the checkpoint's own sampler noise: 0.01 for the paper's]."),
+        click.option("--sgld-clamp", is_flag=True, default=None,
+                     help="Keep the refinement's chains in [-1, 1] after every step (labelled [clamp]; the paper's "
+                          "refinement does not clamp, some JEMs were trained with clamped chains)."),
         click.option("--purifier", type=click.Path(dir_okay=False), default=None,
                      help="An energy model trained without labels (train --objective ebm): every checkpoint is "
                           "evaluated behind its chain (--sgld-steps of the purifier's own sampler by default): "
@@ -544,16 +547,16 @@ def _run_name(command: str, checkpoints: tuple[str, ...], norms: list[str]) -> P
 
 
 def _chain(sgld_steps: list[int], n_chains: int | None, init_noise: float | None, sgld_step_size: float | None,
-           sgld_noise: float | None, purifier: str | None = None) -> Any:
+           sgld_noise: float | None, purifier: str | None = None, clamp: bool | None = None) -> Any:
     from .targets import Chain
 
-    return Chain(tuple(sgld_steps), n_chains, init_noise, sgld_step_size, sgld_noise, purifier)
+    return Chain(tuple(sgld_steps), n_chains, init_noise, sgld_step_size, sgld_noise, purifier, clamp or None)
 
 
 def _whitebox(command: str, attack: Any, *, checkpoints: tuple[str, ...], norm: str, eps: list[float],
               sgld_steps: list[int], n_chains: int | None, init_noise: float | None, sgld_step_size: float | None,
-              sgld_noise: float | None, purifier: str | None, grad_modes: list[str], bf16: bool, compile_: bool,
-              n_examples: int | None,
+              sgld_noise: float | None, purifier: str | None, sgld_clamp: bool | None, grad_modes: list[str],
+              bf16: bool, compile_: bool, n_examples: int | None,
               example_rule: str,
               batch_size: int | None, seed: int, device: str, out: str | None, data_dir: str | None,
               check: bool, no_progress: bool) -> None:
@@ -566,7 +569,8 @@ def _whitebox(command: str, attack: Any, *, checkpoints: tuple[str, ...], norm: 
     eps = list(dict.fromkeys(eps))
     norms = [norm]
     job = WhiteboxJob(tuple(checkpoints), tuple(norms), tuple(eps), attack,
-                      _chain(sgld_steps, n_chains, init_noise, sgld_step_size, sgld_noise, purifier), tuple(grad_modes),
+                      _chain(sgld_steps, n_chains, init_noise, sgld_step_size, sgld_noise, purifier, sgld_clamp),
+                      tuple(grad_modes),
                       n_examples=n_examples, example_rule=example_rule, batch_size=batch_size, seed=seed, bf16=bf16,
                       compile=compile_, recheck=stronger(attack) if check else None)
     out_dir = Path(out) if out else _run_name(command, checkpoints, norms)
@@ -753,7 +757,7 @@ def _chain_options(fn: Any) -> Any:
               help="Run directory [results/blackbox-CHECKPOINTS-ATTACK]; re-running skips finished rows.")
 def blackbox(attack: str, checkpoints: tuple[str, ...], sgld_steps: list[int], n_chains: int | None,
              init_noise: float | None, sgld_step_size: float | None, sgld_noise: float | None, purifier: str | None,
-             seed: int, device: str, data_dir: str | None,
+             sgld_clamp: bool | None, seed: int, device: str, data_dir: str | None,
              no_progress: bool, n_examples: int, batch_size: int, steps: int | None, init_steps: int | None,
              init_directions: int, source_step: float, spherical_step: float, eval_draws: int,
              eps_grid: list[float] | None, l0_grid: list[int] | None, out: str | None) -> None:
@@ -770,7 +774,7 @@ def blackbox(attack: str, checkpoints: tuple[str, ...], sgld_steps: list[int], n
                          init_directions=init_directions, batch_size=batch_size, eval_draws=eval_draws, seed=seed,
                          source_step=source_step, spherical_step=spherical_step).validate()
     job = BlackboxJob(tuple(checkpoints), cfg,
-                      _chain(sgld_steps, n_chains, init_noise, sgld_step_size, sgld_noise, purifier),
+                      _chain(sgld_steps, n_chains, init_noise, sgld_step_size, sgld_noise, purifier, sgld_clamp),
                       n_examples=n_examples, eps_grid=tuple(eps_grid) if eps_grid else None,
                       l0_grid=tuple(l0_grid) if l0_grid else None)
     out_dir = Path(out) if out else _run_name("blackbox", checkpoints, [attack])
@@ -810,8 +814,8 @@ def blackbox(attack: str, checkpoints: tuple[str, ...], sgld_steps: list[int], n
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run directory [results/distal-CHECKPOINTS]; re-running skips finished rows.")
 def distal(checkpoints: tuple[str, ...], sgld_steps: list[int], n_chains: int | None, init_noise: float | None,
-           sgld_step_size: float | None, sgld_noise: float | None, purifier: str | None, seed: int, device: str,
-           data_dir: str | None, no_progress: bool,
+           sgld_step_size: float | None, sgld_noise: float | None, purifier: str | None, sgld_clamp: bool | None,
+           seed: int, device: str, data_dir: str | None, no_progress: bool,
            grad_modes: list[str], steps: int, step_size: float, method: str, seeds: int, starts: list[str],
            mean_noise: float, threshold: float, n_real: int, out: str | None) -> None:
     """Distal adversarials: optimise noise towards every class through each model; confidence, fraction
@@ -823,7 +827,7 @@ def distal(checkpoints: tuple[str, ...], sgld_steps: list[int], n_chains: int | 
     cfg = DistalConfig(steps=steps, step_size=step_size, seeds=seeds, starts=tuple(dict.fromkeys(starts)),
                        mean_noise=mean_noise, threshold=threshold, method=method, seed=seed).validate()
     job = DistalJob(tuple(checkpoints), cfg, _chain(sgld_steps, n_chains, init_noise, sgld_step_size, sgld_noise,
-                                                    purifier),
+                                                    purifier, sgld_clamp),
                     tuple(grad_modes), n_real=n_real)
     out_dir = Path(out) if out else _run_name("distal", checkpoints, [])
     refuse_foreign_rows(out_dir, checkpoints)
@@ -845,14 +849,15 @@ def distal(checkpoints: tuple[str, ...], sgld_steps: list[int], n_chains: int | 
 @click.option("--batch-size", type=_POS, default=250, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default="results/extras", show_default=True)
 def activity(checkpoints: tuple[str, ...], sgld_steps: list[int], n_chains: int | None, init_noise: float | None,
-             sgld_step_size: float | None, sgld_noise: float | None, purifier: str | None, seed: int, device: str,
-             data_dir: str | None, no_progress: bool, n_examples: int, batch_size: int, out: str) -> None:
+             sgld_step_size: float | None, sgld_noise: float | None, purifier: str | None, sgld_clamp: bool | None,
+             seed: int, device: str, data_dir: str | None, no_progress: bool, n_examples: int, batch_size: int,
+             out: str) -> None:
     """What each JEM-k chain does to clean test images: displacement, energy, predictions changed against the bare
     classifier and JEM-0 (rows of kind "activity"; inactive below 1 % changed)."""
     from .evaluate import ActivityJob, activity as run
 
     job = ActivityJob(tuple(checkpoints), _chain(sgld_steps, n_chains, init_noise, sgld_step_size, sgld_noise,
-                                                 purifier),
+                                                 purifier, sgld_clamp),
                       n_examples=n_examples, batch_size=batch_size, seed=seed)
     for r in run(job, out, device=resolve_device(device), data_dir=data_dir, progress=not no_progress):
         click.echo(f"{r.model}: moves clean images {r.displacement_l2:.3g} (L2) / {r.displacement_linf:.3g} (L∞) "

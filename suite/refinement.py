@@ -66,6 +66,7 @@ class RefinementPlan:
     n_activity: int = 1000
     n_activity_candidates: int = 20
     selection_seed: int = 0
+    clamp_steps: tuple[int, ...] = ()  # k also run with the chains kept in [-1, 1] (JEM-k[clamp]), at the own step
 
     def validate(self) -> "RefinementPlan":
         if 0 not in self.sgld_steps:
@@ -81,7 +82,7 @@ REFINEMENT_PLANS: dict[str, RefinementPlan] = {
                            eps=(("linf", 0.1), ("l2", 2.0)),
                            attack=PGDSettings(steps=3, restarts=1, eot=1, eval_draws=2),
                            rounds=escalation_rounds(steps=2, eot=1, square_queries=5, square_eot=1, n_targets=1),
-                           n_activity=20, n_activity_candidates=3),
+                           n_activity=20, n_activity_candidates=3, clamp_steps=(1,)),
     # one checkpoint in about an hour of a 2-core CPU: k in {0, 1, 10} at the training step, k = 1 at a third and
     # three times it; the quick study's headline PGD (20 steps) and escalation rounds
     "quick": RefinementPlan(sgld_steps=(0, 1, 10), step_scales=(0.3, 1.0, 3.0), scaled_steps=(1,), n=100,
@@ -95,7 +96,7 @@ REFINEMENT_PLANS: dict[str, RefinementPlan] = {
                                eps=(("linf", 0.1), ("l2", 2.0)),
                                attack=PGDSettings(steps=50, restarts=2, eot=1, eval_draws=20),
                                rounds=escalation_rounds(steps=100, eot=20, square_queries=1000, square_eot=10),
-                               n_activity=1000, n_activity_candidates=50),
+                               n_activity=1000, n_activity_candidates=50, clamp_steps=(1, 10, 30)),
 }
 
 
@@ -104,13 +105,15 @@ def training_sampler(checkpoint: str) -> Any:
     return getattr(load(checkpoint).checkpoint_info.get("config"), "sgld", None)
 
 
-def cell_chains(plan: RefinementPlan, checkpoint: str) -> list[tuple[int, float, Chain]]:
-    """(k, step factor, chain) of every cell for one checkpoint, cheapest first (by k): a study cut short keeps
-    JEM-0 and the short chains, and resumes with the long ones."""
+def cell_chains(plan: RefinementPlan, checkpoint: str) -> list[tuple[str, int, Chain]]:
+    """(name, k, chain) of every cell for one checkpoint, cheapest first (by k): a study cut short keeps JEM-0 and
+    the short chains, and resumes with the long ones."""
     base = default_refinement(1, training_sampler(checkpoint)).step_size
-    cells = [(k, 1.0, Chain((k,))) for k in plan.sgld_steps]
-    cells += [(k, s, Chain((k,), step_size=s * base)) for k in plan.scaled_steps for s in plan.step_scales if s != 1.0]
-    return sorted(cells, key=lambda c: (c[0], c[1] != 1.0, c[1]))
+    cells = [(f"k{k}-x1", k, Chain((k,))) for k in plan.sgld_steps]
+    cells += [(f"k{k}-x{s:g}", k, Chain((k,), step_size=s * base)) for k in plan.scaled_steps
+              for s in plan.step_scales if s != 1.0]
+    cells += [(f"k{k}-x1-clamp", k, Chain((k,), clamp=True)) for k in plan.clamp_steps]
+    return sorted(cells, key=lambda c: (c[1], c[2].clamp is not None, c[2].step_size is not None, c[0]))
 
 
 def refinement_stages(plan: RefinementPlan, checkpoints: Sequence[str]) -> list[Stage]:
@@ -118,8 +121,8 @@ def refinement_stages(plan: RefinementPlan, checkpoints: Sequence[str]) -> list[
     the escalation on their survivors and the activity."""
     st: list[Stage] = []
     for i, ckpt in enumerate(checkpoints):
-        for k, scale, chain in cell_chains(plan, ckpt):
-            name = f"m{i}-k{k}-x{scale:g}"
+        for cell, _, chain in cell_chains(plan, ckpt):
+            name = f"m{i}-{cell}"
             for norm, eps in plan.eps:
                 st.append(Stage(f"pgd-{norm}-{name}", "whitebox", WhiteboxJob(
                     (ckpt,), (norm,), (eps,), plan.attack, chain, ("full", "bpda"), n_examples=plan.n,
@@ -195,6 +198,7 @@ def refinement_cells(run_dir: Path) -> list[dict[str, Any]]:
         lo, hi = wilson(k_clean, clean.n) if clean else (float("nan"), float("nan"))
         cells.append({**c, "checkpoint": r.checkpoint, "name": ctx["checkpoints"][r.checkpoint]["name"],
                       "k": r.sgld_steps, "step": r.sgld_step_size, "noise": r.sgld_noise,
+                      "clamp": bool(r.defense_params.get("sgld_clamp")),
                       "clean_acc": clean.accuracy_refined if clean else float("nan"),
                       "clean_n": clean.n if clean else 0,
                       "clean_low": lo, "clean_high": hi, "activity": asdict(clean) if clean else None,
@@ -207,7 +211,7 @@ def refinement_cells(run_dir: Path) -> list[dict[str, Any]]:
             c["vs_jem0"] = {"n": q.n, "robust": q.robust_a, "robust_jem0": q.robust_b, "only_this": q.only_a,
                             "only_jem0": q.only_b, "p": q.p, "detectable": q.detectable,
                             "clean_change": c["clean_acc"] - ref["clean_acc"]}
-    return sorted(cells, key=lambda c: (c["checkpoint"], c["norm"], c["step"] if c["k"] else 0, c["k"]))
+    return sorted(cells, key=lambda c: (c["checkpoint"], c["norm"], c["clamp"], c["step"] if c["k"] else 0, c["k"]))
 
 
 def verdict_line(cells: list[dict[str, Any]]) -> str:
@@ -275,15 +279,17 @@ def plot_refinement(cells: list[dict[str, Any]], path: Path) -> Path | None:
     for ax, (ckpt, norm) in zip(axes[0], panels):
         mine = [c for c in cells if c["checkpoint"] == ckpt and c["norm"] == norm]
         ref = [c for c in mine if c["k"] == 0]
-        for j, step in enumerate(sorted({c["step"] for c in mine if c["k"] > 0})):
-            line = sorted(ref + [c for c in mine if c["k"] > 0 and c["step"] == step], key=lambda c: c["k"])
+        for j, (clamp, step) in enumerate(sorted({(c["clamp"], c["step"]) for c in mine if c["k"] > 0})):
+            line = sorted(ref + [c for c in mine if c["k"] > 0 and (c["clamp"], c["step"]) == (clamp, step)],
+                          key=lambda c: c["k"])
+            what_chain = f"SGLD step {step:g}" + (", clamped" if clamp else "")
             ks = [c["k"] * (1 + 0.04 * j) + 0.04 * j for c in line]  # a small offset per line: intervals apart
             for key, lo, hi, fill, what in (("robust_acc", "ci_low", "ci_high", None, "robust"),
                                             ("clean_acc", "clean_low", "clean_high", "none", "clean")):
                 y = [100 * c[key] for c in line]
                 err = [[100 * (c[key] - c[lo]) for c in line], [100 * (c[hi] - c[key]) for c in line]]
                 ax.errorbar(ks, y, yerr=err, fmt="o", color=f"C{j}", mfc=fill, capsize=3, alpha=0.9,
-                            ls="-" if what == "robust" else "--", label=f"{what}, SGLD step {step:g}")
+                            ls="-" if what == "robust" else "--", label=f"{what}, {what_chain}")
         ax.set_xscale("symlog", linthresh=1)
         ticks = sorted({c["k"] for c in mine})
         ax.set_xticks(ticks, [str(k) for k in ticks])
@@ -320,11 +326,14 @@ def write_refinement_report(run_dir: str | os.PathLike) -> Path:
     stages = read_rows(run_dir / "stages.jsonl")
     wall = sum(float(s.get("wall_s", 0)) for s in stages)
     plan = ctx["plan_settings"]
+    clamp_steps = plan.get("clamp_steps") or []
+    clamped = (f", k ∈ {{{', '.join(map(str, clamp_steps))}}} with the chains kept in [-1, 1] ([clamp])"
+               if clamp_steps else "")
     md = ["# Refinement strength: JEM-k against its SGLD refinement", "",
           f"Plan `{ctx['plan']}`: k ∈ {{{', '.join(map(str, plan['sgld_steps']))}}} at each checkpoint's own SGLD "
           f"step, k ∈ {{{', '.join(map(str, plan['scaled_steps']))}}} at "
           f"{', '.join(f'{s:g}x' for s in plan['step_scales'] if s != 1)} "
-          f"that step; robust accuracy on one shared random selection of {plan['n']} test examples (seed "
+          f"that step{clamped}; robust accuracy on one shared random selection of {plan['n']} test examples (seed "
           f"{plan['selection_seed']}) under PGD ({plan['attack']['steps']} steps, {plan['attack']['restarts']} "
           f"restart(s)) with full gradients through the chain and with BPDA, then {len(plan['rounds'])} escalation "
           f"rounds on the survivors — the per-example worst case; clean accuracy and activity on the first "

@@ -46,12 +46,14 @@ class Chain:
     step_size: float | None = None
     noise: float | None = None
     purifier: str | None = None  # an energy model's checkpoint: its chain purifies every model's inputs
+    clamp: bool | None = None  # True: chains kept in [-1, 1] (a labelled variant; the definition does not clamp)
 
     def refinements(self, sampler: Any | None = None) -> list[Refinement]:
         """The refinements for a checkpoint trained with ``sampler`` (its ``SGLDConfig``; None: the reference).
         With a purifier, ``sampler`` is the purifier's and every refinement names it."""
         given = {name: v for name, v in (("n_chains", self.n_chains), ("init_noise", self.init_noise),
-                                         ("step_size", self.step_size), ("noise", self.noise)) if v is not None}
+                                         ("step_size", self.step_size), ("noise", self.noise),
+                                         ("clamp", self.clamp)) if v is not None}
         return [replace(default_refinement(k, sampler), **given) for k in dict.fromkeys(self.sgld_steps)]
 
 

@@ -94,3 +94,23 @@ def test_pgd_attacks_a_classifier_behind_a_purifier(run_cli, tiny_pair, tmp_path
     assert all(r["sgld_step_size"] == 1.0 for r in rows)  # the purifier's sampler (tiny: step 1), not the CE's
     assert_usage_error(run_cli("pgd", "--checkpoint", ebm, "--eps", "0.1", "--out", tmp_path / "q"))
     assert_usage_error(run_cli("pgd", "--checkpoint", ce, "--purifier", ce, "--eps", "0.1", "--out", tmp_path / "r"))
+
+
+def test_a_clamped_refinement_keeps_its_chains_in_the_box_with_exact_gradients(fashion_available):
+    """``clamp`` (a labelled variant, JEM-k[clamp]): every chain state stays in [-1, 1]; the checkpointed backward
+    replays the clamp (the same input gradient as the plain one); unclamped, the same chain leaves the box."""
+    net = trained_tiny_classifier(100, lr=3e-3).double().requires_grad_(False)
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    z = 2 * x - 1
+    free = RefinedClassifier(net, 25, n_chains=1, step_size=30.0)
+    boxed = RefinedClassifier(net, 25, n_chains=1, step_size=30.0, clamp=True)
+    assert free.refine(z, torch.Generator().manual_seed(0)).abs().max() > 1
+    assert boxed.refine(z, torch.Generator().manual_seed(0)).abs().max() <= 1
+    assert boxed.refinement.label("jem") == "JEM-25[chains=1, step=30, clamp]" and boxed.refinement.fields()["sgld_clamp"]
+    assert "sgld_clamp" not in free.refinement.fields()  # unclamped rows keep their identity
+    grads = {}
+    for way in ("never", "always"):
+        rc = RefinedClassifier(net, 25, n_chains=2, step_size=30.0, clamp=True, checkpoint=way)
+        xr = x.clone().requires_grad_(True)
+        (grads[way],) = torch.autograd.grad(rc(xr, generator=torch.Generator().manual_seed(3))[:, 0].sum(), xr)
+    torch.testing.assert_close(grads["always"], grads["never"], rtol=1e-9, atol=1e-12)

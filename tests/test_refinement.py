@@ -23,10 +23,11 @@ def test_every_cell_is_attacked_on_one_shared_selection_and_compared_with_jem0(t
 
     plan = REFINEMENT_PLANS["tiny"]
     cells = json.loads((tiny_study / "headline.json").read_text())
-    grid = {(c["norm"], c["k"], c["step"]) for c in cells}
-    own = {(n, k, 1.0) for n, _ in plan.eps for k in plan.sgld_steps}  # the tiny JEM's sampler has step 1
-    scaled = {(n, k, s) for n, _ in plan.eps for k in plan.scaled_steps for s in plan.step_scales if s != 1}
-    assert grid == own | scaled
+    grid = {(c["norm"], c["k"], c["step"], c["clamp"]) for c in cells}
+    own = {(n, k, 1.0, False) for n, _ in plan.eps for k in plan.sgld_steps}  # the tiny JEM's sampler has step 1
+    scaled = {(n, k, s, False) for n, _ in plan.eps for k in plan.scaled_steps for s in plan.step_scales if s != 1}
+    clamped = {(n, k, 1.0, True) for n, _ in plan.eps for k in plan.clamp_steps}
+    assert clamped and grid == own | scaled | clamped
     assert len({tuple(c["example_indices"]) for c in cells}) == 1 and cells[0]["n"] == plan.n
     for c in cells:
         assert c["activity"] is not None and c["clean_n"] == plan.n_activity, c["model"]
