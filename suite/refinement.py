@@ -221,9 +221,15 @@ def verdict_line(cells: list[dict[str, Any]]) -> str:
     where = f"{NORM_TITLES.get(best['norm'], best['norm'])} ε = {format_eps(best['eps'])}"
     if ref is None:
         return f"- {where}: JEM-0 was not attacked; no comparison."
+    worse = [c for c in cells if c.get("vs_jem0") and c["vs_jem0"]["p"] < 0.05
+             and c["vs_jem0"]["only_jem0"] > c["vs_jem0"]["only_this"]]
+    costs = (" Refinement **costs** robustness in " + "; ".join(
+        f"{c['model']} ({c['vs_jem0']['robust']} vs {c['vs_jem0']['robust_jem0']} robust, only this / only JEM-0 "
+        f"{c['vs_jem0']['only_this']} / {c['vs_jem0']['only_jem0']}, p = {c['vs_jem0']['p']:.2g})" for c in worse)
+             + ".") if worse else ""
     if best is ref or "vs_jem0" not in best:
         return (f"- {where}: no refinement is more robust than JEM-0 ({pct(ref['robust_acc'])} of {ref['n']}); "
-                f"the most robust cell is JEM-0 itself.")
+                f"the most robust cell is JEM-0 itself.{costs}")
     v = best["vs_jem0"]
     if v["p"] < 0.05:
         answer = "refinement **buys** robustness here"
@@ -235,13 +241,12 @@ def verdict_line(cells: list[dict[str, Any]]) -> str:
             f"under JEM-0 {v['only_jem0']}; exact McNemar p = {v['p']:.3g}; at this n a difference below "
             f"{100 * v['detectable']:.0f} points goes undetected with 20 % probability or more); clean accuracy "
             f"{pct(best['clean_acc'])} vs {pct(ref['clean_acc'])} for JEM-0 (n = {best['clean_n']}), a change of "
-            f"{100 * v['clean_change']:+.1f} points.")
+            f"{100 * v['clean_change']:+.1f} points.{costs}")
 
 
 def most_robust(cells: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The refined cell (k > 0) with the highest robust accuracy (ties: the larger n, then the shorter chain)."""
-    refined = [c for c in cells if c["k"] > 0]
-    return max(refined, key=lambda c: (c["robust_acc"], c["n"], -c["k"])) if refined else None
+    """The cell with the highest robust accuracy, JEM-0 included (ties: the larger n, then the shorter chain)."""
+    return max(cells, key=lambda c: (c["robust_acc"], c["n"], -c["k"])) if cells else None
 
 
 def _cell_table(cells: list[dict[str, Any]]) -> list[str]:
@@ -355,7 +360,7 @@ def write_refinement_report(run_dir: str | os.PathLike) -> Path:
         md.append("")
     top = most_robust(cells)
     if top is not None:
-        md += [f"The most robust refined cell of this run (k > 0; the one an independent attack should check first): "
+        md += [f"The most robust cell of this run (the one an independent attack should check first): "
                f"**{top['model']}** of {top['name']} at {NORM_TITLES.get(top['norm'], top['norm'])} ε = "
                f"{format_eps(top['eps'])}, {top['robust_acc'] * top['n']:.0f} of {top['n']} robust "
                f"(`python bench/independent_attack.py RUN --norm {top['norm']} --eps {top['eps']:g} --models "

@@ -77,8 +77,10 @@ def test_the_answer_says_buys_only_on_a_significant_paired_difference():
     assert "-10.0 points" in verdict_line(_compare([_cell(0, jem0), _cell(10, helps, clean=0.7)]))
     slight = [1] * 22 + [0] * 78  # 2 discordant: no evidence
     assert "**no detectable**" in verdict_line(_compare([_cell(0, jem0), _cell(10, slight)]))
-    worse = [1] * 10 + [0] * 90
-    assert "no refinement is more robust than JEM-0" in verdict_line(_compare([_cell(0, jem0), _cell(1, worse)]))
+    worse = [1] * 10 + [0] * 90  # 10 discordant, all for JEM-0: p ~ 0.002
+    line = verdict_line(_compare([_cell(0, jem0), _cell(1, worse)]))
+    assert "no refinement is more robust than JEM-0" in line and "**costs** robustness in JEM-1 (10 vs 20" in line
+    assert "costs" not in verdict_line(_compare([_cell(0, jem0), _cell(1, [1] * 18 + [0] * 82)]))  # p = 0.5
 
 
 def test_bad_input_is_one_line(run_cli, tmp_path, fashion_available):
