@@ -869,7 +869,7 @@ def activity(checkpoints: tuple[str, ...], sgld_steps: list[int], n_chains: int 
 
 @cli.command("refinement-study")
 @_CKPTS
-@click.option("--plan", "plan_name", type=click.Choice(["quick", "standard", "tiny"]), default="quick",
+@click.option("--plan", "plan_name", type=click.Choice(["quick", "quick-clamp", "standard", "tiny"]), default="quick",
               show_default=True, help="Grid and attack budgets (suite.refinement.REFINEMENT_PLANS).")
 @click.option("--out", type=click.Path(file_okay=False), default="results/refinement", show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)

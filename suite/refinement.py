@@ -91,6 +91,14 @@ REFINEMENT_PLANS: dict[str, RefinementPlan] = {
                             rounds=escalation_rounds(steps=10, eot=3, square_queries=100, square_eot=2, n_targets=1,
                                                      pgd_steps=50, pgd_eot=1),
                             n_activity=1000, n_activity_candidates=20),
+    # the quick plan's budgets on the clamped chains (JEM-k[clamp]) against JEM-0: for JEMs trained with clamped
+    # chains, whose unclamped refinement leaves the [-1, 1] box
+    "quick-clamp": RefinementPlan(sgld_steps=(0,), step_scales=(1.0,), scaled_steps=(), n=100,
+                                  eps=(("linf", 0.1), ("l2", 2.0)),
+                                  attack=PGDSettings(steps=20, restarts=1, eot=1, eval_draws=20),
+                                  rounds=escalation_rounds(steps=10, eot=3, square_queries=100, square_eot=2,
+                                                           n_targets=1, pgd_steps=50, pgd_eot=1),
+                                  n_activity=1000, n_activity_candidates=20, clamp_steps=(1, 10)),
     # the grid: k up to 30, step factors at k = 1 and 10, the standard study's protocol (hours on a CPU)
     "standard": RefinementPlan(sgld_steps=(0, 1, 10, 30), step_scales=(0.3, 1.0, 3.0), scaled_steps=(1, 10), n=100,
                                eps=(("linf", 0.1), ("l2", 2.0)),
