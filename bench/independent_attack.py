@@ -117,8 +117,13 @@ def main(argv: list[str] | None = None) -> None:
         r = defenses.get(cell["subject"])
         if r is None or (args.models and cell["model"] not in args.models.split(",")):
             continue
+        params = r.get("defense_params") or {}
+        if params.get("purifier"):
+            print(f"skipping {cell['model']}: a purified defense (its purifier's path is not in the rows)", flush=True)
+            continue
         net = load(r["checkpoint"]).requires_grad_(False)
-        ref = Refinement(r["sgld_steps"], r["n_chains"], r["init_noise"], r["sgld_step_size"], r["sgld_noise"])
+        ref = Refinement(r["sgld_steps"], r["n_chains"], r["init_noise"], r["sgld_step_size"], r["sgld_noise"],
+                         clamp=bool(params.get("sgld_clamp")))  # the defense the row names, clamp included
         model = RefinedClassifier.from_refinement(net, ref, grad_mode="full", seed=12345)
         ds = load_dataset(r["dataset"], "test")
         idx = torch.tensor(cell["example_indices"])
