@@ -78,21 +78,16 @@ def split(name: str, part: str, data_dir: str | None) -> ImageDataset:
 
 
 def load_checkpoints(checkpoints: Sequence[str], device: torch.device, data_dir: str | None = None,
-                     dataset: str | None = None, purifiers: bool = False) -> tuple[ImageDataset, list[Loaded]]:
+                     dataset: str | None = None) -> tuple[ImageDataset, list[Loaded]]:
     """Load every checkpoint before anything runs (all must share one data set) and its test split. An energy model
-    without classes (objective ``ebm``) is refused unless ``purifiers`` asks for purifiers (then it is all that is
-    accepted)."""
+    without classes (objective ``ebm``) is refused: it is a purifier (:func:`load_purifier`)."""
     if not checkpoints:
         raise UserError("give at least one --checkpoint")
-    loaded = []
-    for path in dict.fromkeys(map(str, checkpoints)):
-        model = load(path, device).requires_grad_(False)  # attacks need input gradients only
-        loaded.append(Loaded(path, file_sha256(path), model, model.checkpoint_info))  # type: ignore[arg-type]
+    loaded = [load_one(path, device) for path in dict.fromkeys(map(str, checkpoints))]
     for c in loaded:
-        if (c.objective in PURIFIER_OBJECTIVES) != purifiers:
-            raise UserError(f"{c.path} is {'not ' if purifiers else ''}an energy model without classes (objective "
-                            f"{c.objective}): " + ("only an ebm checkpoint can purify" if purifiers else
-                                                   "it classifies nothing; give it as --purifier"))
+        if c.objective in PURIFIER_OBJECTIVES:
+            raise UserError(f"{c.path} is an energy model without classes (objective {c.objective}): it classifies "
+                            "nothing; give it as --purifier")
     names = {c.info["dataset"] for c in loaded}
     if dataset is not None and names != {dataset}:
         raise UserError(f"the checkpoints were trained on {', '.join(sorted(names))}, not {dataset}")
@@ -142,13 +137,18 @@ def build_targets(loaded: Sequence[Loaded], chain: Chain, grad_modes: Sequence[s
     return list(out.values())
 
 
+def load_one(path: str, device: torch.device) -> Loaded:
+    """One checkpoint, loaded with its sha256; parameters frozen (attacks need input gradients only)."""
+    model = load(path, device).requires_grad_(False)
+    return Loaded(str(path), file_sha256(path), model, model.checkpoint_info)  # type: ignore[arg-type]
+
+
 def load_purifier(path: str, loaded: Sequence[Loaded]) -> Loaded:
     """The purifier's checkpoint (an ``ebm``), on the device of the models it purifies and for their data set."""
     device = next(loaded[0].model.parameters()).device if loaded else torch.device("cpu")
     if not Path(path).is_file():
         raise UserError(f"--purifier {path}: no such file")
-    model = load(path, device).requires_grad_(False)
-    p = Loaded(str(path), file_sha256(path), model, model.checkpoint_info)  # type: ignore[arg-type]
+    p = load_one(path, device)
     if p.objective not in PURIFIER_OBJECTIVES:
         raise UserError(f"--purifier {path} is a {p.objective} model; a purifier is an energy model trained without "
                         f"labels (robust-jem train --objective ebm)")
