@@ -58,18 +58,27 @@ class DefensesPlan:
     repeats: int = 1
     n_activity: int = 500
     selection_seed: int = 0
+    # the purifier costs ~10x JEM-10 per example: it may run on the first ``n_purify`` of the shared selection (a
+    # prefix of the same random permutation, so its comparisons stay paired) and meet its own escalation rounds
+    n_purify: int | None = None
+    purify_rounds: tuple[Round, ...] | None = None
 
 
 DEFENSES_PLANS: dict[str, DefensesPlan] = {
     "tiny": DefensesPlan(jem_at_steps=(0, 1), purify_steps=3, n=6, eps=(("linf", 0.1), ("l2", 2.0)),
                          attack=PGDSettings(steps=3, restarts=1, eot=1, eval_draws=2),
                          rounds=escalation_rounds(steps=2, eot=1, square_queries=5, square_eot=1, n_targets=1),
-                         n_activity=20),
-    # the quick study's attack budgets on 50 shared examples; the purifier's 100-step chain dominates the time
-    "quick": DefensesPlan(jem_at_steps=(0, 1, 10), purify_steps=100, n=50, eps=(("linf", 0.1), ("l2", 2.0)),
+                         n_activity=20, n_purify=4,
+                         purify_rounds=escalation_rounds(steps=1, eot=1, square_queries=3, square_eot=1, n_targets=1)),
+    # fits a 2-core CPU in ~2 h with training: the quick study's attack budgets on 40 shared examples; the purifier
+    # (an exact gradient through its 100-step chain costs ~0.9 s per example here) on the first 20 of them, its
+    # survivors meeting the same six rounds at a fifth to a half of the budgets
+    "quick": DefensesPlan(jem_at_steps=(0, 1, 10), purify_steps=100, n=40, eps=(("linf", 0.1), ("l2", 2.0)),
                           attack=PGDSettings(steps=20, restarts=1, eot=1, eval_draws=20),
                           rounds=escalation_rounds(steps=10, eot=3, square_queries=100, square_eot=2, n_targets=1,
-                                                   pgd_steps=50, pgd_eot=1)),
+                                                   pgd_steps=50, pgd_eot=1),
+                          n_purify=20, purify_rounds=escalation_rounds(steps=5, eot=1, square_queries=50, square_eot=1,
+                                                                       n_targets=1, pgd_steps=10, pgd_eot=1)),
     "standard": DefensesPlan(jem_at_steps=(0, 1, 10), purify_steps=200, n=100, eps=(("linf", 0.1), ("l2", 2.0)),
                              attack=PGDSettings(steps=50, restarts=2, eot=1, eval_draws=20),
                              rounds=escalation_rounds(steps=100, eot=20, square_queries=1000, square_eot=10)),
@@ -92,13 +101,16 @@ def defense_stages(plan: DefensesPlan, ckpt: dict[str, Path]) -> list[Stage]:
     for name, checkpoint, chain in defense_cells(plan, ckpt):
         chained = chain.sgld_steps != (0,) or chain.purifier is not None
         modes = ("full", "bpda") if chained else ("full",)
+        purified = chain.purifier is not None
+        n = (plan.n_purify or plan.n) if purified else plan.n
+        rounds = (plan.purify_rounds or plan.rounds) if purified else plan.rounds
         for norm, eps in plan.eps:
             st.append(Stage(f"pgd-{norm}-{name}", "whitebox", WhiteboxJob(
-                (checkpoint,), (norm,), (eps,), plan.attack, chain, modes, n_examples=plan.n, example_rule="random",
+                (checkpoint,), (norm,), (eps,), plan.attack, chain, modes, n_examples=n, example_rule="random",
                 seed=plan.selection_seed)))
         for norm, eps in plan.eps:
             st.append(Stage(f"escalate-{norm}-{name}", "escalation",
-                            EscalationJob((checkpoint,), (norm,), (eps,), plan.rounds, chain, repeats=plan.repeats)))
+                            EscalationJob((checkpoint,), (norm,), (eps,), rounds, chain, repeats=plan.repeats)))
         if chained:
             st.append(Stage(f"activity-{name}", "activity", ActivityJob((checkpoint,), chain,
                                                                         n_examples=plan.n_activity)))
@@ -163,6 +175,19 @@ def gap_lines(rows: list[Any]) -> list[str]:
             *md, ""]
 
 
+def purify_note(plan: dict[str, Any]) -> str:
+    """How the purifier's cell differs from the others' (a prefix of the selection, its own rounds), or ''."""
+    n, rounds = plan.get("n_purify"), plan.get("purify_rounds")
+    if not n and not rounds:
+        return ""
+    parts = [f"on the first {n} of those examples"] if n and n < plan["n"] else []
+    if rounds:
+        aa, pgd, sq = rounds[0]["attack"], rounds[1]["attack"], rounds[-1]["attack"]
+        parts.append(f"its survivors meeting the same rounds at APGD {aa['steps']} steps EOT {aa['eot']}, PGD "
+                     f"{pgd['steps']} steps EOT {pgd['eot']}, Square {sq['n_queries']} queries EOT {sq['eot']}")
+    return f" (the purifier, whose chain dominates the cost: {'; '.join(parts)})"
+
+
 def write_defenses_report(run_dir: str | os.PathLike) -> Path:
     """``report.md`` (and ``leaderboard.png``) of a defenses-study run, from its rows and context."""
     run_dir = Path(run_dir)
@@ -180,7 +205,8 @@ def write_defenses_report(run_dir: str | os.PathLike) -> Path:
           + ", ".join(f"{NORM_TITLES.get(n, n)} ε = {format_eps(e)}" for n, e in plan["eps"])
           + f" on one shared random selection of {plan['n']} test examples (seed {plan['selection_seed']}) by PGD "
           f"({plan['attack']['steps']} steps, {plan['attack']['restarts']} restart(s)) with exact gradients through "
-          f"every chain and with BPDA, then {len(plan['rounds'])} escalation rounds on the survivors. Report written "
+          f"every chain and with BPDA, then {len(plan['rounds'])} escalation rounds on the survivors"
+          + purify_note(plan) + ". Report written "
           f"{now()} at git {git_sha()} on {ctx.get('device_name', '?')}; training or reuse {train / 60:.1f} min, "
           f"the stages {wall / 60:.1f} min.", "", "## Models", "", "| objective | checkpoint | training or reuse (s) |",
           "|---|---|---|"]
