@@ -10,6 +10,12 @@ only the defense (checkpoint + refinement, via ``robust_jem``) and the headline 
 The suite's robust accuracy should not exceed this attack's by more than a couple of examples per 100:
 the count of examples robust in the headline but broken here is the number to watch.
 
+``--clamp-grad straight-through`` aims at a chain that clamps its states to [-1, 1] (``JEM-k[clamp]``): the
+gradient then comes from a chain written here whose clamp passes gradients through unchanged (forward: the same
+chain; backward: the clamp as the identity), because the exact clamp has a zero Jacobian on every clamped pixel, a
+place for gradients to vanish. The verdict is still the real defense's. ``--purifier EBM.pt`` supplies the energy
+model of purified rows (checked against the sha256 the rows carry); without it they are skipped.
+
     python bench/independent_attack.py results/reference-quick-fashion-mnist --eps 0.05,0.1
     python bench/independent_attack.py results/reference-quick-fashion-mnist --norm l2 --eps 1,2 --tag -l2
 """
@@ -27,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from infra.provenance import device_name, device_slug, git_sha, now  # noqa: E402
+from infra.provenance import device_name, device_slug, file_sha256, git_sha, now  # noqa: E402
 from infra.records import read_rows  # noqa: E402
 from robust_jem import load, load_dataset  # noqa: E402
 from robust_jem.refined import RefinedClassifier, Refinement  # noqa: E402
@@ -79,6 +85,25 @@ def attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     return best
 
 
+class StraightThroughClampChain(torch.nn.Module):
+    """The clamped refinement ([0,1] images -> logits averaged over chains), its chain written here: Gaussian start
+    noise, SGLD steps on the energy with the graph kept, and a clamp to [-1, 1] whose backward is the identity."""
+
+    def __init__(self, defense: RefinedClassifier, seed: int = 4242) -> None:
+        super().__init__()
+        self.d, self.g = defense, torch.Generator().manual_seed(seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d, n = self.d, x.shape[0]
+        z = (x * 2 - 1).repeat(d.n_chains, 1, 1, 1)
+        z = z + d.init_noise * torch.randn(z.shape, generator=self.g)
+        for _ in range(d.sgld_steps):
+            (grad,) = torch.autograd.grad(d.energy_z(z).sum(), z, create_graph=True)
+            z = z - d.step_size * grad + d.noise * torch.randn(z.shape, generator=self.g)
+            z = z + (z.clamp(-1, 1) - z).detach()
+        return d.logits_z(z).view(d.n_chains, n, -1).mean(0)
+
+
 @torch.no_grad()
 def robust_in_all_draws(model: RefinedClassifier, x: torch.Tensor, y: torch.Tensor, draws: int,
                         seed: int) -> torch.Tensor:
@@ -98,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eot", type=int, default=4, help="gradient draws per step on randomized models")
     ap.add_argument("--draws", type=int, default=20, help="fresh draws of the final verdict")
     ap.add_argument("--models", default=None, help="comma-separated model labels (default: every headline model)")
+    ap.add_argument("--clamp-grad", choices=("exact", "straight-through"), default="exact",
+                    help="gradient of a clamped chain's clamp (see the module docstring)")
+    ap.add_argument("--purifier", type=Path, default=None, help="the energy model of purified rows")
     ap.add_argument("--tag", default="", help="suffix of the output files")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args(argv)
@@ -118,19 +146,29 @@ def main(argv: list[str] | None = None) -> None:
         if r is None or (args.models and cell["model"] not in args.models.split(",")):
             continue
         params = r.get("defense_params") or {}
+        purifier = None
         if params.get("purifier"):
-            print(f"skipping {cell['model']}: a purified defense (its purifier's path is not in the rows)", flush=True)
-            continue
+            if args.purifier is None or file_sha256(args.purifier)[:16] != params["purifier"]:
+                print(f"skipping {cell['model']}: a purified defense and --purifier is not its energy model "
+                      f"(sha256 {params['purifier']})", flush=True)
+                continue
+            purifier = load(args.purifier).requires_grad_(False)
         net = load(r["checkpoint"]).requires_grad_(False)
         ref = Refinement(r["sgld_steps"], r["n_chains"], r["init_noise"], r["sgld_step_size"], r["sgld_noise"],
+                         purifier=params.get("purifier", ""),
                          clamp=bool(params.get("sgld_clamp")))  # the defense the row names, clamp included
-        model = RefinedClassifier.from_refinement(net, ref, grad_mode="full", seed=12345)
+        model = RefinedClassifier.from_refinement(net, ref, purifier=purifier, grad_mode="full", seed=12345)
+        straight = args.clamp_grad == "straight-through" and ref.clamp
+        if args.clamp_grad == "straight-through" and not ref.clamp:
+            print(f"skipping {cell['model']}: --clamp-grad straight-through on a chain that does not clamp", flush=True)
+            continue
+        surrogate = StraightThroughClampChain(model) if straight else model
         ds = load_dataset(r["dataset"], "test")
         idx = torch.tensor(cell["example_indices"])
         x, y = ds.batch(idx)
         g = torch.Generator().manual_seed(2024)
         t = time.perf_counter()
-        x_adv = attack(model, x, y, cell["eps"], args.steps, 1 if model.deterministic else args.eot, g, args.norm)
+        x_adv = attack(surrogate, x, y, cell["eps"], args.steps, 1 if model.deterministic else args.eot, g, args.norm)
         mine = robust_in_all_draws(model, x_adv, y, args.draws, seed=99)
         suite = torch.tensor(cell["correct"], dtype=torch.bool)
         results.append({"model": cell["model"], "defense_id": cell["subject"], "norm": args.norm, "eps": cell["eps"],
@@ -144,8 +182,10 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"run": str(args.run), "timestamp": now(), "git_sha": git_sha(), "device": dev, "norm": args.norm,
             "eps": eps_list,
             "steps": args.steps, "eot": args.eot, "draws": args.draws, "wall_s": time.perf_counter() - t0,
+            "clamp_grad": args.clamp_grad, "purifier": str(args.purifier) if args.purifier else None,
             "attack": f"margin-loss {'L∞' if args.norm == 'linf' else 'L2'} PGD, cosine step ε/4→ε/100, uniform start, "
-                      "best iterate, EOT-averaged gradient",
+                      "best iterate, EOT-averaged gradient"
+                      + (", the clamp's gradient straight through (the identity)" if args.clamp_grad != "exact" else ""),
             "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"independent_attack-{slug}{args.tag}.json").write_text(json.dumps(meta, indent=1))

@@ -160,3 +160,27 @@ def test_independent_chain_agrees_with_the_project_and_sees_another_step(tiny_ru
                           step=0.5, noise=0.01, seed=1)
     project = record["compared"]["displacement_l2"]["project"]
     assert abs(half["displacement_l2"] - project) / project > 0.2 and torch.isfinite(torch.tensor(project))  # 2x the bar
+
+
+def test_independent_attack_straight_through_clamp_changes_only_the_clamps_backward():
+    """The straight-through surrogate computes the clamped chain's logits; where no state is clamped its gradient is
+    the exact one, where states are clamped (pixels on the box's faces, as a Fashion-MNIST background is) it is not."""
+    import torch
+
+    from robust_jem.model import EnergyModel
+    from robust_jem.refined import RefinedClassifier
+
+    torch.manual_seed(0)
+    net = EnergyModel(tiny_cfg("jem").model).requires_grad_(False)
+    defense = RefinedClassifier(net, sgld_steps=2, n_chains=1, init_noise=0.0, step_size=1.0, noise=0.0, clamp=True)
+    surrogate = bench("independent_attack").StraightThroughClampChain(defense)
+
+    def grads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.requires_grad_(True)
+        assert torch.allclose(surrogate(x), defense(x), atol=1e-5)  # the same forward
+        return (torch.autograd.grad(defense(x).sum(), x)[0], torch.autograd.grad(surrogate(x).sum(), x)[0])
+
+    exact, straight = grads(0.4 + 0.2 * torch.rand(4, 1, 28, 28))  # inside the box: nothing clamps
+    assert torch.allclose(exact, straight, rtol=1e-4, atol=1e-7)
+    exact, straight = grads(torch.randint(0, 2, (4, 1, 28, 28)).float())
+    assert (exact - straight).abs().max() > 1e-3 * straight.abs().max()
