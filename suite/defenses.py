@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from attacks.checks import paired_outcomes, run_checks
-from attacks.common import format_eps
+from attacks.checks import load_side_files, paired_outcomes, run_checks, worst_case
+from attacks.common import format_eps, same_eps
 from attacks.plots import NORM_TITLES
 from attacks.rows import ActivityRow, WhiteboxRow, of_kind, parse_row
 from infra.io import atomic_write
@@ -35,7 +35,7 @@ from robust_jem.errors import UserError
 
 from .evaluate import ActivityJob, EscalationJob, PGDSettings, Round, WhiteboxJob, refuse_foreign_rows
 from .layout import study_model_dir
-from .report import escalation_section, leaderboard_section
+from .report import compare, escalation_section, leaderboard_section
 from .study import Stage, code_hash, escalation_rounds, logging_into, run_stages, train_or_reuse
 from .targets import Chain
 
@@ -175,6 +175,44 @@ def gap_lines(rows: list[Any]) -> list[str]:
             *md, ""]
 
 
+def answer_lines(run_dir: Path, rows: list[Any], raw: list[dict[str, Any]], eps: dict[str, float]) -> list[str]:
+    """The questions the study exists for, answered per norm from the worst case over every attack, each defense
+    compared with its reference on the examples both cover (exact McNemar and the power of that n)."""
+    head = [c for c in worst_case(rows, load_side_files(run_dir, raw))
+            if c["norm"] in eps and same_eps(c["eps"], eps[c["norm"]])]
+    white = [r for r in of_kind(rows, WhiteboxRow) if not r.escalation]
+    purifier = {r.subject for r in white if (r.defense_params or {}).get("purifier")}
+    md = []
+    for norm, e in eps.items():
+        at = [c for c in head if c["norm"] == norm]
+        first = lambda pick: next((c for c in at if pick(c)), None)  # noqa: E731
+        pgd_at = first(lambda c: c["objective"] == "pgd-at")
+        ce = first(lambda c: c["objective"] == "ce" and c["subject"] not in purifier)
+        jem_at = sorted((c for c in at if c["objective"] == "jem-at"), key=lambda c: c["sgld_steps"])
+        lines = []
+        for c in jem_at if pgd_at else []:
+            rel, why = compare(c, pgd_at)
+            lines.append(f"- Does the energy term add robustness on top of adversarial training? {c['model']} is "
+                         f"{rel} {pgd_at['model']} ({why}).")
+        for c in jem_at[1:] if jem_at and jem_at[0]["sgld_steps"] == 0 else []:
+            rel, why = compare(c, jem_at[0])
+            lines.append(f"- Does refinement add robustness to the adversarially trained JEM? {c['model']} is {rel} "
+                         f"{jem_at[0]['model']} ({why}).")
+        for c in (c for c in at if c["subject"] in purifier):
+            bpda = next((r for r in white if r.subject == c["subject"] and r.norm == norm and r.grad_mode == "bpda"
+                         and same_eps(r.eps, e)), None)
+            told = (f" The kind of attack its authors used (BPDA, here EOT {bpda.eot}) alone leaves "
+                    f"{sum(bpda.correct)} of {bpda.n} "
+                    f"standing; the worst case over every attack, exact gradients through the chain included, "
+                    f"{round(c['robust_acc'] * c['n'])} of {c['n']}." if bpda else "")
+            rel, why = compare(c, ce) if ce else ("not compared with", "no natural classifier in the run")
+            lines.append(f"- Does long-run purification make the natural classifier robust? {c['model']} is {rel} "
+                         f"{ce['model'] if ce else 'CE'} ({why}).{told}")
+        if lines:
+            md += [f"**{NORM_TITLES.get(norm, norm)} ε = {format_eps(e)}**", "", *lines, ""]
+    return ["## Answers", "", *md] if md else []
+
+
 def purify_note(plan: dict[str, Any]) -> str:
     """How the purifier's cell differs from the others' (a prefix of the selection, its own rounds), or ''."""
     n, rounds = plan.get("n_purify"), plan.get("purify_rounds")
@@ -211,7 +249,8 @@ def write_defenses_report(run_dir: str | os.PathLike) -> Path:
           f"the stages {wall / 60:.1f} min.", "", "## Models", "", "| objective | checkpoint | training or reuse (s) |",
           "|---|---|---|"]
     md += [f"| {m['objective']} | `{m['checkpoint']}` | {m['wall_s']:.0f} |" for m in ctx["models"]]
-    md += ["", *leaderboard_section(run_dir, {str(n): float(e) for n, e in plan["eps"]}), *gap_lines(rows)]
+    eps = {str(n): float(e) for n, e in plan["eps"]}
+    md += ["", *answer_lines(run_dir, rows, raw, eps), *leaderboard_section(run_dir, eps), *gap_lines(rows)]
     acts = [a for a in of_kind(rows, ActivityRow) if a.inputs == "clean"]
     if acts:
         md += ["## What the chains do to clean images", "", "| defense | n | moves (L2 / L∞, [0,1] pixels) | energy "

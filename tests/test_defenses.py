@@ -41,6 +41,12 @@ def test_every_defense_meets_the_same_attacks_on_the_same_examples(tiny_defenses
     report = (out / "report.md").read_text()
     assert report.count("| CE+EBM-3[") >= 5  # two leaderboard tables, two gap lines, its activity
     assert "## BPDA against exact gradients" in report and (out / "leaderboard.png").is_file()
+    answers = report.split("## Answers")[1].split("## Leaderboard")[0]
+    for question, n in (("energy term add robustness on top of adversarial training", 4),
+                        ("refinement add robustness to the adversarially trained JEM", 2),
+                        ("long-run purification make the natural classifier robust", 2)):
+        assert answers.count(question) == n, (question, answers)  # per norm: JEM-AT-0/1 vs PGD-AT, ...
+    assert answers.count("on the same 4 examples") == 2  # the purifier against CE on its prefix of the selection
 
 
 def test_a_second_run_reuses_the_models_and_adds_nothing(tiny_defenses):
