@@ -30,13 +30,12 @@ from attacks.rows import ActivityRow, WhiteboxRow, of_kind, parse_row
 from infra.io import atomic_write
 from infra.provenance import device_name, git_sha, now
 from infra.records import ROWS, read_rows
-from robust_jem.config import preset_config
 from robust_jem.errors import UserError
 
 from .evaluate import ActivityJob, EscalationJob, PGDSettings, Round, WhiteboxJob, refuse_foreign_rows
 from .layout import study_model_dir
 from .report import compare, escalation_section, leaderboard_section
-from .study import Stage, code_hash, escalation_rounds, logging_into, run_stages, train_or_reuse
+from .study import Stage, escalation_rounds, logging_into, run_stages, train_models
 from .targets import Chain
 
 log = logging.getLogger(__name__)
@@ -133,15 +132,11 @@ def run_defenses_study(plan_name: str = "quick", preset: str | None = None, data
                         hint="pass --out NEW for another run, or remove it")
     t0 = time.perf_counter()
     with logging_into(out):
-        ckpt: dict[str, Path] = {}
-        trained = []
-        for objective in DEFENSE_OBJECTIVES:
-            t = time.perf_counter()
-            cfg = preset_config(preset, objective, dataset)
-            ckpt[objective] = train_or_reuse(cfg, study_model_dir(runs_dir, preset, dataset, objective), device,
-                                             data_dir, progress)
-            trained.append({"objective": objective, "checkpoint": str(ckpt[objective]), "config": cfg.to_dict(),
-                            "code": code_hash(), "wall_s": round(time.perf_counter() - t, 2)})
+        ckpt = train_models(DEFENSE_OBJECTIVES, preset, dataset, runs_dir, out, device, data_dir, progress)
+        latest = {r["stage"]: r for r in read_rows(out / "stages.jsonl")}  # each training as first logged
+        trained = [{"objective": o, "checkpoint": str(p), "config": latest[f"train-{o}"]["job"]["train"],
+                    "code": latest[f"train-{o}"]["job"]["code"], "wall_s": latest[f"train-{o}"]["wall_s"]}
+                   for o, p in ckpt.items()]
         atomic_write(out / CONTEXT, json.dumps({"plan": plan_name, "preset": preset, "dataset": dataset,
                                                 "plan_settings": asdict(plan), "device_name": device_name(device),
                                                 "models": trained}, indent=1, default=str))
@@ -235,7 +230,7 @@ def write_defenses_report(run_dir: str | os.PathLike) -> Path:
     raw = read_rows(run_dir / ROWS)
     rows = [r for r in map(parse_row, raw) if r is not None]
     stages = read_rows(run_dir / "stages.jsonl")
-    wall = sum(float(s.get("wall_s", 0)) for s in stages)
+    wall = sum(float(s.get("wall_s", 0)) for s in stages if not s["stage"].startswith("train-"))
     train = sum(float(m.get("wall_s", 0)) for m in ctx["models"])
     plan = ctx["plan_settings"]
     md = ["# Energy-based defenses under one protocol", "",

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -411,14 +411,15 @@ def run_stages(stages: list[Stage], run_dir: Path, *, device: torch.device, data
             append_row(stage_log, {"stage": stage.name, "job": record, "status": "done", "wall_s": wall})
 
 
-def _run_study(preset: str, dataset: str, run_dir: Path, device: torch.device, data_dir: str | None,
-               runs_dir: Path, progress: bool, only: tuple[str, ...]) -> Path:
-    t0 = time.perf_counter()
+def train_models(objectives: Sequence[str], preset: str, dataset: str, runs_dir: Path, run_dir: Path,
+                 device: torch.device, data_dir: str | None, progress: bool) -> dict[str, Path]:
+    """Train or reuse (:func:`train_or_reuse`) the model of each objective of ``preset`` in the shared
+    ``runs/PRESET-DATASET/OBJECTIVE`` folders; log a ``train-OBJECTIVE`` stage (its config, code and wall time) in
+    ``run_dir/stages.jsonl`` the first time it is done. Returns each objective's ``final.pt``."""
     stage_log = run_dir / "stages.jsonl"
     logged = {(r["stage"], json.dumps(r.get("job"), sort_keys=True)) for r in read_rows(stage_log)}
-    log.info(planned_cost(preset, dataset, runs_dir, len(logged)))
     models = {}
-    for objective in STUDY_OBJECTIVES:
+    for objective in objectives:
         t = time.perf_counter()
         cfg = preset_config(preset, objective, dataset)
         models[objective] = train_or_reuse(cfg, study_model_dir(runs_dir, preset, dataset, objective), device,
@@ -427,6 +428,14 @@ def _run_study(preset: str, dataset: str, run_dir: Path, device: torch.device, d
         if (f"train-{objective}", json.dumps(record, sort_keys=True)) not in logged:
             append_row(stage_log, {"stage": f"train-{objective}", "job": record, "status": "done",
                                    "wall_s": round(time.perf_counter() - t, 2), "checkpoint": str(models[objective])})
+    return models
+
+
+def _run_study(preset: str, dataset: str, run_dir: Path, device: torch.device, data_dir: str | None,
+               runs_dir: Path, progress: bool, only: tuple[str, ...]) -> Path:
+    t0 = time.perf_counter()
+    log.info(planned_cost(preset, dataset, runs_dir, len(read_rows(run_dir / "stages.jsonl"))))
+    models = train_models(STUDY_OBJECTIVES, preset, dataset, runs_dir, run_dir, device, data_dir, progress)
     refuse_foreign_rows(run_dir, list(models.values()),
                         hint="pass --name NEW to start a new run directory, or remove it")
     run_stages(study_stages(PLANS[preset], models), run_dir, device=device, data_dir=data_dir, progress=progress,
