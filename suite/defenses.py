@@ -34,7 +34,8 @@ from robust_jem.errors import UserError
 
 from .evaluate import ActivityJob, EscalationJob, PGDSettings, Round, WhiteboxJob, refuse_foreign_rows
 from .layout import study_model_dir
-from .report import compare, escalation_section, leaderboard_section
+from .report import checkpoint_info, compare, escalation_section, leaderboard_section
+from .tables import pct
 from .study import Stage, escalation_rounds, logging_into, run_stages, train_models
 from .targets import Chain
 
@@ -241,9 +242,19 @@ def write_defenses_report(run_dir: str | os.PathLike) -> Path:
           f"every chain and with BPDA, then {len(plan['rounds'])} escalation rounds on the survivors"
           + purify_note(plan) + ". Report written "
           f"{now()} at git {git_sha()} on {ctx.get('device_name', '?')}; training or reuse {train / 60:.1f} min, "
-          f"the stages {wall / 60:.1f} min.", "", "## Models", "", "| objective | checkpoint | training or reuse (s) |",
-          "|---|---|---|"]
-    md += [f"| {m['objective']} | `{m['checkpoint']}` | {m['wall_s']:.0f} |" for m in ctx["models"]]
+          f"the stages {wall / 60:.1f} min.", "", "## Models", "",
+          "Test accuracy and energies as each run recorded them (the EBM has no labels: its accuracy means nothing).",
+          "", "| objective | checkpoint | sha256 | test accuracy | energy of test images / of its samples | "
+          "training (s) |", "|---|---|---|---|---|---|"]
+    info = checkpoint_info({m["objective"]: m["checkpoint"] for m in ctx["models"]}, raw)
+    for m in ctx["models"]:
+        i = info[m["objective"]]
+        energy = " / ".join(f"{i.get('energy', {})[k]:.3g}" for k in ("test_energy", "buffer_energy")
+                            if k in i.get("energy", {})) or "—"
+        acc = pct(i["test_acc"]) if i.get("test_acc") is not None and m["objective"] != "ebm" else "—"
+        note = f" ({i['note']})" if i.get("note") else ""
+        md.append(f"| {m['objective']} | `{m['checkpoint']}` | `{i['sha256'][:16]}`{note} | {acc} | {energy} | "
+                  f"{m['wall_s']:.0f} |")
     eps = {str(n): float(e) for n, e in plan["eps"]}
     md += ["", *answer_lines(run_dir, rows, raw, eps), *leaderboard_section(run_dir, eps), *gap_lines(rows)]
     acts = [a for a in of_kind(rows, ActivityRow) if a.inputs == "clean"]
