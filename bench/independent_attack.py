@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
             "clamp_grad": args.clamp_grad, "purifier": str(args.purifier) if args.purifier else None,
             "attack": f"margin-loss {'L∞' if args.norm == 'linf' else 'L2'} PGD, cosine step ε/4→ε/100, uniform start, "
                       "best iterate, EOT-averaged gradient"
-                      + (", the clamp's gradient straight through (the identity)" if args.clamp_grad != "exact" else ""),
+                      + ("" if args.clamp_grad == "exact" else ", the clamp's backward the identity"),
             "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"independent_attack-{slug}{args.tag}.json").write_text(json.dumps(meta, indent=1))
