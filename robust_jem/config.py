@@ -238,11 +238,14 @@ _PAPER["jem-at"] = {**_PAPER["pgd-at"], "sgld": _PAPER["jem"]["sgld"]}
 
 # The purifier of long-run EBM purification (issue 28; Hill et al. 2021): log p(x) alone, no labels, with the sampler
 # that trained the paper's JEM stably here (bench/results/paper-small_jem_sweep.md: U(-1, 1) chains, 20 steps of size
-# 1, noise 0.01, clamped to [-1, 1]); the quick one for 2000 iterations (~20 min here), the others for the JEM's.
+# 1, noise 0.01, clamped to [-1, 1]) and the L2 penalty on energies the quick and standard JEMs use (0.1; without it,
+# with no cross-entropy to anchor the logits, both energies fell from -42 to -66 within 200 steps and the data energy
+# ran away at step 300 through three rollbacks: bench/results/ebm-quick-without-energy-l2-metrics.jsonl); the quick
+# one for 2000 iterations (~20 min here), the others for the JEM's.
 _EBM_SAMPLER = SGLDConfig(steps=20, step_size=1.0, noise=0.01, buffer_size=10000, reinit_freq=0.05, clamp=True,
                           init="uniform")
-_QUICK["ebm"] = dict(iters=2000, lr=1e-4, warmup_iters=200, px_weight=1.0, sgld=_EBM_SAMPLER)
-_STANDARD["ebm"] = dict(iters=8000, lr=1e-4, warmup_iters=1000, px_weight=1.0, sgld=_EBM_SAMPLER)
+_QUICK["ebm"] = dict(iters=2000, lr=1e-4, warmup_iters=200, px_weight=1.0, energy_l2=0.1, sgld=_EBM_SAMPLER)
+_STANDARD["ebm"] = dict(iters=8000, lr=1e-4, warmup_iters=1000, px_weight=1.0, energy_l2=0.1, sgld=_EBM_SAMPLER)
 _PAPER_SMALL["ebm"] = _STANDARD["ebm"]
 _PAPER["ebm"] = {**_PAPER["jem"], "sgld": replace(_PAPER["jem"]["sgld"], clamp=True)}
 
