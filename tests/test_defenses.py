@@ -23,7 +23,7 @@ def test_every_defense_meets_the_same_attacks_on_the_same_examples(tiny_defenses
     rows = [r for r in read_rows(out / "rows.jsonl") if r["kind"] == "whitebox" and not r.get("escalation")]
     models = {r["model"] for r in rows}
     ebm_sha = file_sha256(root / "runs" / "tiny-fashion-mnist" / "ebm" / "final.pt")[:16]
-    assert models == {"CE", "PGD-AT", "JEM-AT-0", "JEM-AT-1", f"CE+EBM-3[ebm={ebm_sha[:8]}]"}
+    assert models == {"CE", "PGD-AT", "JEM-AT-0", "JEM-AT-1", f"CE+EBM-3[clamp, ebm={ebm_sha[:8]}]"}
     shared = {tuple(r["example_indices"]) for r in rows if "ebm" not in r["model"]}
     purified = {tuple(r["example_indices"]) for r in rows if "ebm" in r["model"]}
     assert len(shared) == 1 and len(purified) == 1  # one shared selection; the purifier on a prefix of it
@@ -33,10 +33,10 @@ def test_every_defense_meets_the_same_attacks_on_the_same_examples(tiny_defenses
 
     plan = DEFENSES_PLANS["tiny"]
     stages = {s.name: s.job for s in defense_stages(plan, {o: o for o in ("ce", "pgd-at", "jem-at", "ebm")})}
-    assert stages["escalate-linf-ce-ebm-3"].rounds == plan.purify_rounds != plan.rounds  # the purifier's own rounds
+    assert stages["escalate-linf-ce-ebm-3-clamp"].rounds == plan.purify_rounds != plan.rounds  # its own rounds
     assert stages["escalate-linf-jem-at-1"].rounds == plan.rounds
     chained = {(r["model"], r["norm"], r["grad_mode"]) for r in rows if r["sgld_steps"]}
-    assert chained == {(m, n, g) for m in ("JEM-AT-1", f"CE+EBM-3[ebm={ebm_sha[:8]}]") for n in ("linf", "l2")
+    assert chained == {(m, n, g) for m in ("JEM-AT-1", f"CE+EBM-3[clamp, ebm={ebm_sha[:8]}]") for n in ("linf", "l2")
                        for g in ("full", "bpda")}
     report = (out / "report.md").read_text()
     assert report.count("| CE+EBM-3[") >= 5  # two leaderboard tables, two gap lines, its activity
