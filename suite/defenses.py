@@ -98,8 +98,8 @@ def defense_cells(plan: DefensesPlan, ckpt: dict[str, Path]) -> list[tuple[str, 
 
 
 def defense_stages(plan: DefensesPlan, ckpt: dict[str, Path]) -> list[Stage]:
-    """Per defense: the white-box attacks (both norms; full gradients and BPDA where there is a chain), the
-    escalation on their survivors, and the chain's activity."""
+    """Per defense and norm: the white-box attack (full gradients and BPDA where there is a chain), then the
+    escalation on its survivors; then the chain's activity."""
     st: list[Stage] = []
     for name, checkpoint, chain in defense_cells(plan, ckpt):
         chained = chain.sgld_steps != (0,) or chain.purifier is not None
@@ -107,11 +107,10 @@ def defense_stages(plan: DefensesPlan, ckpt: dict[str, Path]) -> list[Stage]:
         purified = chain.purifier is not None
         n = (plan.n_purify or plan.n) if purified else plan.n
         rounds = (plan.purify_rounds or plan.rounds) if purified else plan.rounds
-        for norm, eps in plan.eps:
+        for norm, eps in plan.eps:  # each norm's escalation right after its white-box: a stopped run has both
             st.append(Stage(f"pgd-{norm}-{name}", "whitebox", WhiteboxJob(
                 (checkpoint,), (norm,), (eps,), plan.attack, chain, modes, n_examples=n, example_rule="random",
                 seed=plan.selection_seed)))
-        for norm, eps in plan.eps:
             st.append(Stage(f"escalate-{norm}-{name}", "escalation",
                             EscalationJob((checkpoint,), (norm,), (eps,), rounds, chain, repeats=plan.repeats)))
         if chained:
