@@ -95,13 +95,16 @@ class StraightThroughClampChain(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d, n = self.d, x.shape[0]
-        z = (x * 2 - 1).repeat(d.n_chains, 1, 1, 1)
-        z = z + d.init_noise * torch.randn(z.shape, generator=self.g)
-        for _ in range(d.sgld_steps):
-            (grad,) = torch.autograd.grad(d.energy_z(z).sum(), z, create_graph=True)
-            z = z - d.step_size * grad + d.noise * torch.randn(z.shape, generator=self.g)
-            z = z + (z.clamp(-1, 1) - z).detach()
-        return d.logits_z(z).view(d.n_chains, n, -1).mean(0)
+        with torch.enable_grad():  # the chain needs the energy's gradient even when the caller wants none
+            z = (x * 2 - 1).repeat(d.n_chains, 1, 1, 1)
+            z = z if z.requires_grad else z.detach().requires_grad_(True)
+            z = z + d.init_noise * torch.randn(z.shape, generator=self.g)
+            for _ in range(d.sgld_steps):
+                (grad,) = torch.autograd.grad(d.energy_z(z).sum(), z, create_graph=True)
+                z = z - d.step_size * grad + d.noise * torch.randn(z.shape, generator=self.g)
+                z = z + (z.clamp(-1, 1) - z).detach()
+            logits = d.logits_z(z).view(d.n_chains, n, -1).mean(0)
+        return logits if torch.is_grad_enabled() else logits.detach()
 
 
 @torch.no_grad()

@@ -180,6 +180,9 @@ def test_independent_attack_straight_through_clamp_changes_only_the_clamps_backw
         assert torch.allclose(surrogate(x), defense(x), atol=1e-5)  # the same forward
         return (torch.autograd.grad(defense(x).sum(), x)[0], torch.autograd.grad(surrogate(x).sum(), x)[0])
 
+    with torch.no_grad():  # as the attack's last evaluation calls it
+        x = torch.rand(4, 1, 28, 28)
+        assert torch.allclose(surrogate(x), defense(x), atol=1e-5)
     exact, straight = grads(0.4 + 0.2 * torch.rand(4, 1, 28, 28))  # inside the box: nothing clamps
     assert torch.allclose(exact, straight, rtol=1e-4, atol=1e-7)
     exact, straight = grads(torch.randint(0, 2, (4, 1, 28, 28)).float())
