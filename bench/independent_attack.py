@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> None:
         if r is None or (args.models and cell["model"] not in args.models.split(",")):
             continue
         params = r.get("defense_params") or {}
+        if args.clamp_grad == "straight-through" and not params.get("sgld_clamp"):
+            print(f"skipping {cell['model']}: --clamp-grad straight-through on a chain that does not clamp", flush=True)
+            continue
         purifier = None
         if params.get("purifier"):
             if args.purifier is None or file_sha256(args.purifier)[:16] != params["purifier"]:
@@ -161,11 +164,7 @@ def main(argv: list[str] | None = None) -> None:
                          purifier=params.get("purifier", ""),
                          clamp=bool(params.get("sgld_clamp")))  # the defense the row names, clamp included
         model = RefinedClassifier.from_refinement(net, ref, purifier=purifier, grad_mode="full", seed=12345)
-        straight = args.clamp_grad == "straight-through" and ref.clamp
-        if args.clamp_grad == "straight-through" and not ref.clamp:
-            print(f"skipping {cell['model']}: --clamp-grad straight-through on a chain that does not clamp", flush=True)
-            continue
-        surrogate = StraightThroughClampChain(model) if straight else model
+        surrogate = StraightThroughClampChain(model) if args.clamp_grad == "straight-through" else model
         ds = load_dataset(r["dataset"], "test")
         idx = torch.tensor(cell["example_indices"])
         x, y = ds.batch(idx)

@@ -256,6 +256,7 @@ _TINY: dict[str, dict[str, Any]] = {
               sgld=SGLDConfig(steps=2, buffer_size=64), pgd_steps=2, pgd_step_size=0.05)
     for obj in OBJECTIVES
 }
+_TINY["ebm"] = {**_TINY["ebm"], "sgld": replace(_TINY["ebm"]["sgld"], clamp=True)}  # clamped like every EBM preset
 
 
 def preset_config(preset: str, objective: str, dataset: str, **overrides: Any) -> TrainConfig:

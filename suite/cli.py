@@ -462,12 +462,12 @@ def _refinement_options() -> list[Any]:
                      help="SGLD step of the refinement [the checkpoint's own sampler step: 1 for the paper's JEM]."),
         click.option("--sgld-noise", type=click.FloatRange(min=0), default=None,
                      help="SGLD noise of the refinement [the checkpoint's own sampler noise: 0.01 for the paper's]."),
-        click.option("--sgld-clamp", is_flag=True, default=None,
-                     help="Keep the refinement's chains in [-1, 1] after every step (labelled [clamp]; the paper's "
-                          "refinement does not clamp, some JEMs were trained with clamped chains)."),
+        click.option("--sgld-clamp/--no-sgld-clamp", default=None,
+                     help="Keep the chains in [-1, 1] after every step (labelled [clamp]) [JEM-k: no, the paper's "
+                          "refinement does not clamp; behind --purifier: as the purifier was trained]."),
         click.option("--purifier", type=click.Path(dir_okay=False), default=None,
                      help="An energy model trained without labels (train --objective ebm): every checkpoint is "
-                          "evaluated behind its chain (--sgld-steps of the purifier's own sampler by default): "
+                          "evaluated behind its chain (--sgld-steps of the purifier's own sampler, clamp included, by default): "
                           "long-run EBM purification, labelled CE+EBM-k."),
     ]
 
@@ -550,7 +550,7 @@ def _chain(sgld_steps: list[int], n_chains: int | None, init_noise: float | None
            sgld_noise: float | None, purifier: str | None = None, clamp: bool | None = None) -> Any:
     from .targets import Chain
 
-    return Chain(tuple(sgld_steps), n_chains, init_noise, sgld_step_size, sgld_noise, purifier, clamp or None)
+    return Chain(tuple(sgld_steps), n_chains, init_noise, sgld_step_size, sgld_noise, purifier, clamp)
 
 
 def _whitebox(command: str, attack: Any, *, checkpoints: tuple[str, ...], norm: str, eps: list[float],

@@ -89,11 +89,8 @@ def defense_cells(plan: DefensesPlan, ckpt: dict[str, Path]) -> list[tuple[str, 
     """(name, checkpoint, chain) of every defense, cheapest first."""
     cells = [("ce", str(ckpt["ce"]), Chain((0,))), ("pgd-at", str(ckpt["pgd-at"]), Chain((0,)))]
     cells += [(f"jem-at-{k}", str(ckpt["jem-at"]), Chain((k,))) for k in sorted(plan.jem_at_steps)]
-    # the purifier's chain is clamped to [-1, 1] like the chains it was trained with (every EBM preset clamps): the
-    # energy is unconstrained outside the box, and unclamped the quick EBM's 100-step chain left it (images moved 25
-    # in L∞ on [0, 1] pixels, energy -5 -> -518, clean accuracy 20 %; the first quick reference run shows it)
-    cells.append((f"ce-ebm-{plan.purify_steps}-clamp", str(ckpt["ce"]),
-                  Chain((plan.purify_steps,), purifier=str(ckpt["ebm"]), clamp=True)))
+    # the purifier runs its own sampler as trained, clamp included (robust_jem.refined.default_refinement)
+    cells.append((f"ce-ebm-{plan.purify_steps}", str(ckpt["ce"]), Chain((plan.purify_steps,), purifier=str(ckpt["ebm"]))))
     return cells
 
 
@@ -135,13 +132,13 @@ def run_defenses_study(plan_name: str = "quick", preset: str | None = None, data
                         hint="pass --out NEW for another run, or remove it")
     t0 = time.perf_counter()
     with logging_into(out):
-        ckpt = train_models(DEFENSE_OBJECTIVES, preset, dataset, runs_dir, out, device, data_dir, progress)
-        latest = {r["stage"]: r for r in read_rows(out / "stages.jsonl")}  # each training as first logged
-        trained = [{"objective": o, "checkpoint": str(p), "config": latest[f"train-{o}"]["job"]["train"],
-                    "code": latest[f"train-{o}"]["job"]["code"], "wall_s": latest[f"train-{o}"]["wall_s"]}
-                   for o, p in ckpt.items()]
+        models = train_models(DEFENSE_OBJECTIVES, preset, dataset, runs_dir, out, device, data_dir, progress)
+        ckpt = {o: m.checkpoint for o, m in models.items()}
+        trained = [{"objective": o, "checkpoint": str(m.checkpoint), "config": m.config, "code": m.code,
+                    "wall_s": m.wall_s} for o, m in models.items()]
         atomic_write(out / CONTEXT, json.dumps({"plan": plan_name, "preset": preset, "dataset": dataset,
                                                 "plan_settings": asdict(plan), "device_name": device_name(device),
+                                                "purify_round_names": [r.name for r in plan.purify_rounds or ()],
                                                 "models": trained}, indent=1, default=str))
         run_stages(defense_stages(plan, ckpt), out, device=device, data_dir=data_dir, progress=progress,
                    kept="the trained models and ")
@@ -211,16 +208,17 @@ def answer_lines(run_dir: Path, rows: list[Any], raw: list[dict[str, Any]], eps:
     return ["## Answers", "", *md] if md else []
 
 
-def purify_note(plan: dict[str, Any]) -> str:
+def purify_note(ctx: dict[str, Any]) -> str:
     """How the purifier's cell differs from the others' (a prefix of the selection, its own rounds), or ''."""
+    plan = ctx["plan_settings"]
     n, rounds = plan.get("n_purify"), plan.get("purify_rounds")
     if not n and not rounds:
         return ""
     parts = [f"on the first {n} of those examples"] if n and n < plan["n"] else []
     if rounds:
-        aa, pgd, sq = rounds[0]["attack"], rounds[1]["attack"], rounds[-1]["attack"]
-        parts.append(f"its survivors meeting the same rounds at APGD {aa['steps']} steps EOT {aa['eot']}, PGD "
-                     f"{pgd['steps']} steps EOT {pgd['eot']}, Square {sq['n_queries']} queries EOT {sq['eot']}")
+        names = ctx.get("purify_round_names")
+        parts.append("its survivors meeting its own rounds: " + (" / ".join(names) if names else
+                                                                "see the escalation table for their budgets"))
     return f" (the purifier, whose chain dominates the cost: {'; '.join(parts)})"
 
 
@@ -242,7 +240,7 @@ def write_defenses_report(run_dir: str | os.PathLike) -> Path:
           + f" on one shared random selection of {plan['n']} test examples (seed {plan['selection_seed']}) by PGD "
           f"({plan['attack']['steps']} steps, {plan['attack']['restarts']} restart(s)) with exact gradients through "
           f"every chain and with BPDA, then {len(plan['rounds'])} escalation rounds on the survivors"
-          + purify_note(plan) + ". Report written "
+          + purify_note(ctx) + ". Report written "
           f"{now()} at git {git_sha()} on {ctx.get('device_name', '?')}; training or reuse {train / 60:.1f} min, "
           f"the stages {wall / 60:.1f} min.", "", "## Models", "",
           "Test accuracy and energies as each run recorded them (the EBM has no labels: its accuracy means nothing).",

@@ -411,23 +411,38 @@ def run_stages(stages: list[Stage], run_dir: Path, *, device: torch.device, data
             append_row(stage_log, {"stage": stage.name, "job": record, "status": "done", "wall_s": wall})
 
 
+@dataclass(frozen=True)
+class Trained:
+    """A model a study trained or reused: its checkpoint and its training as first logged (config, code hash, wall
+    time of the training itself, not of a later reuse)."""
+
+    checkpoint: Path
+    config: dict[str, Any]
+    code: str
+    wall_s: float
+
+
 def train_models(objectives: Sequence[str], preset: str, dataset: str, runs_dir: Path, run_dir: Path,
-                 device: torch.device, data_dir: str | None, progress: bool) -> dict[str, Path]:
+                 device: torch.device, data_dir: str | None, progress: bool) -> dict[str, Trained]:
     """Train or reuse (:func:`train_or_reuse`) the model of each objective of ``preset`` in the shared
     ``runs/PRESET-DATASET/OBJECTIVE`` folders; log a ``train-OBJECTIVE`` stage (its config, code and wall time) in
-    ``run_dir/stages.jsonl`` the first time it is done. Returns each objective's ``final.pt``."""
+    ``run_dir/stages.jsonl`` the first time it is done. Returns each objective's :class:`Trained`."""
     stage_log = run_dir / "stages.jsonl"
-    logged = {(r["stage"], json.dumps(r.get("job"), sort_keys=True)) for r in read_rows(stage_log)}
+    first: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in read_rows(stage_log):
+        first.setdefault((r["stage"], json.dumps(r.get("job"), sort_keys=True)), r)
     models = {}
     for objective in objectives:
         t = time.perf_counter()
         cfg = preset_config(preset, objective, dataset)
-        models[objective] = train_or_reuse(cfg, study_model_dir(runs_dir, preset, dataset, objective), device,
-                                           data_dir, progress)
+        path = train_or_reuse(cfg, study_model_dir(runs_dir, preset, dataset, objective), device, data_dir, progress)
         record = {"train": cfg.to_dict(), "code": code_hash()}
-        if (f"train-{objective}", json.dumps(record, sort_keys=True)) not in logged:
-            append_row(stage_log, {"stage": f"train-{objective}", "job": record, "status": "done",
-                                   "wall_s": round(time.perf_counter() - t, 2), "checkpoint": str(models[objective])})
+        key = (f"train-{objective}", json.dumps(record, sort_keys=True))
+        if key not in first:
+            first[key] = {"stage": key[0], "job": record, "status": "done",
+                          "wall_s": round(time.perf_counter() - t, 2), "checkpoint": str(path)}
+            append_row(stage_log, first[key])
+        models[objective] = Trained(path, record["train"], record["code"], float(first[key]["wall_s"]))
     return models
 
 
@@ -435,7 +450,8 @@ def _run_study(preset: str, dataset: str, run_dir: Path, device: torch.device, d
                runs_dir: Path, progress: bool, only: tuple[str, ...]) -> Path:
     t0 = time.perf_counter()
     log.info(planned_cost(preset, dataset, runs_dir, len(read_rows(run_dir / "stages.jsonl"))))
-    models = train_models(STUDY_OBJECTIVES, preset, dataset, runs_dir, run_dir, device, data_dir, progress)
+    trained = train_models(STUDY_OBJECTIVES, preset, dataset, runs_dir, run_dir, device, data_dir, progress)
+    models = {o: m.checkpoint for o, m in trained.items()}
     refuse_foreign_rows(run_dir, list(models.values()),
                         hint="pass --name NEW to start a new run directory, or remove it")
     run_stages(study_stages(PLANS[preset], models), run_dir, device=device, data_dir=data_dir, progress=progress,

@@ -36,8 +36,9 @@ class Chain:
     """The JEM-k refinements asked for: one per ``sgld_steps`` value, the other settings shared.
 
     A setting left at None is the defense's definition (:func:`robust_jem.refined.default_refinement`): the
-    checkpoint's own SGLD step size and noise, 5 chains, init noise 0.03. A value given here overrides it for
-    every checkpoint, and the label says so (``JEM-1[step=0.5]``).
+    checkpoint's own SGLD step size and noise, 5 chains, init noise 0.03, unclamped (a purifier: its own sampler,
+    clamp included). A value given here overrides it for every checkpoint, and the label says so
+    (``JEM-1[step=0.5]``).
     """
 
     sgld_steps: tuple[int, ...] = (0,)
@@ -46,7 +47,7 @@ class Chain:
     step_size: float | None = None
     noise: float | None = None
     purifier: str | None = None  # an energy model's checkpoint: its chain purifies every model's inputs
-    clamp: bool | None = None  # True: chains kept in [-1, 1] (a labelled variant; the definition does not clamp)
+    clamp: bool | None = None  # chains kept in [-1, 1] or not (None: JEM-k unclamped, a purifier as trained)
 
     def refinements(self, sampler: Any | None = None) -> list[Refinement]:
         """The refinements for a checkpoint trained with ``sampler`` (its ``SGLDConfig``; None: the reference).
@@ -54,7 +55,8 @@ class Chain:
         given = {name: v for name, v in (("n_chains", self.n_chains), ("init_noise", self.init_noise),
                                          ("step_size", self.step_size), ("noise", self.noise),
                                          ("clamp", self.clamp)) if v is not None}
-        return [replace(default_refinement(k, sampler), **given) for k in dict.fromkeys(self.sgld_steps)]
+        return [replace(default_refinement(k, sampler, purifying=self.purifier is not None), **given)
+                for k in dict.fromkeys(self.sgld_steps)]
 
 
 @dataclass
@@ -121,7 +123,7 @@ def build_targets(loaded: Sequence[Loaded], chain: Chain, grad_modes: Sequence[s
                   bf16: bool = False, compile: bool = False) -> list[Target]:
     """Every defense to evaluate: each JEM checkpoint once per refinement (and per gradient mode when k > 0),
     each baseline once, bare. Duplicates (a baseline asked for several k) are dropped. With ``chain.purifier``
-    every checkpoint is evaluated behind the purifier's chain (its own sampler's step and noise by default)."""
+    every checkpoint is evaluated behind the purifier's chain (its own sampler's step, noise and clamp by default)."""
     bad = [m for m in grad_modes if m not in GRAD_MODES]
     if bad or not grad_modes:
         raise UserError(f"unknown gradient mode {bad[0] if bad else None!r}; choose from {', '.join(GRAD_MODES)}")

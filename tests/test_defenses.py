@@ -33,7 +33,7 @@ def test_every_defense_meets_the_same_attacks_on_the_same_examples(tiny_defenses
 
     plan = DEFENSES_PLANS["tiny"]
     stages = {s.name: s.job for s in defense_stages(plan, {o: o for o in ("ce", "pgd-at", "jem-at", "ebm")})}
-    assert stages["escalate-linf-ce-ebm-3-clamp"].rounds == plan.purify_rounds != plan.rounds  # its own rounds
+    assert stages["escalate-linf-ce-ebm-3"].rounds == plan.purify_rounds != plan.rounds  # its own rounds
     assert stages["escalate-linf-jem-at-1"].rounds == plan.rounds
     chained = {(r["model"], r["norm"], r["grad_mode"]) for r in rows if r["sgld_steps"]}
     assert chained == {(m, n, g) for m in ("JEM-AT-1", f"CE+EBM-3[clamp, ebm={ebm_sha[:8]}]") for n in ("linf", "l2")

@@ -78,6 +78,19 @@ def test_a_purified_defense_has_its_own_label_and_identity():
     assert Refinement(10).label("jem") == "JEM-10"  # JEM-k's labels and rows are untouched
 
 
+def test_a_purifier_runs_its_sampler_as_trained_and_jem_k_the_papers_refinement():
+    """The defense's definition: a purifier's chain clamps where its training chains did; JEM-k never clamps by
+    default (the paper's refinement does not), even for a JEM whose training chains were clamped."""
+    from robust_jem.config import SGLDConfig
+    from robust_jem.refined import default_refinement
+
+    boxed = SGLDConfig(step_size=0.5, noise=0.02, clamp=True)
+    assert default_refinement(100, boxed, purifying=True) == Refinement(100, step_size=0.5, noise=0.02, clamp=True)
+    assert default_refinement(100, SGLDConfig(clamp=False), purifying=True).clamp is False
+    assert default_refinement(10, boxed) == Refinement(10, step_size=0.5, noise=0.02)  # JEM-k: unclamped
+    assert default_refinement(10) == Refinement(10)
+
+
 def test_pgd_attacks_a_classifier_behind_a_purifier(run_cli, tiny_pair, tmp_path):
     from infra.provenance import file_sha256
     from infra.records import read_rows
@@ -92,6 +105,14 @@ def test_pgd_attacks_a_classifier_behind_a_purifier(run_cli, tiny_pair, tmp_path
     assert all(r["defense_params"]["purifier"] == file_sha256(ebm)[:16] and r["model"].startswith("CE+EBM-2[")
                for r in rows)  # the identity names the purifier
     assert all(r["sgld_step_size"] == 1.0 for r in rows)  # the purifier's sampler (tiny: step 1), not the CE's
+    # ... clamp included (every EBM preset clamps its chains): labelled, as every departure from the paper's chain
+    assert all(r["defense_params"]["sgld_clamp"] and "[clamp, ebm=" in r["model"] for r in rows)
+    res = run_cli("pgd", "--checkpoint", ce, "--purifier", ebm, "--sgld-steps", "2", "--no-sgld-clamp", "--eps", "0.1",
+                  "--steps", "1", "--eot", "1", "--eval-draws", "1", "--n-examples", "2", "--no-check", "--out",
+                  tmp_path / "free", "--no-progress")
+    assert res.code == 0, res.err
+    free = read_rows(tmp_path / "free")
+    assert free and all("sgld_clamp" not in r["defense_params"] and "clamp" not in r["model"] for r in free)
     assert_usage_error(run_cli("pgd", "--checkpoint", ebm, "--eps", "0.1", "--out", tmp_path / "q"))
     assert_usage_error(run_cli("pgd", "--checkpoint", ce, "--purifier", ce, "--eps", "0.1", "--out", tmp_path / "r"))
 
