@@ -223,7 +223,7 @@ def purify_note(ctx: dict[str, Any]) -> str:
 
 
 def write_defenses_report(run_dir: str | os.PathLike) -> Path:
-    """``report.md`` (and ``leaderboard.png``) of a defenses-study run, from its rows and context."""
+    """``report.md`` (and ``leaderboard.png``, ``headline.json``) of a defenses-study run, from its rows and context."""
     run_dir = Path(run_dir)
     if not (run_dir / CONTEXT).is_file():
         raise UserError(f"{run_dir} is not a defenses study run (no {CONTEXT})")
@@ -270,4 +270,6 @@ def write_defenses_report(run_dir: str | os.PathLike) -> Path:
     md += [f"| {c.check} | {c.compared} | {len(c.flags)} | {c.summary()[:160]} |" for c in run_checks(rows)]
     md.append("")
     atomic_write(run_dir / "report.md", "\n".join(md))
+    # the cells the leaderboard is built from, for an independent check (bench/independent_attack.py)
+    atomic_write(run_dir / "headline.json", json.dumps(worst_case(rows, load_side_files(run_dir, raw)), indent=1))
     return run_dir / "report.md"

@@ -3,6 +3,8 @@ gradients and BPDA through every chain, one leaderboard."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 
@@ -41,6 +43,8 @@ def test_every_defense_meets_the_same_attacks_on_the_same_examples(tiny_defenses
     report = (out / "report.md").read_text()
     assert report.count("| CE+EBM-3[") >= 5  # two leaderboard tables, two gap lines, its activity
     assert "## BPDA against exact gradients" in report and (out / "leaderboard.png").is_file()
+    cells = json.loads((out / "headline.json").read_text())  # what bench/independent_attack.py checks
+    assert {c["model"] for c in cells} == models and all(len(c["correct"]) == c["n"] for c in cells)
     answers = report.split("## Answers")[1].split("## Leaderboard")[0]
     for question, n in (("energy term add robustness on top of adversarial training", 4),
                         ("refinement add robustness to the adversarially trained JEM", 2),
