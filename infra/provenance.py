@@ -115,13 +115,30 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _source(path: Path) -> bytes:
+    """A source file's bytes, read once per process (see :func:`code_hash`)."""
+    return path.read_bytes()
+
+
 def code_hash(*files: str | os.PathLike) -> str:
-    """Short hash of source files (their bytes, in the order given): which code computed a number."""
+    """Short hash of source files (their bytes, in the order given): which code computed a number.
+
+    Each file is read once per process, and the project's own modules when this module is imported (with them, in
+    practice): a row is labelled with the code the process started with, like :func:`git_sha`, even when the files
+    are edited while it runs (read at each call, a long run's later rows carried the edited files' hash while the
+    code in memory was the old one)."""
     h = hashlib.sha256()
     for f in files:
         h.update(Path(f).name.encode())
-        h.update(Path(f).read_bytes())
+        h.update(_source(Path(f).resolve()))
     return h.hexdigest()[:16]
+
+
+for _package in ("attacks", "infra", "robust_jem", "suite"):  # the sources as imported, before anything runs
+    for _file in sorted((_REPO / _package).glob("*.py")):
+        _source(_file.resolve())
+git_sha()  # and the tree they came from
 
 
 def environment(device: torch.device | str) -> dict[str, str]:

@@ -122,27 +122,19 @@ BASELINE_LABELS = {"ce": "CE", "pgd-at": "PGD-AT", "gaussian-aug": "Gauss-aug"}
 ENERGY_LABELS = {"jem": "JEM", "jem-at": "JEM-AT"}
 
 
-def default_refinement(sgld_steps: int, sampler: Any | None = None, purifying: bool = False) -> Refinement:
+def default_refinement(sgld_steps: int, sampler: Any | None = None) -> Refinement:
     """JEM-k of a checkpoint, as the suite defines it everywhere (CLI, study, API): ``k`` steps of *the checkpoint's
     own SGLD sampler* (the step size and noise it was trained with), from 5 copies with init noise 0.03.
 
     Why the checkpoint's sampler and not a fixed step 1: the paper refines with its training sampler (step 1, noise
     0.01 for both), so for the paper's JEM and official checkpoints the two coincide; a JEM trained with another
     step (the standard preset's 0.1) was never shaped for step 1, and there step 1 climbs its energy instead of
-    descending it. ``sampler``: an object with ``step_size``, ``noise`` and ``clamp`` (a
-    :class:`~robust_jem.config.SGLDConfig`); None gives the reference chain.
-
-    ``purifying``: the chain is a separate energy model's (long-run purification) and ``sampler`` is that model's.
-    A purifier runs its sampler exactly as trained, its clamp to [-1, 1] included (Hill et al. purify with the
-    EBM's own Langevin sampler; an EBM's energy is unconstrained outside the box its chains were kept in, and
-    unclamped the quick EBM's 100-step chain left it: L∞ 25 in [0, 1] pixels, clean accuracy 17 %). JEM-k keeps the
-    paper's refinement, which never clamps, even where the JEM's training chains were clamped (``clamp=True``
-    asks for that variant, labelled ``[clamp]``).
+    descending it. ``sampler``: an object with ``step_size`` and ``noise`` (a :class:`~robust_jem.config.SGLDConfig`);
+    None gives the reference chain.
     """
     if sampler is None:
         return Refinement(sgld_steps)
-    return Refinement(sgld_steps, step_size=float(sampler.step_size), noise=float(sampler.noise),
-                      clamp=bool(purifying and getattr(sampler, "clamp", False)))
+    return Refinement(sgld_steps, step_size=float(sampler.step_size), noise=float(sampler.noise))
 
 
 def refinement_for(objective: str, refinement: Refinement) -> Refinement:

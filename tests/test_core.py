@@ -436,3 +436,18 @@ def test_jem_at_trains_an_energy_model_on_adversarial_cross_entropy(tmp_path, fa
     assert refinement_for("jem-at", Refinement(1)).sgld_steps == 1
     loaded = [Loaded(str(final), "0" * 64, model.requires_grad_(False), model.checkpoint_info)]
     assert {t.label for t in build_targets(loaded, Chain((0, 1)))} == {"JEM-AT-0", "JEM-AT-1"}
+
+
+def test_code_hashes_name_the_code_the_process_started_with(tmp_path):
+    """A file edited while a run goes on does not relabel the run's later rows: each file is read once per process
+    (the project's modules at import), so the hash stays that of the code in memory; different code still differs."""
+    from infra.provenance import code_hash
+
+    src = tmp_path / "mod.py"
+    src.write_text("x = 1\n")
+    first = code_hash(src)
+    src.write_text("x = 2\n")
+    assert code_hash(src) == first
+    other = tmp_path / "other.py"
+    other.write_text("x = 2\n")
+    assert code_hash(other) != first

@@ -82,13 +82,16 @@ def test_a_purifier_runs_its_sampler_as_trained_and_jem_k_the_papers_refinement(
     """The defense's definition: a purifier's chain clamps where its training chains did; JEM-k never clamps by
     default (the paper's refinement does not), even for a JEM whose training chains were clamped."""
     from robust_jem.config import SGLDConfig
-    from robust_jem.refined import default_refinement
+    from suite.targets import Chain
 
     boxed = SGLDConfig(step_size=0.5, noise=0.02, clamp=True)
-    assert default_refinement(100, boxed, purifying=True) == Refinement(100, step_size=0.5, noise=0.02, clamp=True)
-    assert default_refinement(100, SGLDConfig(clamp=False), purifying=True).clamp is False
-    assert default_refinement(10, boxed) == Refinement(10, step_size=0.5, noise=0.02)  # JEM-k: unclamped
-    assert default_refinement(10) == Refinement(10)
+    purified = Chain((100,), purifier="ebm.pt")
+    assert purified.refinements(boxed) == [Refinement(100, step_size=0.5, noise=0.02, clamp=True)]
+    assert purified.refinements(SGLDConfig(clamp=False))[0].clamp is False
+    assert Chain((100,), purifier="ebm.pt", clamp=False).refinements(boxed)[0].clamp is False  # asked for
+    assert Chain((0, 10)).refinements(boxed) == [Refinement(0, step_size=0.5, noise=0.02),
+                                                 Refinement(10, step_size=0.5, noise=0.02)]  # JEM-k: unclamped
+    assert Chain((10,), clamp=True).refinements(boxed)[0].clamp  # JEM-k[clamp], asked for
 
 
 def test_pgd_attacks_a_classifier_behind_a_purifier(run_cli, tiny_pair, tmp_path):
