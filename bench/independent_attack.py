@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -140,13 +141,15 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         if r.get("kind") == "whitebox" and r.get("defense_id") and r.get("checkpoint"):
             defenses.setdefault(r["defense_id"], r)
+    # labels hold commas themselves (CE+EBM-100[clamp, ebm=...]): split only on commas outside brackets
+    wanted = set(re.split(r",\s*(?![^\[]*\])", args.models)) if args.models else set()
     t0 = time.perf_counter()
     results = []
     for cell in head:
         if cell["norm"] != args.norm or not any(math.isclose(cell["eps"], e) for e in eps_list):
             continue
         r = defenses.get(cell["subject"])
-        if r is None or (args.models and cell["model"] not in args.models.split(",")):
+        if r is None or (wanted and cell["model"] not in wanted):
             continue
         params = r.get("defense_params") or {}
         if args.clamp_grad == "straight-through" and not params.get("sgld_clamp"):
@@ -179,6 +182,12 @@ def main(argv: list[str] | None = None) -> None:
                         "suite_robust_but_broken_here": int((suite & ~mine).sum()),
                         "broken_by_suite_robust_here": int((~suite & mine).sum()), "wall_s": time.perf_counter() - t})
         print(json.dumps(results[-1]), flush=True)
+    if not results:  # a comparison of nothing would report "within the bar"
+        known = sorted({c["model"] for c in head if c["norm"] == args.norm})
+        print(f"error: no {args.norm} cell of {args.run} at ε {args.eps or eps_list} was attacked"
+              + (f" (--models {args.models!r})" if args.models else "") + f"; its {args.norm} models: "
+              + "; ".join(known) + "; nothing written", file=sys.stderr)
+        sys.exit(2)
     dev = device_name("cpu")
     slug = device_slug(dev)
     meta = {"run": str(args.run), "timestamp": now(), "git_sha": git_sha(), "device": dev, "norm": args.norm,

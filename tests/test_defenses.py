@@ -60,3 +60,23 @@ def test_a_second_run_reuses_the_models_and_adds_nothing(tiny_defenses):
     before = (out / "rows.jsonl").read_text()
     run_defenses_study("tiny", runs_dir=root / "runs", out=out, progress=False)
     assert (out / "rows.jsonl").read_text() == before
+
+
+def test_the_independent_attack_checks_the_purifier_by_its_label(tiny_defenses, tmp_path):
+    """bench/independent_attack.py on a defenses run: the purifier's label has a comma in it, and a selection that
+    matches no cell is an error, not a comparison of nothing that passes."""
+    from test_bench import bench
+
+    root, out = tiny_defenses
+    cells = json.loads((out / "headline.json").read_text())
+    label = next(c["model"] for c in cells if "[clamp, ebm=" in c["model"])
+    ebm = root / "runs" / "tiny-fashion-mnist" / "ebm" / "final.pt"
+    bench("independent_attack").main([str(out), "--norm", "linf", "--eps", "0.1", "--models", f"JEM-AT-0,{label}",
+                                      "--purifier", str(ebm), "--steps", "1", "--eot", "1", "--draws", "1",
+                                      "--out", str(tmp_path), "--tag=-both"])
+    [record] = [json.loads(p.read_text()) for p in tmp_path.glob("independent_attack-*-both.json")]
+    assert sorted(r["model"] for r in record["results"]) == sorted(["JEM-AT-0", label])
+    with pytest.raises(SystemExit) as stop:
+        bench("independent_attack").main([str(out), "--norm", "linf", "--eps", "0.1", "--models", "JEM-99",
+                                          "--out", str(tmp_path), "--tag=-none"])
+    assert stop.value.code == 2 and not list(tmp_path.glob("independent_attack-*-none.*"))
