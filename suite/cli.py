@@ -673,7 +673,8 @@ def leaderboard(runs: tuple[str, ...], linf_eps: float | None, l2_eps: float | N
     the cost in network passes."""
     import json as _json
 
-    from infra.io import check_out_dir
+    from infra.io import atomic_write, check_out_dir
+    from infra.provenance import git_sha, now
     from .leaderboard import default_eps, leaderboard as build, leaderboard_markdown, plot_leaderboard
 
     folder = Path(out or runs[0])
@@ -681,9 +682,10 @@ def leaderboard(runs: tuple[str, ...], linf_eps: float | None, l2_eps: float | N
     eps = default_eps(runs[0]) if linf_eps is None or l2_eps is None else {}
     eps.update({k: v for k, v in (("linf", linf_eps), ("l2", l2_eps)) if v is not None})
     entries = build(runs, eps)
-    (folder / "leaderboard.md").write_text("\n".join(["# Leaderboard", "", f"Runs: {', '.join(runs)}.", "",
-                                                        *leaderboard_markdown(entries)]) + "\n")
-    (folder / "leaderboard.json").write_text(_json.dumps(
+    atomic_write(folder / "leaderboard.md", "\n".join(["# Leaderboard", "", f"Runs: {', '.join(runs)}; built {now()} at "
+                                                        f"git {git_sha()} by `robust-jem leaderboard`.", "",
+                                                        *leaderboard_markdown(entries)]) + "\n")  # creates --out
+    atomic_write(folder / "leaderboard.json", _json.dumps(
         [{k: v for k, v in e.items() if k not in ("example_indices", "correct")} for e in entries], indent=1))
     plot_leaderboard(entries, folder / "leaderboard.png")
     for name in ("leaderboard.md", "leaderboard.png", "leaderboard.json"):

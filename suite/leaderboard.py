@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -58,6 +59,7 @@ def leaderboard(runs: Sequence[str | Path], eps: dict[str, float]) -> list[dict[
                         + ", ".join(f"{NORM_TITLES.get(n, n)} ε = {format_eps(e)}" for n, e in eps.items()))
     for norm in {e["norm"] for e in entries}:
         mine = [e for e in entries if e["norm"] == norm]
+        _name(mine)
         shared = set.intersection(*(set(e["example_indices"]) for e in mine))
         for e in mine:
             k = sum(c for i, c in zip(e["example_indices"], e["correct"]) if i in shared)
@@ -65,6 +67,23 @@ def leaderboard(runs: Sequence[str | Path], eps: dict[str, float]) -> list[dict[
             e.update(n_shared=len(shared), robust_shared=k / len(shared) if shared else float("nan"),
                      shared_ci_low=lo, shared_ci_high=hi)
     return sorted(entries, key=lambda e: (e["norm"], model_order(e["model"]), e["subject"]))
+
+
+def _name(entries: list[dict[str, Any]]) -> None:
+    """Each entry's ``name`` in tables and figures: its label, followed by its run's folder where two runs hold a
+    defense of that label (the study's CE and another run's CE), and by its defense id where one run holds two."""
+    tags: list[list[str]] = [[] for _ in entries]
+
+    def shown(i: int) -> str:
+        return entries[i]["model"] + (f" ({', '.join(tags[i])})" if tags[i] else "")
+
+    for key in ("run", "subject"):
+        count = Counter(shown(i) for i in range(len(entries)))
+        for i, e in enumerate(entries):
+            if count[shown(i)] > 1:
+                tags[i].append(Path(e["run"]).name if key == "run" else e["subject"][:8])
+    for i, e in enumerate(entries):
+        e["name"] = shown(i)
 
 
 def _entry(cell: dict[str, Any], white: list[WhiteboxRow], run: Path) -> dict[str, Any]:
@@ -102,7 +121,7 @@ def leaderboard_markdown(entries: list[dict[str, Any]]) -> list[str]:
                "| defense | clean | robust (n) | robust on the shared examples | strongest single attack (alone) "
                "| attacks | passes per example |", "|---|---|---|---|---|---|---|"]
         for e in mine:
-            md.append(f"| {e['model']} | {ci_text(e['clean_acc'], e['clean_ci_low'], e['clean_ci_high'])} | "
+            md.append(f"| {e['name']} | {ci_text(e['clean_acc'], e['clean_ci_low'], e['clean_ci_high'])} | "
                       f"{ci_text(e['robust_acc'], e['ci_low'], e['ci_high'])} (n={e['n']}) | "
                       f"{ci_text(e['robust_shared'], e['shared_ci_low'], e['shared_ci_high'])} | "
                       f"{e['strongest']} ({pct(e['strongest_acc'])}) | {e['attacks']} | "
@@ -134,7 +153,7 @@ def plot_leaderboard(entries: list[dict[str, Any]], path: Path) -> Path | None:
                 ax.errorbar([100 * e["clean_acc"]], [y], xerr=[[100 * (e["clean_acc"] - e["clean_ci_low"])],
                                                                [100 * (e["clean_ci_high"] - e["clean_acc"])]],
                             fmt="o", mfc="none", color="C1", capsize=3, label="clean" if y == 0 else None)
-        ax.set_yticks(list(ys), [f"{e['model']} (n={e['n']})" for e in mine])
+        ax.set_yticks(list(ys), [f"{e['name']} (n={e['n']})" for e in mine])
         ax.set_xlim(-2, 102)
         ax.set_xlabel("accuracy % [95 % CI]")
         ax.set_title(f"{NORM_TITLES.get(norm, norm)} ε = {format_eps(mine[0]['eps'])}")

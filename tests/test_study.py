@@ -283,6 +283,8 @@ def test_leaderboard_lists_every_defense_on_shared_examples(tiny_study, run_cli,
 
     _, run_dir = tiny_study
     assert "## Leaderboard" in (run_dir / "report.md").read_text() and (run_dir / "leaderboard.png").is_file()
+    res = run_cli("leaderboard", run_dir, "--out", tmp_path / "new" / "folder")  # created
+    assert res.code == 0, res.err
     res = run_cli("leaderboard", run_dir, "--out", tmp_path)
     assert res.code == 0, res.err
     entries = json.loads((tmp_path / "leaderboard.json").read_text())
@@ -298,6 +300,9 @@ def test_leaderboard_lists_every_defense_on_shared_examples(tiny_study, run_cli,
     both = leaderboard([run_dir, copy], {"linf": 0.1})
     assert len(both) == 2 * sum(e["norm"] == "linf" for e in entries)
     assert {e["n_shared"] for e in both} == {next(e["n_shared"] for e in entries if e["norm"] == "linf")}
+    assert len({e["name"] for e in both}) == len(both)  # each defense told apart by its run
+    assert {e["name"] for e in both if e["run"] == str(copy)} == {f"{e['model']} (copy)" for e in entries
+                                                                   if e["norm"] == "linf"}
     (tmp_path / "empty").mkdir()
     res = run_cli("leaderboard", tmp_path / "empty", "--linf-eps", "0.1", "--l2-eps", "2")
     assert res.code == 2 and "holds no rows" in res.err and "Traceback" not in res.err
