@@ -141,7 +141,8 @@ def plot_leaderboard(entries: list[dict[str, Any]], path: Path) -> Path | None:
     if not norms:
         return None
     height = max(2.5, 0.45 * max(sum(e["norm"] == n for e in entries) for n in norms) + 1.2)
-    fig, axes = plt.subplots(1, len(norms), figsize=(5.5 * len(norms), height), squeeze=False)
+    label_in = 0.075 * max(len(f"{e['name']} (n={e['n']})") for e in entries)  # room for the longest tick label
+    fig, axes = plt.subplots(1, len(norms), figsize=((3.5 + label_in) * len(norms), height), squeeze=False)
     for ax, norm in zip(axes[0], norms):
         mine = [e for e in entries if e["norm"] == norm][::-1]
         ys = range(len(mine))
