@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from robust_jem import UserError, load
 from robust_jem.checkpoint import read_checkpoint, save_checkpoint
-from robust_jem.config import ModelConfig, preset_config
+from robust_jem.config import preset_config
 from robust_jem.model import EnergyModel
 from robust_jem.official import import_official
 
