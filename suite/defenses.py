@@ -89,7 +89,7 @@ def defense_cells(plan: DefensesPlan, ckpt: dict[str, Path]) -> list[tuple[str, 
     """(name, checkpoint, chain) of every defense, cheapest first."""
     cells = [("ce", str(ckpt["ce"]), Chain((0,))), ("pgd-at", str(ckpt["pgd-at"]), Chain((0,)))]
     cells += [(f"jem-at-{k}", str(ckpt["jem-at"]), Chain((k,))) for k in sorted(plan.jem_at_steps)]
-    # the purifier runs its own sampler as trained, clamp included (robust_jem.refined.default_refinement)
+    # the purifier runs its own sampler as trained, clamp included (suite.targets.Chain.refinements)
     cells.append((f"ce-ebm-{plan.purify_steps}", str(ckpt["ce"]), Chain((plan.purify_steps,), purifier=str(ckpt["ebm"]))))
     return cells
 
@@ -170,11 +170,11 @@ def gap_lines(rows: list[Any]) -> list[str]:
             *md, ""]
 
 
-def answer_lines(run_dir: Path, rows: list[Any], raw: list[dict[str, Any]], eps: dict[str, float]) -> list[str]:
-    """The questions the study exists for, answered per norm from the worst case over every attack, each defense
-    compared with its reference on the examples both cover (exact McNemar and the power of that n)."""
-    head = [c for c in worst_case(rows, load_side_files(run_dir, raw))
-            if c["norm"] in eps and same_eps(c["eps"], eps[c["norm"]])]
+def answer_lines(cells: list[dict[str, Any]], rows: list[Any], eps: dict[str, float]) -> list[str]:
+    """The questions the study exists for, answered per norm from the worst case over every attack (``cells``, from
+    :func:`~attacks.checks.worst_case`), each defense compared with its reference on the examples both cover (exact
+    McNemar and the power of that n)."""
+    head = [c for c in cells if c["norm"] in eps and same_eps(c["eps"], eps[c["norm"]])]
     white = [r for r in of_kind(rows, WhiteboxRow) if not r.escalation]
     purifier = {r.subject for r in white if (r.defense_params or {}).get("purifier")}
     md = []
@@ -256,7 +256,8 @@ def write_defenses_report(run_dir: str | os.PathLike) -> Path:
         md.append(f"| {m['objective']} | `{m['checkpoint']}` | `{i['sha256'][:16]}`{note} | {acc} | {energy} | "
                   f"{m['wall_s']:.0f} |")
     eps = {str(n): float(e) for n, e in plan["eps"]}
-    md += ["", *answer_lines(run_dir, rows, raw, eps), *leaderboard_section(run_dir, eps), *gap_lines(rows)]
+    cells = worst_case(rows, load_side_files(run_dir, raw))  # the headline: answers and headline.json
+    md += ["", *answer_lines(cells, rows, eps), *leaderboard_section(run_dir, eps), *gap_lines(rows)]
     acts = [a for a in of_kind(rows, ActivityRow) if a.inputs == "clean"]
     if acts:
         md += ["## What the chains do to clean images", "", "| defense | n | moves (L2 / L∞, [0,1] pixels) | energy "
@@ -271,5 +272,5 @@ def write_defenses_report(run_dir: str | os.PathLike) -> Path:
     md.append("")
     atomic_write(run_dir / "report.md", "\n".join(md))
     # the cells the leaderboard is built from, for an independent check (bench/independent_attack.py)
-    atomic_write(run_dir / "headline.json", json.dumps(worst_case(rows, load_side_files(run_dir, raw)), indent=1))
+    atomic_write(run_dir / "headline.json", json.dumps(cells, indent=1))
     return run_dir / "report.md"
